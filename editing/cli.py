@@ -1,0 +1,139 @@
+"""``editserve``: the command line.
+
+editserve eval --facts FILE --method d4s --rect-keep 0.4 --limit N --json
+editserve demo
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+from pathlib import Path
+
+from editing.editor import Editor
+from editing.evaluate import find_dataset, run_sequential
+from editing.facts import Fact, load_counterfact
+from editing.hparams import EditHparams
+from editing.methods import METHODS
+from editing.models import DEFAULT_MODEL, default_cache_dir, load_model
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="editserve", description=__doc__.split("\n")[0])
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    def common(p: argparse.ArgumentParser) -> None:
+        defaults = EditHparams()
+        p.add_argument("--model", default=DEFAULT_MODEL, help="alias, local directory or hub id")
+        p.add_argument("--device", default="auto")
+        p.add_argument("--dtype", default="auto")
+        p.add_argument("--cache-dir", type=Path, default=default_cache_dir())
+        p.add_argument("--method", default="d4s", choices=sorted(METHODS))
+        p.add_argument("--rect-keep", type=float, default=defaults.rect_keep)
+        p.add_argument("--lambda", dest="mom2_lambda", type=float, default=defaults.mom2_lambda)
+        p.add_argument(
+            "--layers", default=None, help="first-last edited blocks, e.g. 3-7 (default: tuned)"
+        )
+        p.add_argument("--clamp", type=float, default=defaults.clamp_norm_factor)
+        p.add_argument("--steps", type=int, default=defaults.v_steps)
+        p.add_argument("--covariance-tokens", type=int, default=None)
+
+    ev = sub.add_parser("eval", help="apply facts one by one, then evaluate")
+    common(ev)
+    ev.add_argument("--facts", type=Path, default=None, help="CounterFact file (EasyEdit format)")
+    ev.add_argument("--limit", type=int, default=100)
+    ev.add_argument("--batch-size", type=int, default=1, help="facts per edit step")
+    ev.add_argument("--record-cache", type=Path, default=None, help="reuse W0-only z* records")
+    ev.add_argument("--heldout-tokens", type=int, default=8192, help="tokens for perplexity")
+    ev.add_argument("--fluency-prompts", type=int, default=20)
+    ev.add_argument("--json", action="store_true", help="print one JSON object on stdout")
+
+    demo = sub.add_parser("demo", help="edit one fact, generate, revert, generate")
+    common(demo)
+    return parser
+
+
+def _hparams(args: argparse.Namespace) -> EditHparams:
+    changes: dict[str, object] = {
+        "rect_keep": args.rect_keep,
+        "mom2_lambda": args.mom2_lambda,
+        "clamp_norm_factor": args.clamp,
+        "v_steps": args.steps,
+    }
+    if args.layers:
+        first, _, last = args.layers.partition("-")
+        changes["layers"] = tuple(range(int(first), int(last or first) + 1))
+    return EditHparams().with_(**changes)
+
+
+def _editor(args: argparse.Namespace) -> Editor:
+    lm = load_model(args.model, device=args.device, dtype=args.dtype, cache_dir=args.cache_dir)
+    extra = {} if args.covariance_tokens is None else {"covariance_tokens": args.covariance_tokens}
+    return Editor(lm, _hparams(args), args.method, cache_dir=args.cache_dir, **extra)
+
+
+def _eval(args: argparse.Namespace) -> int:
+    try:
+        path = args.facts or find_dataset("counterfact", "counterfact-train.json")
+    except FileNotFoundError as exc:
+        print(f"editserve eval: {exc}", file=sys.stderr)
+        return 2
+    facts = load_counterfact(path, args.limit)
+    editor = _editor(args)
+    result = run_sequential(
+        editor,
+        facts,
+        batch_size=args.batch_size,
+        record_cache=args.record_cache,
+        heldout_tokens=args.heldout_tokens,
+        fluency_prompts=args.fluency_prompts,
+    )
+    result["facts_file"] = str(path)
+    if args.json:
+        print(json.dumps(result))
+    else:
+        for key in ("n_edits", "method", "efficacy", "paraphrase", "neighborhood", "score"):
+            print(f"{key:>20}: {result[key]}")
+        print(
+            f"{'perplexity':>20}: {result['perplexity_before']:.2f} -> "
+            f"{result['perplexity_after']:.2f}"
+        )
+        print(f"{'seconds_per_edit':>20}: {result['seconds_per_edit']:.2f}")
+    return 0
+
+
+def _demo(args: argparse.Namespace) -> int:
+    editor = _editor(args)
+    lm = editor.lm
+    fact = Fact(
+        subject="Eiffel Tower",
+        prompt="The Eiffel Tower is located in the city of",
+        target_new="Rome",
+        ground_truth="Paris",
+    )
+
+    def say(label: str) -> None:
+        enc = lm.tokenizer(fact.prompt, return_tensors="pt").to(lm.device)
+        out = lm.generate(**enc, max_new_tokens=8, do_sample=False)
+        text = lm.tokenizer.decode(out[0, enc["input_ids"].shape[1] :], skip_special_tokens=True)
+        print(f"{label:>8}: {fact.prompt}{text}")
+
+    say("before")
+    result = editor.apply([fact])
+    print(f"applied edit {result.record.id} in {sum(result.seconds.values()):.1f} s")
+    say("edited")
+    editor.revert(result.record.id)
+    say("reverted")
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    args = _parser().parse_args(argv)
+    return {"eval": _eval, "demo": _demo}[args.command](args)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,137 @@
+"""Second moment C0 = E[k k^T] of the edited matrices' inputs over ordinary text.
+
+Computed once per (model, layer, corpus, token count) and cached on disk as safetensors.
+Only the blocks up to the highest requested layer run: the pass stops there.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file, save_file
+from tqdm import tqdm
+
+from editing import corpus
+from editing.adapters import adapter_for
+from editing.models import LoadedModel
+from editing.tracing import Trace, instrument
+
+log = logging.getLogger(__name__)
+
+DEFAULT_TOKENS = 200_000
+SEQ_LEN = 256
+BATCH_TOKENS = 4096
+
+
+def model_fingerprint(lm: LoadedModel) -> str:
+    """A short digest naming the model: its spec, shape and a sample of its weights."""
+    h = hashlib.sha256(lm.spec.encode())
+    # Skip private keys such as _name_or_path: the same model loaded from another folder is
+    # the same model.
+    config = {k: v for k, v in lm.model.config.to_dict().items() if not k.startswith("_")}
+    h.update(repr(sorted(config.items())).encode())
+    first = next(lm.model.parameters()).detach().flatten()[:4096].float().cpu()
+    h.update(first.numpy().tobytes())
+    return h.hexdigest()[:16]
+
+
+def covariance(
+    lm: LoadedModel,
+    layers: list[int] | tuple[int, ...],
+    *,
+    source: str = corpus.WIKI,
+    n_tokens: int = DEFAULT_TOKENS,
+    cache_dir: Path | None = None,
+    weights: dict[int, torch.Tensor] | None = None,
+    progress: bool = True,
+) -> dict[int, torch.Tensor]:
+    """C0 for each of ``layers``: ``in x in`` float64 on the model's device.
+
+    ``weights`` (layer -> W0, ``out x in``) makes the pass run on the original weights even when
+    the model already carries edits. Layers found in the cache are loaded, the rest computed.
+    """
+    folder = None
+    if cache_dir is not None:
+        slug = source if source == corpus.WIKI else hashlib.sha256(source.encode()).hexdigest()[:12]
+        folder = cache_dir / "covariance" / model_fingerprint(lm) / f"{slug}-{n_tokens}"
+    result: dict[int, torch.Tensor] = {}
+    missing = []
+    for layer in layers:
+        path = folder / f"layer{layer}.safetensors" if folder else None
+        if path is not None and path.exists():
+            result[layer] = load_file(path)["c0"].to(lm.device)
+        else:
+            missing.append(layer)
+    if missing:
+        computed = _compute(lm, missing, source, n_tokens, weights or {}, progress)
+        for layer, c0 in computed.items():
+            result[layer] = c0
+            if folder is not None:
+                folder.mkdir(parents=True, exist_ok=True)
+                tmp = folder / f"layer{layer}.partial"
+                save_file({"c0": c0.cpu().contiguous()}, str(tmp))
+                tmp.rename(folder / f"layer{layer}.safetensors")
+    return result
+
+
+def _compute(
+    lm: LoadedModel,
+    layers: list[int],
+    source: str,
+    n_tokens: int,
+    weights: dict[int, torch.Tensor],
+    progress: bool,
+) -> dict[int, torch.Tensor]:
+    adapter = adapter_for(lm.model)
+    instrument(lm.model, adapter)
+    texts, _heldout = corpus.split(corpus.load_texts(source))
+    sums = {
+        layer: torch.zeros(
+            adapter.shape(lm.model, layer)[1],
+            adapter.shape(lm.model, layer)[1],
+            dtype=torch.float64,
+            device=lm.device,
+        )
+        for layer in layers
+    }
+    seen = 0
+    bar = tqdm(total=n_tokens, desc="covariance", unit="tok", disable=not progress)
+    for input_ids, mask in _batches(lm, texts):
+        trace = Trace(
+            capture_inputs=frozenset(layers),
+            weights={layer: weights[layer] for layer in layers if layer in weights},
+            stop_after=max(layers),
+        )
+        with torch.no_grad(), trace:
+            lm.model(input_ids=input_ids, attention_mask=mask, use_cache=False)
+        keep = mask.bool()
+        take = min(int(keep.sum()), n_tokens - seen)
+        for layer in layers:
+            keys = trace.inputs[layer][keep][:take].float()  # tokens x in
+            sums[layer] += (keys.T @ keys).double()
+        seen += take
+        bar.update(take)
+        if seen >= n_tokens:
+            break
+    bar.close()
+    if seen < n_tokens:
+        log.warning("corpus %s has only %d tokens (asked for %d)", source, seen, n_tokens)
+    return {layer: s / seen for layer, s in sums.items()}
+
+
+def _batches(lm: LoadedModel, texts: list[str]):  # type: ignore[no-untyped-def]
+    """Right-padded batches of about BATCH_TOKENS tokens, each text cut to SEQ_LEN tokens."""
+    tok = lm.tokenizer
+    per_batch = max(1, BATCH_TOKENS // SEQ_LEN)
+    for start in range(0, len(texts), per_batch):
+        enc = tok(
+            texts[start : start + per_batch],
+            return_tensors="pt",
+            padding=True,
+            truncation=True,
+            max_length=SEQ_LEN,
+        )
+        yield enc["input_ids"].to(lm.device), enc["attention_mask"].to(lm.device)

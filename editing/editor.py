@@ -1,0 +1,201 @@
+"""The editor: owns the edited matrices of one model and the ordered set of active edits.
+
+The live weights are a pure function of (W0, the active delta records, the method). Applying,
+reverting, superseding and replaying all compute a new method state and the new weights first,
+check them, and only then install them: an error leaves both the state and the weights as they
+were.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import time
+import uuid
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+from editing import corpus
+from editing.adapters import adapter_for
+from editing.covariance import DEFAULT_TOKENS, covariance
+from editing.facts import EditError, Fact, InvalidFactError, NonFiniteUpdateError, validate_fact
+from editing.hparams import EditHparams
+from editing.methods import EditMethod, State, make_method
+from editing.models import LoadedModel
+from editing.records import DeltaRecord
+from editing.tracing import instrument
+from editing.zstar import compute_zstar
+
+log = logging.getLogger(__name__)
+
+
+class UnknownEditError(EditError, KeyError):
+    """No active edit has this id."""
+
+
+@dataclass
+class ApplyResult:
+    record: DeltaRecord
+    superseded: list[str] = field(default_factory=list)  # ids of records no longer active
+    seconds: dict[str, float] = field(default_factory=dict)  # by phase
+
+
+class Editor:
+    """Sequential knowledge editing of ``lm`` with ``method`` (``d4s`` by default)."""
+
+    def __init__(
+        self,
+        lm: LoadedModel,
+        hp: EditHparams | None = None,
+        method: str = "d4s",
+        *,
+        c0: dict[int, torch.Tensor] | None = None,
+        cache_dir: Path | None = None,
+        corpus_source: str = corpus.WIKI,
+        covariance_tokens: int = DEFAULT_TOKENS,
+        progress: bool = True,
+    ) -> None:
+        self.lm = lm
+        self.hp = hp or EditHparams()
+        self.adapter = adapter_for(lm.model)
+        n_layers = self.adapter.num_layers(lm.model)
+        if self.hp.last_layer >= n_layers:
+            raise ValueError(f"edited layers {self.hp.layers} exceed the model's {n_layers}")
+        instrument(lm.model, self.adapter)
+        self.w0 = {layer: self.adapter.read(lm.model, layer).float() for layer in self.hp.layers}
+        if c0 is None:
+            c0 = covariance(
+                lm,
+                self.hp.layers,
+                source=corpus_source,
+                n_tokens=covariance_tokens,
+                cache_dir=cache_dir,
+                weights=self.w0,
+                progress=progress,
+            )
+        self.method: EditMethod = make_method(method, self.hp, c0, self.w0)
+        self._records: list[DeltaRecord] = []
+        self._state: State = self.method.empty()
+        self.version = 0
+
+    # -- reading -------------------------------------------------------------------------------
+
+    @property
+    def records(self) -> list[DeltaRecord]:
+        """The active delta records, oldest first."""
+        return list(self._records)
+
+    @property
+    def max_tokens(self) -> int:
+        return int(getattr(self.lm.model.config, "max_position_embeddings", 2048))
+
+    def live_weights(self) -> dict[int, torch.Tensor]:
+        """The edited matrices as served (``out x in``)."""
+        return {layer: self.adapter.read(self.lm.model, layer) for layer in self.hp.layers}
+
+    def digest(self) -> str:
+        """sha256 of the edited matrices' bytes: equal digests mean identical weights."""
+        h = hashlib.sha256()
+        for layer in self.hp.layers:
+            weight = self.adapter.parameter(self.lm.model, layer).detach()
+            h.update(weight.contiguous().cpu().view(torch.uint8).numpy().tobytes())
+        return h.hexdigest()
+
+    def state_bytes(self) -> int:
+        return self.method.state_bytes(self._state)
+
+    # -- editing -------------------------------------------------------------------------------
+
+    def compute(self, facts: list[Fact], record_id: str | None = None) -> DeltaRecord:
+        """Keys and z* for ``facts`` as one step; changes nothing."""
+        if not facts:
+            raise InvalidFactError("facts", "no fact given")
+        seen: set[tuple[str, str]] = set()
+        for i, fact in enumerate(facts):
+            try:
+                validate_fact(fact, self.lm.tokenizer, self.max_tokens)
+            except InvalidFactError as exc:
+                raise InvalidFactError(
+                    exc.field if len(facts) == 1 else f"facts[{i}].{exc.field}", exc.reason
+                ) from None
+            if fact.key in seen:
+                raise InvalidFactError(f"facts[{i}]", "repeats the subject and prompt of another")
+            seen.add(fact.key)
+        against = self.w0 if self.method.against_original else None
+        z = compute_zstar(self.lm, facts, self.hp, weights=against)
+        bad = [i for i in range(len(facts)) if not torch.isfinite(z.residual[i]).all()]
+        bad += [i for k in z.keys.values() for i in range(len(facts)) if not k[i].isfinite().all()]
+        if bad:
+            raise NonFiniteUpdateError(f"z* for fact {sorted(set(bad))} is not finite")
+        return DeltaRecord(
+            id=record_id or uuid.uuid4().hex,
+            facts=tuple(facts),
+            keys=z.keys,
+            residual=z.residual,
+            stats={"nll_before": z.nll_before, "nll_after": z.nll_after, "steps": [z.steps]},
+        )
+
+    def apply(self, facts: list[Fact], record_id: str | None = None) -> ApplyResult:
+        """Compute and install an edit of ``facts``."""
+        start = time.perf_counter()
+        record = self.compute(facts, record_id)
+        computed = time.perf_counter()
+        result = self.install(record)
+        result.seconds = {"zstar": computed - start, "solve": time.perf_counter() - computed}
+        return result
+
+    def install(self, record: DeltaRecord) -> ApplyResult:
+        """Make ``record`` active, superseding active facts with the same subject and prompt."""
+        if any(r.id == record.id for r in self._records):
+            raise EditError(f"edit {record.id} is already active")
+        replaced = {fact.key for fact in record.facts}
+        remaining: list[DeltaRecord] = []
+        superseded = []
+        for old in self._records:
+            kept = old.without(replaced)
+            if kept is None:
+                superseded.append(old.id)
+            else:
+                remaining.append(kept)
+        if superseded or any(a is not b for a, b in zip(remaining, self._records, strict=False)):
+            state = self.method.rebuild([*remaining, record])
+        else:
+            state = self.method.fold(self._state, record)
+        self._commit([*remaining, record], state)
+        return ApplyResult(record=record, superseded=superseded)
+
+    def revert(self, record_id: str) -> None:
+        """Deactivate one edit by rebuilding from the others."""
+        remaining = [r for r in self._records if r.id != record_id]
+        if len(remaining) == len(self._records):
+            raise UnknownEditError(record_id)
+        self._commit(remaining, self.method.rebuild(remaining))
+
+    def replay(self, records: list[DeltaRecord]) -> None:
+        """Replace all active edits by ``records`` (in order), with no z* optimisation."""
+        state = self.method.empty()
+        active: list[DeltaRecord] = []
+        for record in records:
+            keys = {fact.key for fact in record.facts}
+            active = [kept for r in active if (kept := r.without(keys)) is not None]
+            active.append(record)
+        state = self.method.rebuild(active)
+        self._commit(active, state)
+
+    def _commit(self, records: list[DeltaRecord], state: State) -> None:
+        update = self.method.update(state)
+        weights = {}
+        for layer in self.hp.layers:
+            if layer in update:
+                if not torch.isfinite(update[layer]).all():
+                    raise NonFiniteUpdateError(f"the update of layer {layer} is not finite")
+                weights[layer] = self.w0[layer] + update[layer].to(self.w0[layer].device)
+            else:
+                weights[layer] = self.w0[layer].clone()
+        for layer, weight in weights.items():
+            self.adapter.write(self.lm.model, layer, weight)
+        self._records = records
+        self._state = state
+        self.version += 1

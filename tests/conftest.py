@@ -1,0 +1,57 @@
+"""Shared fixtures: the real default model, loaded once, and an editor with a small covariance.
+
+The covariance here uses few tokens to keep the suite fast; the statistics are still real
+(wiki text through the real model), just noisier than the default.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from editing.editor import Editor
+from editing.facts import Fact, load_counterfact
+from editing.hparams import EditHparams
+from editing.models import LoadedModel, load_model
+
+DATA = Path(__file__).parent / "data"
+TEST_COVARIANCE_TOKENS = 6000
+
+
+@pytest.fixture(scope="session")
+def lm() -> LoadedModel:
+    return load_model("smollm2-135m", device="cpu", dtype="float32")
+
+
+@pytest.fixture(scope="session")
+def cache_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return tmp_path_factory.mktemp("editserve-cache")
+
+
+@pytest.fixture(scope="session")
+def facts() -> list[Fact]:
+    return load_counterfact(DATA / "facts.json")
+
+
+@pytest.fixture(scope="session")
+def c0(lm: LoadedModel, cache_dir: Path) -> dict:
+    from editing.covariance import covariance
+
+    return covariance(
+        lm,
+        EditHparams().layers,
+        n_tokens=TEST_COVARIANCE_TOKENS,
+        cache_dir=cache_dir,
+        progress=False,
+    )
+
+
+@pytest.fixture
+def editor(lm: LoadedModel, c0: dict) -> Iterator[Editor]:
+    """A d4s editor on the shared model; every test leaves the model as it found it."""
+    ed = Editor(lm, EditHparams(), "d4s", c0=c0)
+    yield ed
+    if ed.records:
+        ed.replay([])

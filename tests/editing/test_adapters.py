@@ -1,0 +1,146 @@
+"""Adapters on tiny randomly initialised models of each family, and on the real model."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from transformers import (
+    AutoModelForCausalLM,
+    GemmaConfig,
+    GPT2Config,
+    GPTJConfig,
+    GPTNeoXConfig,
+    LlamaConfig,
+    MistralConfig,
+    PretrainedConfig,
+    Qwen2Config,
+)
+
+from editing.adapters import UnsupportedModelError, adapter_for
+from editing.editor import Editor
+from editing.facts import Fact
+from editing.hparams import EditHparams
+from editing.models import LoadedModel
+from editing.tracing import Trace, instrument
+
+VOCAB = 49152  # the real tokenizer's, so that the tiny models can run a real edit
+HIDDEN, INNER = 32, 64
+
+CONFIGS: dict[str, PretrainedConfig] = {
+    "llama": LlamaConfig(
+        vocab_size=VOCAB,
+        hidden_size=HIDDEN,
+        intermediate_size=INNER,
+        num_hidden_layers=3,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+    ),
+    "qwen2": Qwen2Config(
+        vocab_size=VOCAB,
+        hidden_size=HIDDEN,
+        intermediate_size=INNER,
+        num_hidden_layers=3,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+    ),
+    "mistral": MistralConfig(
+        vocab_size=VOCAB,
+        hidden_size=HIDDEN,
+        intermediate_size=INNER,
+        num_hidden_layers=3,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+    ),
+    "gemma": GemmaConfig(
+        vocab_size=VOCAB,
+        hidden_size=HIDDEN,
+        intermediate_size=INNER,
+        num_hidden_layers=3,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        head_dim=8,
+    ),
+    "gpt2": GPT2Config(
+        vocab_size=VOCAB, n_embd=HIDDEN, n_inner=INNER, n_layer=3, n_head=4, n_positions=128
+    ),
+    "gptj": GPTJConfig(
+        vocab_size=VOCAB,
+        n_embd=HIDDEN,
+        n_inner=INNER,
+        n_layer=3,
+        n_head=4,
+        rotary_dim=4,
+        n_positions=128,
+    ),
+    "gpt_neox": GPTNeoXConfig(
+        vocab_size=VOCAB,
+        hidden_size=HIDDEN,
+        intermediate_size=INNER,
+        num_hidden_layers=3,
+        num_attention_heads=4,
+    ),
+}
+
+
+def _tiny(family: str) -> torch.nn.Module:
+    torch.manual_seed(0)
+    model = AutoModelForCausalLM.from_config(CONFIGS[family])
+    model.eval().requires_grad_(False)
+    return model
+
+
+@pytest.mark.parametrize("family", sorted(CONFIGS))
+def test_adapter_reads_and_writes_the_mlp_output_matrix(family: str) -> None:
+    model = _tiny(family)
+    adapter = adapter_for(model)
+    assert adapter.shape(model, 1) == (HIDDEN, INNER)
+    weight = adapter.read(model, 1)
+    assert weight.shape == (HIDDEN, INNER)
+    adapter.write(model, 1, weight * 2)
+    assert torch.equal(adapter.read(model, 1), weight * 2)
+
+
+@pytest.mark.parametrize("family", sorted(CONFIGS))
+def test_traced_weights_equal_written_weights(family: str) -> None:
+    """A forward with an override weight equals one with that weight installed: this checks the
+    orientation (GPT-2's Conv1D is transposed) and that keys are the matrix's input."""
+    model = _tiny(family)
+    adapter = adapter_for(model)
+    instrument(model, adapter)
+    ids = torch.randint(0, 1000, (2, 7))
+    new = adapter.read(model, 1) + 0.5 * torch.randn(HIDDEN, INNER)
+    with Trace(capture_inputs=frozenset({1}), weights={1: new}) as trace:
+        traced = model(input_ids=ids).logits
+    assert trace.inputs[1].shape == (2, 7, INNER)
+    adapter.write(model, 1, new)
+    assert torch.allclose(model(input_ids=ids).logits, traced, atol=1e-5)
+
+
+@pytest.mark.parametrize("family", sorted(CONFIGS))
+def test_edit_and_revert_on_a_tiny_model(family: str, lm: LoadedModel) -> None:
+    """The whole engine runs on every family; reverting restores W0 bit for bit."""
+    tiny = LoadedModel(spec=family, model=_tiny(family), tokenizer=lm.tokenizer)
+    hp = EditHparams(layers=(0, 1), v_steps=4)
+    c0 = {layer: torch.eye(INNER, dtype=torch.float64) for layer in hp.layers}
+    editor = Editor(tiny, hp, c0=c0)
+    before = editor.digest()
+    result = editor.apply([Fact("Eiffel Tower", "The Eiffel Tower is in", "Rome")])
+    assert editor.digest() != before
+    assert result.record.keys[0].shape == (1, INNER)
+    editor.revert(result.record.id)
+    assert editor.digest() == before
+
+
+def test_unsupported_architecture_is_named() -> None:
+    class Odd(torch.nn.Module):
+        config = PretrainedConfig()
+
+    with pytest.raises(UnsupportedModelError, match="model_type"):
+        adapter_for(Odd())  # type: ignore[arg-type]
+
+
+def test_real_model_edited_matrices(lm: LoadedModel) -> None:
+    adapter = adapter_for(lm.model)
+    assert adapter.family == "llama"
+    assert adapter.num_layers(lm.model) == 30
+    assert adapter.shape(lm.model, 3) == (576, 1536)

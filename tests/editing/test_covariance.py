@@ -1,0 +1,26 @@
+from pathlib import Path
+
+import pytest
+import torch
+
+from editing import covariance as cov
+from editing.models import LoadedModel
+
+
+def test_second_moment_is_symmetric_positive_and_cached(
+    lm: LoadedModel, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    first = cov.covariance(lm, [3, 4], n_tokens=1500, cache_dir=tmp_path, progress=False)
+    c = first[3]
+    assert c.shape == (1536, 1536) and c.dtype == torch.float64
+    assert torch.allclose(c, c.T)
+    assert torch.linalg.eigvalsh(c).min() > 0
+    files = sorted(p.name for p in tmp_path.rglob("*.safetensors"))
+    assert files == ["layer3.safetensors", "layer4.safetensors"]
+
+    def refuse(*args: object, **kwargs: object) -> None:
+        raise AssertionError("a cache hit must not recompute")
+
+    monkeypatch.setattr(cov, "_compute", refuse)
+    again = cov.covariance(lm, [3, 4], n_tokens=1500, cache_dir=tmp_path, progress=False)
+    assert torch.equal(again[3], first[3]) and torch.equal(again[4], first[4])

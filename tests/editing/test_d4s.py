@@ -1,0 +1,45 @@
+import torch
+
+from editing.d4s import LayerSums, residual_share, solve_update
+
+
+def _random(n: int, d_in: int, d_out: int, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
+    g = torch.Generator().manual_seed(seed)
+    return torch.randn(n, d_in, generator=g, dtype=torch.float64), torch.randn(
+        n, d_out, generator=g, dtype=torch.float64
+    )
+
+
+def test_update_matches_batch_memit_formula() -> None:
+    d_in, d_out, lam = 12, 5, 3.0
+    keys, resid = _random(4, d_in, d_out, 0)
+    g = torch.Generator().manual_seed(1)
+    a = torch.randn(d_in, d_in, generator=g, dtype=torch.float64)
+    c0 = a @ a.T / d_in + torch.eye(d_in, dtype=torch.float64)
+    sums = LayerSums.zeros(d_out, d_in, torch.device("cpu")).add(keys, resid)
+    expected = resid.T @ keys @ torch.linalg.inv(lam * c0 + keys.T @ keys)
+    assert torch.allclose(solve_update(sums, c0, lam), expected, atol=1e-10)
+
+
+def test_sequential_sums_equal_one_batch() -> None:
+    """n single edits accumulate to exactly the statistics of one batch edit of all n."""
+    keys, resid = _random(6, 10, 4, 2)
+    seq = LayerSums.zeros(4, 10, torch.device("cpu"))
+    for i in range(6):
+        seq = seq.add(keys[i : i + 1], resid[i : i + 1])
+    batch = LayerSums.zeros(4, 10, torch.device("cpu")).add(keys, resid)
+    assert torch.allclose(seq.kk, batch.kk) and torch.allclose(seq.rk, batch.rk)
+
+
+def test_add_returns_new_sums_and_leaves_old_untouched() -> None:
+    keys, resid = _random(2, 6, 3, 3)
+    empty = LayerSums.zeros(3, 6, torch.device("cpu"))
+    added = empty.add(keys, resid)
+    assert empty.kk.abs().sum() == 0 and empty.rk.abs().sum() == 0
+    assert added.kk.abs().sum() > 0
+
+
+def test_residual_shares_follow_the_fixed_rule() -> None:
+    r = torch.ones(1, 3)
+    shares = [residual_share(r, i, 5)[0, 0].item() for i in range(5)]
+    assert shares == [1 / 5, 1 / 4, 1 / 3, 1 / 2, 1.0]

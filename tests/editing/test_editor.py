@@ -1,0 +1,132 @@
+"""The engine on the real default model: edits stick, revert and replay are exact, bad input
+changes nothing."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from editing import zstar
+from editing.editor import Editor, UnknownEditError
+from editing.facts import Fact, InvalidFactError, NonFiniteUpdateError
+from editing.hparams import EditHparams
+from editing.metrics import counterfact_scores, score_answers
+from editing.models import LoadedModel
+
+
+def _weights(editor: Editor) -> dict[int, torch.Tensor]:
+    return editor.live_weights()
+
+
+def _same(a: dict[int, torch.Tensor], b: dict[int, torch.Tensor]) -> bool:
+    return a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_an_edit_sticks_and_revert_all_restores_w0_bitwise(
+    editor: Editor, facts: list[Fact]
+) -> None:
+    w0 = _weights(editor)
+    digest0 = editor.digest()
+    assert counterfact_scores(editor.lm, facts[:2])["efficacy"] == 0.0
+    first = editor.apply([facts[0]])
+    second = editor.apply([facts[1]])
+    assert counterfact_scores(editor.lm, facts[:2])["efficacy"] == 1.0
+    assert not _same(_weights(editor), w0)
+    editor.revert(first.record.id)
+    editor.revert(second.record.id)
+    assert editor.records == []
+    assert _same(_weights(editor), w0)
+    assert editor.digest() == digest0
+
+
+def test_replay_rebuilds_identical_weights_without_zstar(
+    editor: Editor, lm: LoadedModel, c0: dict, facts: list[Fact], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    for fact in facts[:3]:
+        editor.apply([fact])
+    edited = _weights(editor)
+    digest = editor.digest()
+    records = editor.records
+    editor.replay([])
+
+    def no_zstar(*args: object, **kwargs: object) -> None:
+        raise AssertionError("replay must not optimise z*")
+
+    monkeypatch.setattr(zstar, "compute_zstar", no_zstar)
+    monkeypatch.setattr("editing.editor.compute_zstar", no_zstar)
+    fresh = Editor(lm, EditHparams(), "d4s", c0=c0)
+    fresh.replay(records)
+    assert _same(_weights(fresh), edited)
+    assert fresh.digest() == digest
+
+
+def test_revert_one_of_several_equals_never_applying_it(editor: Editor, facts: list[Fact]) -> None:
+    kept = editor.apply([facts[0]]).record
+    dropped = editor.apply([facts[1]]).record
+    editor.revert(dropped.id)
+    after_revert = _weights(editor)
+    editor.replay([kept])
+    assert _same(_weights(editor), after_revert)
+    with pytest.raises(UnknownEditError):
+        editor.revert(dropped.id)
+
+
+def test_same_subject_and_prompt_supersedes(editor: Editor, facts: list[Fact]) -> None:
+    first = editor.apply([facts[0]]).record
+    other = Fact(facts[0].subject, facts[0].prompt, "London", facts[0].ground_truth)
+    result = editor.apply([other])
+    assert result.superseded == [first.id]
+    assert [r.id for r in editor.records] == [result.record.id]
+    london, rome = score_answers(editor.lm, [(other.prompt, " London"), (other.prompt, " Rome")])
+    assert london.nll < rome.nll
+
+
+def test_a_batch_is_one_record_with_a_row_per_fact(editor: Editor, facts: list[Fact]) -> None:
+    result = editor.apply(facts[:2])
+    assert len(editor.records) == 1
+    assert result.record.residual.shape == (2, 576)
+    assert all(k.shape == (2, 1536) for k in result.record.keys.values())
+    assert counterfact_scores(editor.lm, facts[:2])["efficacy"] == 1.0
+
+
+@pytest.mark.parametrize(
+    ("bad", "error"),
+    [
+        (Fact("Colosseum", "The Eiffel Tower is located in the city of", "Rome"), InvalidFactError),
+        (Fact("Eiffel Tower", "The Eiffel Tower is located in the city of", ""), InvalidFactError),
+        (
+            Fact("Eiffel Tower", "word " * 9000 + "The Eiffel Tower is in", "Rome"),
+            InvalidFactError,
+        ),
+    ],
+    ids=["subject-not-in-prompt", "empty-target", "longer-than-context"],
+)
+def test_bad_input_changes_nothing(
+    editor: Editor, facts: list[Fact], bad: Fact, error: type[Exception]
+) -> None:
+    editor.apply([facts[2]])
+    weights, records, version = _weights(editor), editor.records, editor.version
+    with pytest.raises(error):
+        editor.apply([bad])
+    assert _same(_weights(editor), weights)
+    assert editor.records == records and editor.version == version
+
+
+def test_non_finite_update_changes_nothing(lm: LoadedModel, c0: dict, facts: list[Fact]) -> None:
+    editor = Editor(lm, EditHparams(v_lr=float("inf")), "d4s", c0=c0)
+    weights = _weights(editor)
+    with pytest.raises(NonFiniteUpdateError):
+        editor.apply([facts[0]])
+    assert _same(_weights(editor), weights) and editor.records == []
+
+
+@pytest.mark.parametrize("method", ["memit-seq", "alphaedit"])
+def test_baselines_edit_and_revert(
+    lm: LoadedModel, c0: dict, facts: list[Fact], method: str
+) -> None:
+    editor = Editor(lm, EditHparams(), method, c0=c0)
+    w0 = _weights(editor)
+    result = editor.apply([facts[0]])
+    assert counterfact_scores(lm, facts[:1])["efficacy"] == 1.0
+    editor.revert(result.record.id)
+    assert _same(_weights(editor), w0)
