@@ -14,10 +14,11 @@ import torch
 import torch.nn.functional as F
 from transformers.tokenization_utils_base import PreTrainedTokenizerBase
 
+from editing.adapters import adapter_for
 from editing.facts import Fact, subject_last_token
 from editing.hparams import EditHparams
 from editing.models import LoadedModel
-from editing.tracing import Trace
+from editing.tracing import Trace, instrument
 
 
 @dataclass
@@ -58,6 +59,7 @@ def compute_zstar(
     it use the model's own. Deterministic for given inputs and ``hp.seed``.
     """
     torch.manual_seed(hp.seed)
+    instrument(lm.model, adapter_for(lm.model))
     batch = _build_batch(lm.tokenizer, facts, hp.context_prefixes, lm.device)
     last = hp.last_layer
     trace = Trace(

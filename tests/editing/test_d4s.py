@@ -40,6 +40,6 @@ def test_add_returns_new_sums_and_leaves_old_untouched() -> None:
 
 
 def test_residual_shares_follow_the_fixed_rule() -> None:
-    r = torch.ones(1, 3)
+    r = torch.ones(1, 3, dtype=torch.float64)
     shares = [residual_share(r, i, 5)[0, 0].item() for i in range(5)]
     assert shares == [1 / 5, 1 / 4, 1 / 3, 1 / 2, 1.0]

@@ -3,15 +3,29 @@ changes nothing."""
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+
 import pytest
 import torch
 
 from editing import zstar
+from editing.adapters import adapter_for
 from editing.editor import Editor, UnknownEditError
 from editing.facts import Fact, InvalidFactError, NonFiniteUpdateError
 from editing.hparams import EditHparams
 from editing.metrics import counterfact_scores, score_answers
 from editing.models import LoadedModel
+
+
+@pytest.fixture(autouse=True)
+def pristine_model(lm: LoadedModel) -> Iterator[None]:
+    """Whatever editors a test makes, the shared model leaves it with its original weights."""
+    adapter = adapter_for(lm.model)
+    layers = range(adapter.num_layers(lm.model))
+    original = {layer: adapter.read(lm.model, layer) for layer in layers}
+    yield
+    for layer in layers:
+        adapter.write(lm.model, layer, original[layer])
 
 
 def _weights(editor: Editor) -> dict[int, torch.Tensor]:

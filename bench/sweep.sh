@@ -1,0 +1,19 @@
+#!/usr/bin/env bash
+# Hyper-parameter sweep for the default model (docs/hyperparameters.md).
+# Sequential single edits of the first N CounterFact facts with d4s + RECT 0.4, one run per
+# setting. z* records depend only on W0, so settings that share a layer range reuse them.
+# Usage: bench/sweep.sh [N] [FACTS]   (about 5 min per layer range + 1.5 min per setting)
+set -euo pipefail
+N=${1:-50}
+FACTS=${2:-../shared/data/counterfact/counterfact-train.json}
+OUT=bench/results/sweep
+mkdir -p "$OUT"
+run() {  # name, extra args...
+    local name=$1; shift
+    [ -s "$OUT/$name.json" ] && return
+    .venv/bin/editserve eval --facts "$FACTS" --limit "$N" --json \
+        --record-cache .cache/records "$@" > "$OUT/$name.json.tmp" 2> "$OUT/$name.log"
+    mv "$OUT/$name.json.tmp" "$OUT/$name.json"
+}
+for lam in 3000 1500 6000 10000 800; do run "layers3-7_lambda$lam" --layers 3-7 --lambda "$lam"; done
+for layers in 2-6 4-8 5-9; do run "layers${layers}_lambda3000" --layers "$layers" --lambda 3000; done
