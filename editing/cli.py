@@ -14,7 +14,7 @@ from pathlib import Path
 
 from editing.editor import Editor
 from editing.evaluate import find_dataset, run_sequential
-from editing.facts import Fact, load_counterfact
+from editing.facts import Fact, load_facts
 from editing.hparams import EditHparams
 from editing.methods import METHODS
 from editing.models import DEFAULT_MODEL, default_cache_dir, load_model
@@ -39,10 +39,15 @@ def _parser() -> argparse.ArgumentParser:
         p.add_argument("--clamp", type=float, default=defaults.clamp_norm_factor)
         p.add_argument("--steps", type=int, default=defaults.v_steps)
         p.add_argument("--covariance-tokens", type=int, default=None)
+        p.add_argument(
+            "--corpus", default="wiki", help="covariance text: wiki, a .txt/.json file, hf:NAME"
+        )
 
     ev = sub.add_parser("eval", help="apply facts one by one, then evaluate")
     common(ev)
-    ev.add_argument("--facts", type=Path, default=None, help="CounterFact file (EasyEdit format)")
+    ev.add_argument(
+        "--facts", type=Path, default=None, help="CounterFact or zsRE file (EasyEdit format)"
+    )
     ev.add_argument("--limit", type=int, default=100)
     ev.add_argument("--batch-size", type=int, default=1, help="facts per edit step")
     ev.add_argument("--record-cache", type=Path, default=None, help="reuse W0-only z* records")
@@ -71,7 +76,14 @@ def _hparams(args: argparse.Namespace) -> EditHparams:
 def _editor(args: argparse.Namespace) -> Editor:
     lm = load_model(args.model, device=args.device, dtype=args.dtype, cache_dir=args.cache_dir)
     extra = {} if args.covariance_tokens is None else {"covariance_tokens": args.covariance_tokens}
-    return Editor(lm, _hparams(args), args.method, cache_dir=args.cache_dir, **extra)
+    return Editor(
+        lm,
+        _hparams(args),
+        args.method,
+        cache_dir=args.cache_dir,
+        corpus_source=args.corpus,
+        **extra,
+    )
 
 
 def _eval(args: argparse.Namespace) -> int:
@@ -80,7 +92,7 @@ def _eval(args: argparse.Namespace) -> int:
     except FileNotFoundError as exc:
         print(f"editserve eval: {exc}", file=sys.stderr)
         return 2
-    facts = load_counterfact(path, args.limit)
+    facts = load_facts(path, args.limit)
     editor = _editor(args)
     result = run_sequential(
         editor,

@@ -146,3 +146,11 @@ def load_zsre(path: str | Path, limit: int | None = None) -> list[Fact]:
             )
         )
     return facts
+
+
+def load_facts(path: str | Path, limit: int | None = None) -> list[Fact]:
+    """Read CounterFact or zsRE (EasyEdit formats), telling them apart by their fields."""
+    records = json.loads(Path(path).read_text())
+    if records and "src" in records[0]:
+        return load_zsre(path, limit)
+    return load_counterfact(path, limit)

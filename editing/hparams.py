@@ -29,7 +29,7 @@ class EditHparams:
     """
 
     layers: tuple[int, ...] = (3, 4, 5, 6, 7)
-    mom2_lambda: float = 3000.0
+    mom2_lambda: float = 1500.0
     v_lr: float = 0.5
     v_steps: int = 25
     v_loss_threshold: float = 0.05
@@ -39,7 +39,7 @@ class EditHparams:
     context_prefixes: tuple[str, ...] = DEFAULT_PREFIXES
     rect_keep: float = 0.4
     alpha_l2: float = 10.0
-    nullspace_threshold: float = 1e-2
+    nullspace_threshold: float = 2e-2
     seed: int = 0
 
     def __post_init__(self) -> None:

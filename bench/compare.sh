@@ -1,0 +1,21 @@
+#!/usr/bin/env bash
+# The four methods at N sequential single edits of CounterFact, with the default
+# hyper-parameters: d4s (RECT 0.4), d4s without RECT, memit-seq, alphaedit.
+# Usage: bench/compare.sh [N] [FACTS]   (N=100: about 35 min on a 2-core CPU)
+set -euo pipefail
+N=${1:-100}
+FACTS=${2:-../shared/data/counterfact/counterfact-train.json}
+OUT=bench/results/compare-$N
+mkdir -p "$OUT"
+run() {  # name, extra args...
+    local name=$1; shift
+    [ -s "$OUT/$name.json" ] && return
+    .venv/bin/editserve eval --facts "$FACTS" --limit "$N" --json \
+        --record-cache .cache/records "$@" > "$OUT/$name.json.tmp" 2> "$OUT/$name.log"
+    mv "$OUT/$name.json.tmp" "$OUT/$name.json"
+}
+run d4s-rect0.4 --method d4s --rect-keep 0.4
+run d4s-norect --method d4s --rect-keep 1.0
+run memit-seq --method memit-seq
+run alphaedit --method alphaedit
+python3 bench/table.py "$OUT"/*.json > "$OUT/table.md"
