@@ -14,7 +14,10 @@ def test_second_moment_is_symmetric_positive_and_cached(
     c = first[3]
     assert c.shape == (1536, 1536) and c.dtype == torch.float64
     assert torch.allclose(c, c.T)
-    assert torch.linalg.eigvalsh(c).min() > 0
+    eigenvalues = torch.linalg.eigvalsh(c)
+    # Positive semi-definite up to rounding (1500 tokens < 1536 dimensions: rank-deficient).
+    assert eigenvalues.min() > -1e-6 * eigenvalues.max()
+    assert eigenvalues.max() > 0
     files = sorted(p.name for p in tmp_path.rglob("*.safetensors"))
     assert files == ["layer3.safetensors", "layer4.safetensors"]
 
