@@ -29,7 +29,7 @@ class EditHparams:
     """
 
     layers: tuple[int, ...] = (3, 4, 5, 6, 7)
-    mom2_lambda: float = 1500.0
+    mom2_lambda: float = 2000.0
     v_lr: float = 0.5
     v_steps: int = 25
     v_loss_threshold: float = 0.05
