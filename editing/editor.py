@@ -150,19 +150,11 @@ class Editor:
         """Make ``record`` active, superseding active facts with the same subject and prompt."""
         if any(r.id == record.id for r in self._records):
             raise EditError(f"edit {record.id} is already active")
-        replaced = {fact.key for fact in record.facts}
-        remaining: list[DeltaRecord] = []
-        superseded = []
-        for old in self._records:
-            kept = old.without(replaced)
-            if kept is None:
-                superseded.append(old.id)
-            else:
-                remaining.append(kept)
-        if superseded or any(a is not b for a, b in zip(remaining, self._records, strict=False)):
-            state = self.method.rebuild([*remaining, record])
-        else:
+        remaining, superseded, untouched = _supersede(self._records, record)
+        if untouched:
             state = self.method.fold(self._state, record)
+        else:
+            state = self.method.rebuild([*remaining, record])
         self._commit([*remaining, record], state)
         return ApplyResult(record=record, superseded=superseded)
 
@@ -175,14 +167,10 @@ class Editor:
 
     def replay(self, records: list[DeltaRecord]) -> None:
         """Replace all active edits by ``records`` (in order), with no z* optimisation."""
-        state = self.method.empty()
         active: list[DeltaRecord] = []
         for record in records:
-            keys = {fact.key for fact in record.facts}
-            active = [kept for r in active if (kept := r.without(keys)) is not None]
-            active.append(record)
-        state = self.method.rebuild(active)
-        self._commit(active, state)
+            active = [*_supersede(active, record)[0], record]
+        self._commit(active, self.method.rebuild(active))
 
     def _commit(self, records: list[DeltaRecord], state: State) -> None:
         update = self.method.update(state)
@@ -199,3 +187,17 @@ class Editor:
         self._records = records
         self._state = state
         self.version += 1
+
+
+def _supersede(
+    active: list[DeltaRecord], record: DeltaRecord
+) -> tuple[list[DeltaRecord], list[str], bool]:
+    """The active records less the facts that ``record`` re-edits.
+
+    Returns (what stays active, ids of records left with no fact, whether nothing changed).
+    """
+    keys = {fact.key for fact in record.facts}
+    kept = [r.without(keys) for r in active]
+    superseded = [r.id for r, k in zip(active, kept, strict=True) if k is None]
+    untouched = all(k is r for r, k in zip(active, kept, strict=True))
+    return [k for k in kept if k is not None], superseded, untouched
