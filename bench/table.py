@@ -32,6 +32,8 @@ def _cell(result: dict, name: str, key: str | None, path: Path) -> str:
     if name == "layers":
         layers = result["layers"]
         return f"{layers[0]}-{layers[-1]}"
+    if name == "RECT" and result["method"] != "d4s":
+        return "-"  # RECT is applied by d4s only
     if key is None:
         deltas = result["l1_delta_by_layer"]
         return f"{deltas[max(deltas, key=int)]:.2e}"
