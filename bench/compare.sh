@@ -7,13 +7,8 @@ N=${1:-100}
 FACTS=${2:-../shared/data/counterfact/counterfact-train.json}
 OUT=bench/results/compare-$N
 mkdir -p "$OUT"
-run() {  # name, extra args...
-    local name=$1; shift
-    [ -s "$OUT/$name.json" ] && return
-    .venv/bin/editserve eval --facts "$FACTS" --limit "$N" --json \
-        --record-cache .cache/records "$@" > "$OUT/$name.json.tmp" 2> "$OUT/$name.log"
-    mv "$OUT/$name.json.tmp" "$OUT/$name.json"
-}
+source "$(dirname "$0")/run_eval.sh"
+run() { run_eval "$OUT" "$1" "$N" "$FACTS" "${@:2}"; }
 run d4s-rect0.4 --method d4s --rect-keep 0.4
 run d4s-norect --method d4s --rect-keep 1.0
 run memit-seq --method memit-seq

@@ -8,12 +8,7 @@ N=${1:-50}
 FACTS=${2:-../shared/data/counterfact/counterfact-train.json}
 OUT=bench/results/sweep
 mkdir -p "$OUT"
-run() {  # name, extra args...
-    local name=$1; shift
-    [ -s "$OUT/$name.json" ] && return
-    .venv/bin/editserve eval --facts "$FACTS" --limit "$N" --json \
-        --record-cache .cache/records "$@" > "$OUT/$name.json.tmp" 2> "$OUT/$name.log"
-    mv "$OUT/$name.json.tmp" "$OUT/$name.json"
-}
+source "$(dirname "$0")/run_eval.sh"
+run() { run_eval "$OUT" "$1" "$N" "$FACTS" "${@:2}"; }
 for lam in 3000 1500 6000 10000 800; do run "layers3-7_lambda$lam" --layers 3-7 --lambda "$lam"; done
 for layers in 2-6 4-8 5-9; do run "layers${layers}_lambda3000" --layers "$layers" --lambda 3000; done
