@@ -38,9 +38,6 @@ class LayerSums:
         r = residual.to(self.rk.device, torch.float64)
         return LayerSums(kk=self.kk + k.T @ k, rk=self.rk + r.T @ k)
 
-    def nbytes(self) -> int:
-        return self.kk.numel() * 8 + self.rk.numel() * 8
-
 
 def residual_share(residual: torch.Tensor, position: int, n_layers: int) -> torch.Tensor:
     """The part of R that the ``position``-th of ``n_layers`` edited layers writes: R / (m - i).

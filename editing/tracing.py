@@ -12,8 +12,7 @@ unchanged, so the serving model can be shared with an edit in progress.
 from __future__ import annotations
 
 import contextvars
-from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -72,13 +71,6 @@ def instrument(model: nn.Module, adapter: Adapter) -> None:
         _wrap_block(block, index)
         _wrap_matrix(adapter.matrix_module(model, index), index, adapter.transposed)
     setattr(model, _MARK, True)
-
-
-@contextmanager
-def traced(trace: Trace) -> Iterator[Trace]:
-    """``with traced(Trace(...)) as t:`` for readers who prefer a function."""
-    with trace:
-        yield trace
 
 
 def _hidden_of(output: Any) -> torch.Tensor:

@@ -135,10 +135,7 @@ def _mean_keys(inputs: torch.Tensor, batch: _Batch, n: int) -> torch.Tensor:
     """Average the edited matrix's input at the subject's last token over each fact's prompts."""
     rows = batch.nll_rows
     per_row = inputs[rows, batch.lookup[rows]].float()  # R x in
-    owner = batch.fact_of_row[rows]
-    sums = torch.zeros(n, per_row.shape[1], device=per_row.device).index_add_(0, owner, per_row)
-    counts = torch.bincount(owner, minlength=n).clamp_min(1)
-    return sums / counts[:, None]
+    return _mean_per_fact(per_row, batch.fact_of_row[rows], n)
 
 
 def _target_nll(logits: torch.Tensor, batch: _Batch, n: int) -> torch.Tensor:
@@ -149,9 +146,18 @@ def _target_nll(logits: torch.Tensor, batch: _Batch, n: int) -> torch.Tensor:
     logp = F.log_softmax(logits, dim=-1).gather(-1, batch.target_ids[..., None])[..., 0]
     mask = batch.target_mask.float()
     per_row = -(logp * mask).sum(dim=1) / mask.sum(dim=1)
-    owner = batch.fact_of_row[batch.nll_rows]
-    sums = torch.zeros(n, device=logits.device).index_add(0, owner, per_row)
-    return sums / torch.bincount(owner, minlength=n).clamp_min(1)
+    return _mean_per_fact(per_row, batch.fact_of_row[batch.nll_rows], n)
+
+
+def _mean_per_fact(per_row: torch.Tensor, owner: torch.Tensor, n: int) -> torch.Tensor:
+    """Average the rows (R x ...) of each of ``n`` facts; ``owner`` (R) names each row's fact.
+
+    Out of place, so that gradients flow through it.
+    """
+    sums = torch.zeros(n, *per_row.shape[1:], device=per_row.device, dtype=per_row.dtype)
+    sums = sums.index_add(0, owner, per_row)
+    counts = torch.bincount(owner, minlength=n).clamp_min(1).to(per_row.dtype)
+    return sums / counts.view(n, *([1] * (per_row.dim() - 1)))
 
 
 def _build_batch(
