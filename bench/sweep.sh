@@ -11,4 +11,4 @@ mkdir -p "$OUT"
 source "$(dirname "$0")/run_eval.sh"
 run() { run_eval "$OUT" "$1" "$N" "$FACTS" "${@:2}"; }
 for lam in 3000 1500 6000 10000 800; do run "layers3-7_lambda$lam" --layers 3-7 --lambda "$lam"; done
-for layers in 2-6 4-8 5-9; do run "layers${layers}_lambda3000" --layers "$layers" --lambda 3000; done
+for layers in 2-6 4-8 5-9; do run "layers${layers}_lambda2000" --layers "$layers" --lambda 2000; done
