@@ -20,7 +20,8 @@ from editing.methods import METHODS
 from editing.models import DEFAULT_MODEL, default_cache_dir, load_model
 
 
-def _parser() -> argparse.ArgumentParser:
+def build_parser() -> tuple[argparse.ArgumentParser, argparse._SubParsersAction]:
+    """The parser and its sub-command set, to which the server adds ``serve``."""
     parser = argparse.ArgumentParser(prog="editserve", description=__doc__.split("\n")[0])
     sub = parser.add_subparsers(dest="command", required=True)
 
@@ -57,7 +58,7 @@ def _parser() -> argparse.ArgumentParser:
 
     demo = sub.add_parser("demo", help="edit one fact, generate, revert, generate")
     common(demo)
-    return parser
+    return parser, sub
 
 
 def _hparams(args: argparse.Namespace) -> EditHparams:
@@ -141,10 +142,13 @@ def _demo(args: argparse.Namespace) -> int:
     return 0
 
 
+COMMANDS = {"eval": _eval, "demo": _demo}
+
+
 def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
-    args = _parser().parse_args(argv)
-    return {"eval": _eval, "demo": _demo}[args.command](args)
+    args = build_parser()[0].parse_args(argv)
+    return COMMANDS[args.command](args)
 
 
 if __name__ == "__main__":

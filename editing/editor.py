@@ -150,7 +150,7 @@ class Editor:
         """Make ``record`` active, superseding active facts with the same subject and prompt."""
         if any(r.id == record.id for r in self._records):
             raise EditError(f"edit {record.id} is already active")
-        remaining, superseded, untouched = _supersede(self._records, record)
+        remaining, superseded, untouched = supersede(self._records, record)
         if untouched:
             state = self.method.fold(self._state, record)
         else:
@@ -169,7 +169,7 @@ class Editor:
         """Replace all active edits by ``records`` (in order), with no z* optimisation."""
         active: list[DeltaRecord] = []
         for record in records:
-            active = [*_supersede(active, record)[0], record]
+            active = [*supersede(active, record)[0], record]
         self._commit(active, self.method.rebuild(active))
 
     def _commit(self, records: list[DeltaRecord], state: State) -> None:
@@ -189,7 +189,7 @@ class Editor:
         self.version += 1
 
 
-def _supersede(
+def supersede(
     active: list[DeltaRecord], record: DeltaRecord
 ) -> tuple[list[DeltaRecord], list[str], bool]:
     """The active records less the facts that ``record`` re-edits.

@@ -55,7 +55,7 @@ class DeltaRecord:
         tensors["residual"] = self.residual.contiguous()
         meta = {
             "id": self.id,
-            "facts": json.dumps([_fact_to_json(f) for f in self.facts]),
+            "facts": json.dumps([fact_to_json(f) for f in self.facts]),
             "stats": json.dumps(self.stats),
         }
         return st_save(tensors, metadata=meta)
@@ -69,7 +69,7 @@ class DeltaRecord:
         }
         return cls(
             id=meta["id"],
-            facts=tuple(_fact_from_json(f) for f in json.loads(meta["facts"])),
+            facts=tuple(fact_from_json(f) for f in json.loads(meta["facts"])),
             keys=dict(sorted(keys.items())),
             residual=tensors["residual"],
             stats=json.loads(meta.get("stats", "{}")),
@@ -83,11 +83,11 @@ def _metadata(blob: bytes) -> dict[str, str]:
     return meta
 
 
-def _fact_to_json(fact: Fact) -> dict[str, Any]:
+def fact_to_json(fact: Fact) -> dict[str, Any]:
     return asdict(fact)
 
 
-def _fact_from_json(data: dict[str, Any]) -> Fact:
+def fact_from_json(data: dict[str, Any]) -> Fact:
     return Fact(
         subject=data["subject"],
         prompt=data["prompt"],

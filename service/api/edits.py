@@ -1,0 +1,179 @@
+"""``/edits``: queue facts, read their status, revert them. Everything goes through the log."""
+
+from __future__ import annotations
+
+import uuid
+from typing import Annotated, Any
+
+from fastapi import APIRouter, Depends, Header, Path, Query, Response
+
+from editing.facts import InvalidFactError, validate_fact
+from editing.records import fact_from_json
+from service.auth import require
+from service.editlog.base import (
+    EditEntry,
+    EditLogError,
+    EditStatus,
+    IdempotencyConflict,
+    RevertConflict,
+    UnknownEdit,
+    request_fingerprint,
+)
+from service.errors import Problem, problem_responses
+from service.runtime import Runtime, runtime
+from service.schemas import BatchIn, EditAccepted, EditOut, EditPage, FactIn
+from service.settings import Role
+
+router = APIRouter(tags=["edits"])
+
+EditId = Annotated[str, Path(min_length=1, max_length=64, pattern=r"^[0-9a-f]+$")]
+
+
+@router.post(
+    "/edits",
+    status_code=202,
+    response_model=EditAccepted,
+    dependencies=[Depends(require(Role.editor))],
+    responses=problem_responses(401, 403, 409, 413, 422, 429, 503),
+    summary="Queue one fact, or several applied together as one step",
+)
+def post_edit(
+    body: FactIn | BatchIn,
+    response: Response,
+    rt: Annotated[Runtime, Depends(runtime)],
+    idempotency_key: Annotated[
+        str | None, Header(alias="Idempotency-Key", min_length=1, max_length=200)
+    ] = None,
+) -> EditAccepted:
+    facts = body.facts if isinstance(body, BatchIn) else [body]
+    docs = [f.model_dump() for f in facts]
+    _check_facts(rt, docs)
+    pending = _pending(rt)
+    if pending >= rt.settings.max_queued_edits:
+        raise Problem(
+            429,
+            f"{pending} edit operations are waiting; retry later",
+            headers={"Retry-After": str(_retry_after(rt, pending))},
+        )
+    try:
+        entry, created = rt.log.append_edit(
+            uuid.uuid4().hex, docs, idempotency_key, request_fingerprint(docs)
+        )
+    except IdempotencyConflict as exc:
+        raise Problem(422, str(exc), kind="idempotency-key-reused") from None
+    except EditLogError as exc:
+        raise _log_down(exc) from None
+    response.headers["Location"] = f"/edits/{entry.id}"
+    if not created:
+        response.headers["Idempotent-Replayed"] = "true"
+    return EditAccepted(id=entry.id, status=entry.status, position=_position(rt, entry))
+
+
+@router.get(
+    "/edits/{edit_id}",
+    response_model=EditOut,
+    dependencies=[Depends(require(Role.reader))],
+    responses=problem_responses(401, 404, 422, 503),
+    summary="One edit: status, the version it took effect at, its error or its scores",
+)
+def get_edit(edit_id: EditId, rt: Annotated[Runtime, Depends(runtime)]) -> EditOut:
+    try:
+        entry = rt.log.get(edit_id)
+    except EditLogError as exc:
+        raise _log_down(exc) from None
+    if entry is None:
+        raise Problem(404, f"no edit {edit_id}")
+    return EditOut.of(entry)
+
+
+@router.get(
+    "/edits",
+    response_model=EditPage,
+    dependencies=[Depends(require(Role.reader))],
+    responses=problem_responses(401, 422, 503),
+    summary="Edits, newest first",
+)
+def list_edits(
+    rt: Annotated[Runtime, Depends(runtime)],
+    status: EditStatus | None = None,
+    limit: Annotated[int, Query(ge=1, le=200)] = 50,
+    cursor: Annotated[str | None, Query(pattern=r"^[0-9]{1,18}$")] = None,
+) -> EditPage:
+    try:
+        entries = rt.log.list_edits(status, limit, int(cursor) if cursor else None)
+    except EditLogError as exc:
+        raise _log_down(exc) from None
+    more = len(entries) == limit
+    return EditPage(
+        edits=[EditOut.of(e) for e in entries],
+        next_cursor=str(entries[-1].seq) if more and entries else None,
+    )
+
+
+@router.post(
+    "/edits/{edit_id}/revert",
+    status_code=202,
+    response_model=EditAccepted,
+    dependencies=[Depends(require(Role.editor))],
+    responses=problem_responses(401, 403, 404, 409, 422, 503),
+    summary="Undo an edit (a queued one is cancelled); the revert enters the ordered log",
+)
+def revert_edit(
+    edit_id: EditId, response: Response, rt: Annotated[Runtime, Depends(runtime)]
+) -> EditAccepted:
+    try:
+        entry = rt.log.request_revert(edit_id)
+    except UnknownEdit:
+        raise Problem(404, f"no edit {edit_id}") from None
+    except RevertConflict as exc:
+        raise Problem(409, str(exc), kind="revert-conflict", edit_status=str(exc.status)) from None
+    except EditLogError as exc:
+        raise _log_down(exc) from None
+    response.headers["Location"] = f"/edits/{entry.id}"
+    position = max(rt.log.last_seq() - rt.worker.state.processed, 0)
+    return EditAccepted(id=entry.id, status=entry.status, position=position)
+
+
+def _check_facts(rt: Runtime, docs: list[dict[str, Any]]) -> None:
+    """Refuse what the worker would reject, before it enters the log."""
+    if len(docs) > rt.settings.max_facts_per_edit:
+        raise Problem(422, f"at most {rt.settings.max_facts_per_edit} facts per edit")
+    keys = [(d["subject"], d["prompt"]) for d in docs]
+    if len(set(keys)) < len(keys):
+        raise Problem(422, "two facts have the same subject and prompt", kind="invalid-fact")
+    lm, editor = rt.worker.lm, rt.worker.editor
+    if lm is None or editor is None:
+        return  # not loaded yet: the worker checks when it applies
+    for i, doc in enumerate(docs):
+        try:
+            validate_fact(fact_from_json(doc), lm.tokenizer, editor.max_tokens)
+        except InvalidFactError as exc:
+            where = exc.field if len(docs) == 1 else f"facts[{i}].{exc.field}"
+            raise Problem(422, f"{where}: {exc.reason}", kind="invalid-fact", field=where) from None
+
+
+def _pending(rt: Runtime) -> int:
+    try:
+        return max(rt.log.last_seq() - rt.worker.state.processed, 0)
+    except EditLogError as exc:
+        raise _log_down(exc) from None
+
+
+def _position(rt: Runtime, entry: EditEntry) -> int:
+    if entry.status != EditStatus.queued:
+        return 0
+    return max(entry.seq - rt.worker.state.processed, 1)
+
+
+def _retry_after(rt: Runtime, pending: int) -> int:
+    per_edit = rt.worker.state.last_edit_seconds.get("total", 6.0)
+    return max(1, int(per_edit * (pending - rt.settings.max_queued_edits + 1)))
+
+
+def _log_down(exc: EditLogError) -> Problem:
+    return Problem(
+        503,
+        f"the edit log is unreachable: {exc}",
+        kind="log-unavailable",
+        headers={"Retry-After": "5"},
+    )

@@ -1,0 +1,293 @@
+"""OpenAI-compatible ``/v1/completions``, ``/v1/chat/completions`` and ``/v1/models``, enough
+for the official ``openai`` client to work unchanged. The model version that produced an
+answer is in ``system_fingerprint`` (``editserve-v<version>``) and in ``model_version``."""
+
+from __future__ import annotations
+
+import json
+import time
+import uuid
+from collections.abc import AsyncIterator
+from typing import Annotated, Any, Literal
+
+from fastapi import APIRouter, Depends
+from fastapi.responses import StreamingResponse
+from pydantic import BaseModel, ConfigDict, Field
+
+from service.auth import require
+from service.errors import Problem, problem_responses
+from service.generation import Finished, SamplingParams, Token
+from service.runtime import Runtime, runtime
+from service.settings import Role
+
+router = APIRouter(prefix="/v1", tags=["openai"], dependencies=[Depends(require(Role.reader))])
+
+_ERRORS = problem_responses(401, 413, 422, 429, 503)
+_SSE = {"text/event-stream": {"schema": {"type": "string"}}}
+
+
+class _Request(BaseModel):
+    # Unknown OpenAI options (user, logit_bias, ...) are accepted and ignored, as other
+    # compatible servers do; the ones that change the answer are checked below.
+    model_config = ConfigDict(extra="allow")
+
+    model: str | None = None
+    max_tokens: int | None = Field(default=None, ge=1)
+    temperature: float = Field(default=1.0, ge=0.0, le=2.0)
+    top_p: float = Field(default=1.0, gt=0.0, le=1.0)
+    n: int = Field(default=1, ge=1, le=1, description="only 1 is supported")
+    stream: bool = False
+    stop: str | list[str] | None = None
+    seed: int | None = Field(default=None, ge=0, le=2**63 - 1)
+    frequency_penalty: float = Field(default=0.0, ge=-2.0, le=2.0)
+    presence_penalty: float = Field(default=0.0, ge=-2.0, le=2.0)
+
+    def sampling(self, default_max: int) -> SamplingParams:
+        stop = [self.stop] if isinstance(self.stop, str) else list(self.stop or [])
+        if len(stop) > 4:
+            raise Problem(422, "stop: at most 4 sequences")
+        return SamplingParams(
+            max_new_tokens=self.max_tokens or default_max,
+            temperature=self.temperature,
+            top_p=self.top_p,
+            do_sample=self.temperature > 0,
+            seed=self.seed,
+            stop=tuple(s for s in stop if s),
+        )
+
+
+class CompletionRequest(_Request):
+    prompt: str | list[str] = Field(description="one prompt (a list of one is accepted)")
+    max_tokens: int | None = Field(default=16, ge=1)
+    echo: bool = False
+
+
+class ChatMessage(BaseModel):
+    model_config = ConfigDict(extra="allow")
+
+    role: Literal["system", "user", "assistant", "developer", "tool"]
+    content: str | list[dict[str, Any]] | None = None
+
+    def text(self) -> str:
+        if isinstance(self.content, list):
+            return "".join(part.get("text", "") for part in self.content)
+        return self.content or ""
+
+
+class ChatRequest(_Request):
+    messages: list[ChatMessage] = Field(min_length=1)
+    max_completion_tokens: int | None = Field(default=None, ge=1)
+
+
+class ModelCard(BaseModel):
+    id: str
+    object: Literal["model"] = "model"
+    created: int
+    owned_by: str = "editserve"
+
+
+class ModelList(BaseModel):
+    object: Literal["list"] = "list"
+    data: list[ModelCard]
+
+
+class Usage(BaseModel):
+    prompt_tokens: int
+    completion_tokens: int
+    total_tokens: int
+
+
+class CompletionChoice(BaseModel):
+    index: int
+    text: str
+    finish_reason: Literal["stop", "length"] | None
+    logprobs: None = None
+
+
+class Completion(BaseModel):
+    id: str
+    object: Literal["text_completion"] = "text_completion"
+    created: int
+    model: str
+    choices: list[CompletionChoice]
+    usage: Usage | None = None
+    system_fingerprint: str
+    model_version: int
+
+
+class AssistantMessage(BaseModel):
+    role: Literal["assistant"] = "assistant"
+    content: str
+
+
+class ChatChoice(BaseModel):
+    index: int
+    message: AssistantMessage
+    finish_reason: Literal["stop", "length"]
+
+
+class ChatCompletion(BaseModel):
+    id: str
+    object: Literal["chat.completion"] = "chat.completion"
+    created: int
+    model: str
+    choices: list[ChatChoice]
+    usage: Usage
+    system_fingerprint: str
+    model_version: int
+
+
+@router.get("/models", response_model=ModelList, responses=problem_responses(401))
+def models(rt: Annotated[Runtime, Depends(runtime)]) -> ModelList:
+    return ModelList(data=[ModelCard(id=rt.settings.model, created=rt.started)])
+
+
+@router.post(
+    "/completions",
+    response_model=Completion,
+    responses={200: {"content": _SSE}, **_ERRORS},
+    summary="Complete a prompt (OpenAI's legacy completions API)",
+)
+async def completions(
+    body: CompletionRequest, rt: Annotated[Runtime, Depends(runtime)]
+) -> Completion | StreamingResponse:
+    prompts = [body.prompt] if isinstance(body.prompt, str) else body.prompt
+    if len(prompts) != 1:
+        raise Problem(422, "prompt: give one prompt per request")
+    params = body.sampling(16)
+    ids = rt.encode(prompts[0], params.max_new_tokens)
+    cid, created, name = f"cmpl-{uuid.uuid4().hex}", int(time.time()), rt.settings.model
+    prefix = prompts[0] if body.echo else ""
+
+    def chunk(text: str, finish: str | None, version: int) -> Completion:
+        return Completion(
+            id=cid,
+            created=created,
+            model=name,
+            choices=[CompletionChoice(index=0, text=text, finish_reason=finish)],  # type: ignore[arg-type]
+            system_fingerprint=f"editserve-v{version}",
+            model_version=version,
+        )
+
+    if body.stream:
+
+        async def sse() -> AsyncIterator[str]:
+            first = True
+            async for event in rt.generate(ids, params):
+                if isinstance(event, Token) and (event.text or first):
+                    text = prefix + event.text if first else event.text
+                    yield _data(chunk(text, None, event.model_version))
+                    first = False
+                elif isinstance(event, Finished):
+                    yield _data(chunk("", _reason(event), event.model_version))
+            yield "data: [DONE]\n\n"
+
+        return StreamingResponse(sse(), media_type="text/event-stream")
+
+    done = await _finished(rt, ids, params)
+    answer = chunk(prefix + done.text, _reason(done), done.model_version)
+    answer.usage = _usage(done)
+    return answer
+
+
+@router.post(
+    "/chat/completions",
+    response_model=ChatCompletion,
+    responses={200: {"content": _SSE}, **_ERRORS},
+    summary="Answer a conversation, formatted with the model's chat template",
+)
+async def chat_completions(
+    body: ChatRequest, rt: Annotated[Runtime, Depends(runtime)]
+) -> ChatCompletion | StreamingResponse:
+    if body.max_completion_tokens is not None:
+        body.max_tokens = body.max_completion_tokens
+    params = body.sampling(min(256, rt.settings.max_new_tokens))
+    ids = rt.encode(_chat_prompt(rt, body.messages), params.max_new_tokens)
+    cid, created, name = f"chatcmpl-{uuid.uuid4().hex}", int(time.time()), rt.settings.model
+
+    if body.stream:
+
+        async def sse() -> AsyncIterator[str]:
+            first = True
+            async for event in rt.generate(ids, params):
+                delta: dict[str, Any] = {}
+                finish = None
+                if isinstance(event, Token):
+                    if first:
+                        delta["role"] = "assistant"
+                    if event.text:
+                        delta["content"] = event.text
+                    if not delta:
+                        continue
+                    version = event.model_version
+                elif isinstance(event, Finished):
+                    finish, version = _reason(event), event.model_version
+                first = False
+                yield _data(
+                    {
+                        "id": cid,
+                        "object": "chat.completion.chunk",
+                        "created": created,
+                        "model": name,
+                        "system_fingerprint": f"editserve-v{version}",
+                        "model_version": version,
+                        "choices": [{"index": 0, "delta": delta, "finish_reason": finish}],
+                    }
+                )
+            yield "data: [DONE]\n\n"
+
+        return StreamingResponse(sse(), media_type="text/event-stream")
+
+    done = await _finished(rt, ids, params)
+    return ChatCompletion(
+        id=cid,
+        created=created,
+        model=name,
+        choices=[
+            ChatChoice(
+                index=0,
+                message=AssistantMessage(content=done.text),
+                finish_reason=_reason(done),  # type: ignore[arg-type]
+            )
+        ],
+        usage=_usage(done),
+        system_fingerprint=f"editserve-v{done.model_version}",
+        model_version=done.model_version,
+    )
+
+
+def _chat_prompt(rt: Runtime, messages: list[ChatMessage]) -> str:
+    lm = rt.worker.lm
+    if lm is None:
+        raise Problem(503, "the model is still loading", headers={"Retry-After": "5"})
+    turns = [{"role": m.role, "content": m.text()} for m in messages]
+    try:
+        prompt = lm.tokenizer.apply_chat_template(turns, tokenize=False, add_generation_prompt=True)
+    except Exception as exc:  # the template rejects some role orders
+        raise Problem(422, f"messages: the chat template refused them: {exc}") from None
+    return str(prompt)
+
+
+async def _finished(rt: Runtime, ids: list[int], params: SamplingParams) -> Finished:
+    async for event in rt.generate(ids, params):
+        if isinstance(event, Finished):
+            return event
+    raise RuntimeError("generation ended without finishing")
+
+
+def _reason(done: Finished) -> str:
+    return "length" if done.finish_reason == "length" else "stop"
+
+
+def _usage(done: Finished) -> Usage:
+    return Usage(
+        prompt_tokens=done.prompt_tokens,
+        completion_tokens=done.generated_tokens,
+        total_tokens=done.prompt_tokens + done.generated_tokens,
+    )
+
+
+def _data(payload: BaseModel | dict[str, Any]) -> str:
+    if isinstance(payload, BaseModel):
+        return f"data: {payload.model_dump_json(exclude_none=True)}\n\n"
+    return f"data: {json.dumps(payload)}\n\n"

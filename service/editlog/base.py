@@ -1,0 +1,219 @@
+"""The edit log: one ordered, durable sequence of ``apply`` and ``revert`` operations, with each
+edit's status and its delta record kept beside it.
+
+The log is the source of truth. The live weights are a pure function of the records of the
+operations in log order, so any process that reads the log rebuilds the same weights, and a
+record, once stored, spares every later reader the z* optimisation.
+
+Two implementations pass the same contract tests: :mod:`service.editlog.sqlite` (embedded, one
+replica) and :mod:`service.editlog.redis` (Redis Streams, many replicas).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import time
+from abc import ABC, abstractmethod
+from dataclasses import dataclass
+from enum import StrEnum
+from typing import Any, Literal
+
+
+class EditStatus(StrEnum):
+    queued = "queued"
+    applying = "applying"
+    applied = "applied"
+    failed = "failed"
+    rejected = "rejected"
+    superseded = "superseded"
+    reverting = "reverting"
+    reverted = "reverted"
+
+
+# A revert of an edit in one of these states is refused: it has no effect to undo.
+_REVERT_CONFLICTS = {
+    EditStatus.reverting: "the edit is already being reverted",
+    EditStatus.reverted: "the edit is already reverted",
+    EditStatus.failed: "the edit failed and never took effect",
+    EditStatus.rejected: "the edit was rejected and never took effect",
+    EditStatus.superseded: "a later edit of the same subject and prompt replaced it",
+}
+
+
+class EditLogError(Exception):
+    """The log cannot be reached or is inconsistent."""
+
+
+class UnknownEdit(EditLogError, KeyError):
+    def __init__(self, edit_id: str) -> None:
+        super().__init__(edit_id)
+        self.edit_id = edit_id
+
+
+class RevertConflict(EditLogError):
+    def __init__(self, edit_id: str, status: EditStatus) -> None:
+        super().__init__(_REVERT_CONFLICTS.get(status, f"the edit is {status}"))
+        self.edit_id = edit_id
+        self.status = status
+
+
+class IdempotencyConflict(EditLogError):
+    """An Idempotency-Key was reused with a different request body."""
+
+
+@dataclass
+class Operation:
+    seq: int  # 1, 2, 3, ... in log order
+    kind: Literal["apply", "revert"]
+    edit_id: str
+
+
+@dataclass
+class EditEntry:
+    """An edit as the log knows it. Times are Unix seconds."""
+
+    id: str
+    seq: int
+    status: EditStatus
+    facts: list[dict[str, Any]]
+    created_at: float
+    updated_at: float
+    applied_at: float | None = None
+    reverted_at: float | None = None
+    model_version: int | None = None  # log position at which it took effect
+    reverted_version: int | None = None
+    cancelled: bool = False  # reverted while still queued: it never took effect
+    superseded_by: str | None = None
+    error: dict[str, Any] | None = None  # an RFC 9457 problem detail
+    scores: dict[str, Any] | None = None
+    idempotency_key: str | None = None
+
+    def to_json(self) -> str:
+        doc = {k: v for k, v in self.__dict__.items() if k not in ("status",)}
+        doc["status"] = str(self.status)
+        return json.dumps(doc)
+
+    def updated(self, status: EditStatus | None, fields: dict[str, Any]) -> EditEntry:
+        """A copy with ``status`` (None: unchanged) and ``fields`` set, stamped now."""
+        check_fields(fields)
+        doc = dict(self.__dict__, **fields)
+        if status is not None:
+            doc["status"] = status
+        doc["updated_at"] = now()
+        return EditEntry(**doc)
+
+    @classmethod
+    def from_json(cls, text: str | bytes) -> EditEntry:
+        doc = json.loads(text)
+        doc["status"] = EditStatus(doc["status"])
+        return cls(**doc)
+
+
+UPDATABLE = frozenset(
+    {
+        "applied_at",
+        "reverted_at",
+        "model_version",
+        "reverted_version",
+        "cancelled",
+        "superseded_by",
+        "error",
+        "scores",
+    }
+)
+
+
+def request_fingerprint(body: Any) -> str:
+    """A digest of a request body, to tell a retry from a reuse of its Idempotency-Key."""
+    return hashlib.sha256(json.dumps(body, sort_keys=True).encode()).hexdigest()
+
+
+def now() -> float:
+    return time.time()
+
+
+class EditLog(ABC):
+    """The protocol every edit log implements. All methods are safe to call from any thread."""
+
+    @abstractmethod
+    def append_edit(
+        self,
+        edit_id: str,
+        facts: list[dict[str, Any]],
+        idempotency_key: str | None = None,
+        fingerprint: str | None = None,
+    ) -> tuple[EditEntry, bool]:
+        """Append an ``apply`` operation for a new queued edit, atomically with its key.
+
+        Returns (the entry, whether it was created). A key seen before returns the edit it
+        created, and ``False``; the same key with another ``fingerprint`` raises
+        :class:`IdempotencyConflict`.
+        """
+
+    @abstractmethod
+    def request_revert(self, edit_id: str) -> EditEntry:
+        """Append a ``revert`` operation, atomically with the status change.
+
+        A queued edit is cancelled at once (``reverted``, ``cancelled``); an applying or applied
+        one becomes ``reverting``. Raises :class:`UnknownEdit` or :class:`RevertConflict`.
+        """
+
+    @abstractmethod
+    def read(self, after: int, limit: int = 100, block: float = 0.0) -> list[Operation]:
+        """Operations with ``seq > after`` in order, waiting up to ``block`` seconds for one."""
+
+    @abstractmethod
+    def last_seq(self) -> int:
+        """The seq of the newest operation (0 for an empty log)."""
+
+    @abstractmethod
+    def get(self, edit_id: str) -> EditEntry | None: ...
+
+    @abstractmethod
+    def list_edits(
+        self, status: EditStatus | None = None, limit: int = 50, before: int | None = None
+    ) -> list[EditEntry]:
+        """Edits newest first, with ``seq < before`` when given."""
+
+    @abstractmethod
+    def transition(
+        self,
+        edit_id: str,
+        expected: set[EditStatus],
+        status: EditStatus | None,
+        **fields: Any,
+    ) -> EditEntry | None:
+        """If the edit's status is in ``expected``, set ``status`` (None: keep) and ``fields``.
+
+        Atomic compare-and-set; returns the new entry, or None when the status did not match.
+        """
+
+    @abstractmethod
+    def put_record(self, edit_id: str, blob: bytes) -> None:
+        """Keep an edit's delta record (safetensors bytes) for rebuilds without z*."""
+
+    @abstractmethod
+    def get_record(self, edit_id: str) -> bytes | None: ...
+
+    @abstractmethod
+    def ping(self) -> None:
+        """Raise :class:`EditLogError` when the log cannot be reached."""
+
+    def close(self) -> None:  # noqa: B027 - optional for implementations
+        """Release connections."""
+
+
+def check_fields(fields: dict[str, Any]) -> None:
+    unknown = set(fields) - UPDATABLE
+    if unknown:
+        raise ValueError(f"not updatable: {sorted(unknown)}")
+
+
+def revert_outcome(entry: EditEntry) -> tuple[EditStatus, dict[str, Any]]:
+    """What a revert request does to ``entry``: its new status and fields, or raise."""
+    if entry.status in _REVERT_CONFLICTS:
+        raise RevertConflict(entry.id, entry.status)
+    if entry.status == EditStatus.queued:
+        return EditStatus.reverted, {"cancelled": True, "reverted_at": now()}
+    return EditStatus.reverting, {}

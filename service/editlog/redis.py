@@ -1,0 +1,256 @@
+"""The edit log on Redis Streams, shared by any number of replicas.
+
+Keys (all under one prefix, ``editserve`` by default)::
+
+    {p}:ops            stream of operations; entry id ``<seq>-0``, fields kind, id
+    {p}:seq            the last seq handed out
+    {p}:edit:<id>      hash: status, rev, doc (the entry as JSON)
+    {p}:edits          sorted set of edit ids by seq, for listing
+    {p}:idem:<key>     the edit id and request fingerprint an Idempotency-Key created
+    {p}:record:<id>    the edit's delta record (safetensors bytes)
+
+Every write that must be atomic with another (an append with its idempotency key, a revert with
+its status change, a status compare-and-set) is one Lua script. Durability is Redis's: run it
+with ``appendonly yes`` in production.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any, TypeVar
+
+import redis
+from redis.exceptions import RedisError
+
+from service.editlog.base import (
+    EditEntry,
+    EditLog,
+    EditLogError,
+    EditStatus,
+    IdempotencyConflict,
+    Operation,
+    UnknownEdit,
+    now,
+    revert_outcome,
+)
+
+T = TypeVar("T")
+
+# KEYS: ops, seq, edit, edits, idem   ARGV: edit id, idempotency key or "", fingerprint, doc
+# Returns {1, seq} when created, {0, existing id, fingerprint} for a known key.
+_APPEND = """
+if ARGV[2] ~= '' then
+  local seen = redis.call('HMGET', KEYS[5], 'id', 'fingerprint')
+  if seen[1] then return {0, seen[1], seen[2] or ''} end
+end
+local seq = redis.call('INCR', KEYS[2])
+redis.call('XADD', KEYS[1], seq .. '-0', 'kind', 'apply', 'id', ARGV[1])
+redis.call('HSET', KEYS[3], 'seq', seq, 'status', 'queued', 'rev', 0, 'doc', ARGV[4])
+redis.call('ZADD', KEYS[4], seq, ARGV[1])
+if ARGV[2] ~= '' then
+  redis.call('HSET', KEYS[5], 'id', ARGV[1], 'fingerprint', ARGV[3])
+end
+return {1, seq}
+"""
+
+# KEYS: edit, ops, seq   ARGV: expected rev, new status, new doc, "revert" to append a revert
+# op, edit id
+# Returns -1 when the rev moved on (the caller re-reads and retries), else the new rev.
+_CAS = """
+if redis.call('HGET', KEYS[1], 'rev') ~= ARGV[1] then return -1 end
+if ARGV[4] == 'revert' then
+  local seq = redis.call('INCR', KEYS[3])
+  redis.call('XADD', KEYS[2], seq .. '-0', 'kind', 'revert', 'id', ARGV[5])
+end
+redis.call('HSET', KEYS[1], 'status', ARGV[2], 'doc', ARGV[3])
+return redis.call('HINCRBY', KEYS[1], 'rev', 1)
+"""
+
+
+class RedisEditLog(EditLog):
+    def __init__(self, url: str, prefix: str = "editserve") -> None:
+        self.url = url
+        self.prefix = prefix
+        self._r = redis.Redis.from_url(
+            url, socket_timeout=10, socket_connect_timeout=5, health_check_interval=30
+        )
+        self._append = self._r.register_script(_APPEND)
+        self._cas = self._r.register_script(_CAS)
+
+    def _key(self, *parts: str) -> str:
+        return ":".join((self.prefix, *parts))
+
+    def _call(self, fn: Callable[[], T]) -> T:
+        try:
+            return fn()
+        except RedisError as exc:
+            raise EditLogError(f"redis log {self.url}: {exc}") from exc
+
+    def _load(self, edit_id: str) -> tuple[EditEntry, bytes] | None:
+        """The entry and its rev, read together."""
+        reply: Any = self._call(
+            lambda: self._r.hmget(self._key("edit", edit_id), "seq", "rev", "doc")
+        )
+        seq, rev, doc = reply
+        if doc is None:
+            return None
+        entry = EditEntry.from_json(doc)
+        entry.seq = int(seq)
+        return entry, rev
+
+    def append_edit(
+        self,
+        edit_id: str,
+        facts: list[dict[str, Any]],
+        idempotency_key: str | None = None,
+        fingerprint: str | None = None,
+    ) -> tuple[EditEntry, bool]:
+        t = now()
+        entry = EditEntry(
+            id=edit_id,
+            seq=0,  # assigned by the script; the hash's seq field is authoritative
+            status=EditStatus.queued,
+            facts=facts,
+            created_at=t,
+            updated_at=t,
+            idempotency_key=idempotency_key,
+        )
+        keys = [
+            self._key("ops"),
+            self._key("seq"),
+            self._key("edit", edit_id),
+            self._key("edits"),
+            self._key("idem", idempotency_key or ""),
+        ]
+        args = [edit_id, idempotency_key or "", fingerprint or "", entry.to_json()]
+        result: Any = self._call(lambda: self._append(keys=keys, args=args))
+        if int(result[0]) == 0:
+            existing_id, seen_fingerprint = result[1].decode(), result[2].decode()
+            if fingerprint and seen_fingerprint != fingerprint:
+                raise IdempotencyConflict(
+                    f"Idempotency-Key {idempotency_key!r} was used for another request"
+                )
+            found = self.get(existing_id)
+            if found is None:
+                raise EditLogError(f"idempotency key points at missing edit {existing_id}")
+            return found, False
+        entry.seq = int(result[1])
+        return entry, True
+
+    def _compare_and_set(
+        self,
+        edit_id: str,
+        decide: Callable[[EditEntry], tuple[EditStatus | None, dict[str, Any]] | None],
+        append_revert: bool = False,
+    ) -> EditEntry | None:
+        """Read, ``decide`` the change (None: no change), write if nobody wrote meanwhile."""
+        for _ in range(100):
+            loaded = self._load(edit_id)
+            if loaded is None:
+                raise UnknownEdit(edit_id)
+            entry, rev = loaded
+            change = decide(entry)
+            if change is None:
+                return None
+            new = entry.updated(*change)
+            keys = [self._key("edit", edit_id), self._key("ops"), self._key("seq")]
+            args: list[Any] = [
+                rev,
+                str(new.status),
+                new.to_json(),
+                "revert" if append_revert else "",
+                edit_id,
+            ]
+            if int(self._call(lambda: self._cas(keys=keys, args=args))) >= 0:  # noqa: B023
+                return new
+        raise EditLogError(f"edit {edit_id} kept changing; gave up after 100 tries")
+
+    def request_revert(self, edit_id: str) -> EditEntry:
+        new = self._compare_and_set(edit_id, revert_outcome, append_revert=True)
+        assert new is not None
+        return new
+
+    def transition(
+        self,
+        edit_id: str,
+        expected: set[EditStatus],
+        status: EditStatus | None,
+        **fields: Any,
+    ) -> EditEntry | None:
+        return self._compare_and_set(
+            edit_id, lambda e: (status, fields) if e.status in expected else None
+        )
+
+    def read(self, after: int, limit: int = 100, block: float = 0.0) -> list[Operation]:
+        stream = self._key("ops")
+        entries: Any
+        if block > 0:
+            timeout_ms = max(1, int(block * 1000))
+            reply: Any = self._call(
+                lambda: self._r.xread({stream: f"{after}-0"}, count=limit, block=timeout_ms)
+            )
+            entries = reply[0][1] if reply else []
+        else:
+            entries = self._call(
+                lambda: self._r.xrange(stream, f"({after}-0", "+", count=limit)
+            )
+        return [_operation(entry_id, fields) for entry_id, fields in entries]
+
+    def last_seq(self) -> int:
+        value = self._call(lambda: self._r.get(self._key("seq")))
+        return int(value or 0)
+
+    def get(self, edit_id: str) -> EditEntry | None:
+        loaded = self._load(edit_id)
+        return loaded[0] if loaded else None
+
+    def list_edits(
+        self, status: EditStatus | None = None, limit: int = 50, before: int | None = None
+    ) -> list[EditEntry]:
+        out: list[EditEntry] = []
+        upper = f"({before}" if before is not None else "+inf"
+        page = max(limit, 100)
+        while len(out) < limit:
+            ids = self._page(upper, page)
+            if not ids:
+                break
+            for edit_id, _ in ids:
+                entry = self.get(edit_id)
+                if entry is not None and (status is None or entry.status == status):
+                    out.append(entry)
+                    if len(out) == limit:
+                        break
+            upper = f"({ids[-1][1]}"
+        return out
+
+    def _page(self, upper: str, size: int) -> list[tuple[str, int]]:
+        """Up to ``size`` (edit id, seq) pairs below ``upper``, newest first."""
+        reply: Any = self._call(
+            lambda: self._r.zrevrangebyscore(
+                self._key("edits"), upper, "-inf", start=0, num=size, withscores=True
+            )
+        )
+        return [(raw.decode(), int(score)) for raw, score in reply]
+
+    def put_record(self, edit_id: str, blob: bytes) -> None:
+        self._call(lambda: self._r.set(self._key("record", edit_id), blob))
+
+    def get_record(self, edit_id: str) -> bytes | None:
+        value: Any = self._call(lambda: self._r.get(self._key("record", edit_id)))
+        return bytes(value) if value is not None else None
+
+    def ping(self) -> None:
+        self._call(self._r.ping)
+
+    def close(self) -> None:
+        self._r.close()
+
+
+def _operation(entry_id: bytes, fields: dict[bytes, bytes]) -> Operation:
+    kind = fields[b"kind"].decode()
+    assert kind in ("apply", "revert"), kind
+    return Operation(
+        seq=int(entry_id.split(b"-")[0]),
+        kind="apply" if kind == "apply" else "revert",
+        edit_id=fields[b"id"].decode(),
+    )

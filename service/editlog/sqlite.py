@@ -1,0 +1,220 @@
+"""The embedded edit log: one SQLite file in the data directory, for a single replica.
+
+WAL mode with ``synchronous=FULL``: an operation acknowledged to a client survives a crash of
+the server process (and of the machine). Writers take ``BEGIN IMMEDIATE`` so that the check of
+an idempotency key or a status and the write that follows are one transaction.
+"""
+
+from __future__ import annotations
+
+import sqlite3
+import threading
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
+
+from service.editlog.base import (
+    EditEntry,
+    EditLog,
+    EditLogError,
+    EditStatus,
+    IdempotencyConflict,
+    Operation,
+    UnknownEdit,
+    now,
+    revert_outcome,
+)
+
+_SCHEMA = """
+CREATE TABLE IF NOT EXISTS ops (
+    seq INTEGER PRIMARY KEY AUTOINCREMENT,
+    kind TEXT NOT NULL CHECK (kind IN ('apply', 'revert')),
+    edit_id TEXT NOT NULL
+);
+CREATE TABLE IF NOT EXISTS edits (
+    id TEXT PRIMARY KEY,
+    seq INTEGER NOT NULL,
+    status TEXT NOT NULL,
+    doc TEXT NOT NULL
+);
+CREATE INDEX IF NOT EXISTS edits_by_seq ON edits (seq);
+CREATE TABLE IF NOT EXISTS idempotency (
+    key TEXT PRIMARY KEY,
+    edit_id TEXT NOT NULL,
+    fingerprint TEXT
+);
+CREATE TABLE IF NOT EXISTS records (
+    edit_id TEXT PRIMARY KEY,
+    blob BLOB NOT NULL
+);
+"""
+
+
+class SqliteEditLog(EditLog):
+    def __init__(self, path: Path) -> None:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        self.path = path
+        self._db = sqlite3.connect(path, check_same_thread=False, isolation_level=None)
+        self._db.execute("PRAGMA journal_mode=WAL")
+        self._db.execute("PRAGMA synchronous=FULL")
+        self._db.execute("PRAGMA busy_timeout=5000")
+        self._db.executescript(_SCHEMA)
+        self._lock = threading.Lock()
+        # Readers blocked in read() wake when this process appends; other processes' appends
+        # are seen at the next poll.
+        self._appended = threading.Condition()
+
+    @contextmanager
+    def _write(self) -> Iterator[sqlite3.Connection]:
+        with self._lock:
+            try:
+                self._db.execute("BEGIN IMMEDIATE")
+                yield self._db
+                self._db.execute("COMMIT")
+            except BaseException:
+                if self._db.in_transaction:
+                    self._db.execute("ROLLBACK")
+                raise
+
+    def _query(self, sql: str, args: tuple[Any, ...] = ()) -> list[tuple[Any, ...]]:
+        with self._lock:
+            try:
+                return self._db.execute(sql, args).fetchall()
+            except sqlite3.Error as exc:
+                raise EditLogError(f"sqlite log {self.path}: {exc}") from exc
+
+    def _append_op(self, db: sqlite3.Connection, kind: str, edit_id: str) -> int:
+        cursor = db.execute("INSERT INTO ops (kind, edit_id) VALUES (?, ?)", (kind, edit_id))
+        assert cursor.lastrowid is not None
+        return cursor.lastrowid
+
+    def _notify(self) -> None:
+        with self._appended:
+            self._appended.notify_all()
+
+    def append_edit(
+        self,
+        edit_id: str,
+        facts: list[dict[str, Any]],
+        idempotency_key: str | None = None,
+        fingerprint: str | None = None,
+    ) -> tuple[EditEntry, bool]:
+        with self._write() as db:
+            if idempotency_key is not None:
+                row = db.execute(
+                    "SELECT edit_id, fingerprint FROM idempotency WHERE key = ?",
+                    (idempotency_key,),
+                ).fetchone()
+                if row is not None:
+                    if fingerprint is not None and row[1] != fingerprint:
+                        raise IdempotencyConflict(
+                            f"Idempotency-Key {idempotency_key!r} was used for another request"
+                        )
+                    doc = db.execute("SELECT doc FROM edits WHERE id = ?", (row[0],)).fetchone()
+                    return EditEntry.from_json(doc[0]), False
+                db.execute(
+                    "INSERT INTO idempotency (key, edit_id, fingerprint) VALUES (?, ?, ?)",
+                    (idempotency_key, edit_id, fingerprint),
+                )
+            seq = self._append_op(db, "apply", edit_id)
+            t = now()
+            entry = EditEntry(
+                id=edit_id,
+                seq=seq,
+                status=EditStatus.queued,
+                facts=facts,
+                created_at=t,
+                updated_at=t,
+                idempotency_key=idempotency_key,
+            )
+            db.execute(
+                "INSERT INTO edits (id, seq, status, doc) VALUES (?, ?, ?, ?)",
+                (edit_id, seq, entry.status, entry.to_json()),
+            )
+        self._notify()
+        return entry, True
+
+    def request_revert(self, edit_id: str) -> EditEntry:
+        with self._write() as db:
+            row = db.execute("SELECT doc FROM edits WHERE id = ?", (edit_id,)).fetchone()
+            if row is None:
+                raise UnknownEdit(edit_id)
+            entry = EditEntry.from_json(row[0])
+            status, fields = revert_outcome(entry)
+            self._append_op(db, "revert", edit_id)
+            entry = entry.updated(status, fields)
+            _save(db, entry)
+        self._notify()
+        return entry
+
+    def read(self, after: int, limit: int = 100, block: float = 0.0) -> list[Operation]:
+        sql = "SELECT seq, kind, edit_id FROM ops WHERE seq > ? ORDER BY seq LIMIT ?"
+        rows = self._query(sql, (after, limit))
+        if not rows and block > 0:
+            with self._appended:
+                self._appended.wait(timeout=block)
+            rows = self._query(sql, (after, limit))
+        return [Operation(seq=r[0], kind=r[1], edit_id=r[2]) for r in rows]
+
+    def last_seq(self) -> int:
+        rows = self._query("SELECT COALESCE(MAX(seq), 0) FROM ops")
+        return int(rows[0][0])
+
+    def get(self, edit_id: str) -> EditEntry | None:
+        rows = self._query("SELECT doc FROM edits WHERE id = ?", (edit_id,))
+        return EditEntry.from_json(rows[0][0]) if rows else None
+
+    def list_edits(
+        self, status: EditStatus | None = None, limit: int = 50, before: int | None = None
+    ) -> list[EditEntry]:
+        sql = "SELECT doc FROM edits WHERE seq < ?"
+        args: list[Any] = [before if before is not None else 2**62]
+        if status is not None:
+            sql += " AND status = ?"
+            args.append(str(status))
+        sql += " ORDER BY seq DESC LIMIT ?"
+        args.append(limit)
+        return [EditEntry.from_json(r[0]) for r in self._query(sql, tuple(args))]
+
+    def transition(
+        self,
+        edit_id: str,
+        expected: set[EditStatus],
+        status: EditStatus | None,
+        **fields: Any,
+    ) -> EditEntry | None:
+        with self._write() as db:
+            row = db.execute("SELECT doc FROM edits WHERE id = ?", (edit_id,)).fetchone()
+            if row is None:
+                raise UnknownEdit(edit_id)
+            entry = EditEntry.from_json(row[0])
+            if entry.status not in expected:
+                return None
+            entry = entry.updated(status, fields)
+            _save(db, entry)
+        return entry
+
+    def put_record(self, edit_id: str, blob: bytes) -> None:
+        with self._write() as db:
+            db.execute(
+                "INSERT OR REPLACE INTO records (edit_id, blob) VALUES (?, ?)", (edit_id, blob)
+            )
+
+    def get_record(self, edit_id: str) -> bytes | None:
+        rows = self._query("SELECT blob FROM records WHERE edit_id = ?", (edit_id,))
+        return bytes(rows[0][0]) if rows else None
+
+    def ping(self) -> None:
+        self._query("SELECT 1")
+
+    def close(self) -> None:
+        with self._lock:
+            self._db.close()
+
+
+def _save(db: sqlite3.Connection, entry: EditEntry) -> None:
+    db.execute(
+        "UPDATE edits SET status = ?, doc = ? WHERE id = ?",
+        (str(entry.status), entry.to_json(), entry.id),
+    )

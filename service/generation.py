@@ -1,0 +1,320 @@
+"""Batched text generation: a dynamic batcher over one shared model.
+
+Requests wait in a queue; the batcher takes up to ``max_batch`` of them, left-pads their
+prompts and decodes them together, each row with its own sampling parameters, seed, stop
+sequences and token budget. Finished rows leave the batch (and the KV cache) at once.
+
+A batch holds the weights lock from its prefill to its last token: every request is generated
+entirely at one model version, and a new version is swapped in between batches.
+
+Continuous batching (admitting new requests into a running batch) is not done: transformers'
+own implementation was slower than static batches on CPU (ALGORITHMS.md section 7), and
+requests arriving during a batch wait at most one batch's decoding.
+"""
+
+from __future__ import annotations
+
+import logging
+import queue
+import threading
+from collections.abc import Callable
+from contextlib import AbstractContextManager, suppress
+from dataclasses import dataclass, field
+
+import torch
+import torch.nn.functional as F
+from transformers import DynamicCache
+
+from editing.models import LoadedModel
+
+log = logging.getLogger(__name__)
+
+
+class QueueFull(Exception):
+    """Too many generation requests are waiting."""
+
+
+@dataclass(frozen=True)
+class SamplingParams:
+    max_new_tokens: int = 20
+    temperature: float = 1.0
+    top_p: float = 1.0
+    top_k: int = 0  # 0: no top-k cut
+    do_sample: bool = False
+    seed: int | None = None
+    stop: tuple[str, ...] = ()
+    repetition_penalty: float = 1.0
+
+    @property
+    def greedy(self) -> bool:
+        return not self.do_sample or self.temperature == 0.0
+
+
+@dataclass
+class Token:
+    id: int
+    text: str  # the text this token adds to the output (held back while it may start a stop)
+    logprob: float
+    special: bool
+    model_version: int
+
+
+@dataclass
+class Finished:
+    text: str
+    finish_reason: str  # "length", "eos_token" or "stop_sequence" (TGI's names)
+    generated_tokens: int
+    prompt_tokens: int
+    seed: int | None
+    model_version: int
+
+
+Event = Token | Finished | BaseException
+
+
+@dataclass
+class Job:
+    """One request: its prompt, its parameters and where its events go (from the batcher's
+    thread; ``sink`` must be thread-safe)."""
+
+    prompt_ids: list[int]
+    params: SamplingParams
+    sink: Callable[[Event], None]
+    cancelled: threading.Event = field(default_factory=threading.Event)
+
+
+@dataclass
+class _Row:
+    job: Job
+    generator: torch.Generator | None
+    seen: torch.Tensor  # token ids the repetition penalty applies to
+    ids: list[int] = field(default_factory=list)
+    emitted: int = 0  # characters of the text already sent
+
+
+class Batcher:
+    """Owns the generation thread. ``weights_lock`` is held while a batch decodes;
+    ``version`` tells the model version a batch runs at (read under the lock)."""
+
+    def __init__(
+        self,
+        lm: LoadedModel,
+        weights_lock: AbstractContextManager[object],
+        version: Callable[[], int],
+        max_batch: int = 8,
+        max_queue: int = 256,
+    ) -> None:
+        self.lm = lm
+        self.weights_lock = weights_lock
+        self.version = version
+        self.max_batch = max_batch
+        self._queue: queue.Queue[Job | None] = queue.Queue(maxsize=max_queue)
+        self._thread = threading.Thread(target=self._run, name="generation", daemon=True)
+        self._eos = _eos_ids(lm)
+        self.batches = 0
+
+    def start(self) -> None:
+        self._thread.start()
+
+    def stop(self) -> None:
+        with suppress(queue.Full):
+            self._queue.put_nowait(None)
+        self._thread.join(timeout=30)
+
+    @property
+    def waiting(self) -> int:
+        return self._queue.qsize()
+
+    def submit(self, job: Job) -> None:
+        try:
+            self._queue.put_nowait(job)
+        except queue.Full:
+            raise QueueFull(f"{self._queue.maxsize} generation requests are waiting") from None
+
+    def _run(self) -> None:
+        while True:
+            first = self._queue.get()
+            if first is None:
+                return
+            jobs = [first]
+            while len(jobs) < self.max_batch:
+                try:
+                    nxt = self._queue.get_nowait()
+                except queue.Empty:
+                    break
+                if nxt is None:
+                    self._queue.put(None)
+                    break
+                jobs.append(nxt)
+            jobs = [j for j in jobs if not j.cancelled.is_set()]
+            if not jobs:
+                continue
+            try:
+                with self.weights_lock:
+                    self._decode(jobs, self.version())
+                self.batches += 1
+            except Exception as exc:  # a failed batch fails its requests, not the server
+                log.exception("generation batch failed")
+                for job in jobs:
+                    job.sink(exc)
+
+    @torch.inference_mode()
+    def _decode(self, jobs: list[Job], version: int) -> None:
+        lm, device = self.lm, self.lm.device
+        pad = lm.tokenizer.pad_token_id or 0
+        width = max(len(j.prompt_ids) for j in jobs)
+        ids = torch.full((len(jobs), width), pad, dtype=torch.long)
+        mask = torch.zeros_like(ids)
+        for i, job in enumerate(jobs):
+            ids[i, width - len(job.prompt_ids) :] = torch.tensor(job.prompt_ids)
+            mask[i, width - len(job.prompt_ids) :] = 1
+        ids, mask = ids.to(device), mask.to(device)
+        rows = [_new_row(job, device) for job in jobs]
+        cache = DynamicCache()
+        positions = (mask.cumsum(-1) - 1).clamp(min=0)
+        logits = lm.model(
+            input_ids=ids, attention_mask=mask, position_ids=positions, past_key_values=cache
+        ).logits[:, -1, :]
+        while rows:
+            chosen, logprobs = _choose(logits.float(), rows)
+            keep: list[int] = []
+            for i, row in enumerate(rows):
+                if self._advance(row, int(chosen[i]), float(logprobs[i]), version):
+                    keep.append(i)
+            if not keep:
+                return
+            if len(keep) < len(rows):
+                index = torch.tensor(keep, device=device)
+                cache.batch_select_indices(index)
+                mask, chosen, positions = mask[index], chosen[index], positions[index]
+                rows = [rows[i] for i in keep]
+            mask = torch.cat([mask, mask.new_ones(len(rows), 1)], dim=1)
+            positions = positions[:, -1:] + 1
+            logits = lm.model(
+                input_ids=chosen[:, None],
+                attention_mask=mask,
+                position_ids=positions,
+                past_key_values=cache,
+            ).logits[:, -1, :]
+
+    def _advance(self, row: _Row, token: int, logprob: float, version: int) -> bool:
+        """Add ``token`` to ``row`` and send what it adds; False once the row is done."""
+        job, tok = row.job, self.lm.tokenizer
+        if job.cancelled.is_set():
+            return False
+        special = token in self._eos
+        if not special:
+            row.ids.append(token)
+            row.seen = torch.cat([row.seen, row.seen.new_tensor([token])])
+        text = str(tok.decode(row.ids, skip_special_tokens=True))
+        cut = _stop_at(text, job.params.stop)
+        reason = None
+        if special:
+            reason = "eos_token"
+        elif cut is not None:
+            reason, text = "stop_sequence", text[:cut]
+        elif len(row.ids) >= job.params.max_new_tokens:
+            reason = "length"
+        if reason is None:
+            # Hold back an unfinished character and any tail that may begin a stop sequence.
+            safe = len(text) - _held_back(text, job.params.stop)
+            job.sink(Token(token, text[row.emitted : safe], logprob, special, version))
+            row.emitted = max(row.emitted, safe)
+            return True
+        job.sink(Token(token, text[row.emitted :], logprob, special, version))
+        job.sink(
+            Finished(
+                text=text,
+                finish_reason=reason,
+                generated_tokens=len(row.ids) + int(special),
+                prompt_tokens=len(job.prompt_ids),
+                seed=job.params.seed,
+                model_version=version,
+            )
+        )
+        return False
+
+
+def _new_row(job: Job, device: torch.device) -> _Row:
+    generator = None
+    if not job.params.greedy:
+        generator = torch.Generator(device=device)
+        if job.params.seed is not None:
+            generator.manual_seed(job.params.seed)
+        else:
+            generator.seed()
+    seen = torch.tensor(job.prompt_ids, dtype=torch.long, device=device)
+    return _Row(job=job, generator=generator, seen=seen)
+
+
+def _choose(logits: torch.Tensor, rows: list[_Row]) -> tuple[torch.Tensor, torch.Tensor]:
+    """Next token and its log-probability for each row (logits: B x V, float32)."""
+    chosen = torch.empty(len(rows), dtype=torch.long, device=logits.device)
+    logprobs = torch.empty(len(rows), dtype=torch.float32)
+    for i, row in enumerate(rows):
+        p = row.job.params
+        scores = logits[i]
+        if p.repetition_penalty != 1.0:
+            # CTRL's penalty (Keskar et al. 2019), as transformers applies it.
+            seen = scores[row.seen]
+            scores = scores.clone()
+            scores[row.seen] = torch.where(
+                seen > 0, seen / p.repetition_penalty, seen * p.repetition_penalty
+            )
+        if p.greedy:
+            token = scores.argmax()
+            logprobs[i] = F.log_softmax(scores, dim=-1)[token]
+        else:
+            scores = scores / p.temperature
+            logp = F.log_softmax(scores, dim=-1)
+            filtered = _top_k_top_p(scores, p.top_k, p.top_p)
+            probs = F.softmax(filtered, dim=-1)
+            token = torch.multinomial(probs, 1, generator=row.generator)[0]
+            logprobs[i] = logp[token]
+        chosen[i] = token
+    return chosen, logprobs
+
+
+def _top_k_top_p(scores: torch.Tensor, top_k: int, top_p: float) -> torch.Tensor:
+    """``scores`` (V) with the tokens outside the top-k and the top-p nucleus set to -inf."""
+    if top_k > 0 and top_k < scores.numel():
+        kth = torch.topk(scores, top_k).values[-1]
+        scores = scores.masked_fill(scores < kth, float("-inf"))
+    if top_p < 1.0:
+        sorted_scores, order = torch.sort(scores, descending=True)
+        cumulative = F.softmax(sorted_scores, dim=-1).cumsum(-1)
+        # Drop a token once the tokens before it already reach top_p (the first always stays).
+        drop = (cumulative - F.softmax(sorted_scores, dim=-1)) >= top_p
+        scores = scores.clone()
+        scores[order[drop]] = float("-inf")
+    return scores
+
+
+def _stop_at(text: str, stops: tuple[str, ...]) -> int | None:
+    """Where the first stop sequence in ``text`` begins, if any."""
+    hits = [text.find(s) for s in stops if s and s in text]
+    return min(hits) if hits else None
+
+
+def _held_back(text: str, stops: tuple[str, ...]) -> int:
+    """How many trailing characters of ``text`` to hold: an unfinished character, or the
+    longest tail that a stop sequence begins with."""
+    if text.endswith("\ufffd"):
+        return 1
+    longest = 0
+    for stop in stops:
+        for n in range(min(len(stop) - 1, len(text)), longest, -1):
+            if text.endswith(stop[:n]):
+                longest = n
+                break
+    return longest
+
+
+def _eos_ids(lm: LoadedModel) -> set[int]:
+    ids = {lm.tokenizer.eos_token_id}
+    configured = getattr(lm.model.generation_config, "eos_token_id", None)
+    if isinstance(configured, int):
+        ids.add(configured)
+    elif configured:
+        ids.update(configured)
+    return {i for i in ids if i is not None}

@@ -1,0 +1,88 @@
+"""What request handlers share: the settings, the edit log and the model worker."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import AsyncIterator
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from fastapi import Request
+
+from service.editlog.base import EditLog
+from service.errors import Problem
+from service.generation import Event, Finished, Job, QueueFull, SamplingParams
+from service.settings import Settings
+from service.worker import ModelWorker
+
+
+@dataclass
+class Runtime:
+    settings: Settings
+    log: EditLog
+    worker: ModelWorker
+    started: int = field(default_factory=lambda: int(time.time()))
+
+    def log_name(self) -> str:
+        return "redis" if self.settings.redis_url else "sqlite"
+
+    def encode(self, text: str, max_new_tokens: int) -> list[int]:
+        """``text``'s token ids, or a 422 when it or the answer asked for is too long."""
+        lm = self.worker.lm
+        if lm is None or not self.worker.ready:
+            raise Problem(503, "the model is still loading", headers={"Retry-After": "5"})
+        if max_new_tokens > self.settings.max_new_tokens:
+            raise Problem(422, f"max_new_tokens is at most {self.settings.max_new_tokens}")
+        ids: list[int] = lm.tokenizer(text)["input_ids"]
+        if not ids:
+            raise Problem(422, "the prompt is empty once tokenised")
+        if len(ids) > self.settings.max_prompt_tokens:
+            raise Problem(
+                422,
+                f"the prompt has {len(ids)} tokens; at most {self.settings.max_prompt_tokens}",
+            )
+        return ids
+
+    async def generate(self, prompt_ids: list[int], params: SamplingParams) -> AsyncIterator[Event]:
+        """Events of one generation request, as the batcher produces them. Leaving the loop
+        early (a client that went away) cancels the request."""
+        batcher = self.worker.batcher
+        if batcher is None:
+            raise Problem(503, "the model is still loading", headers={"Retry-After": "5"})
+        loop = asyncio.get_running_loop()
+        events: asyncio.Queue[Event] = asyncio.Queue()
+
+        def sink(event: Event) -> None:
+            loop.call_soon_threadsafe(events.put_nowait, event)
+
+        job = Job(prompt_ids, params, sink)
+        try:
+            batcher.submit(job)
+        except QueueFull as exc:
+            raise Problem(429, str(exc), headers={"Retry-After": "1"}) from None
+        try:
+            while True:
+                event = await events.get()
+                if isinstance(event, BaseException):
+                    raise event
+                yield event
+                if isinstance(event, Finished):
+                    return
+        finally:
+            job.cancelled.set()
+
+
+def runtime(request: Request) -> Runtime:
+    rt: Runtime = request.app.state.runtime
+    return rt
+
+
+def open_log(settings: Settings) -> EditLog:
+    if settings.redis_url:
+        from service.editlog.redis import RedisEditLog
+
+        return RedisEditLog(settings.redis_url, settings.redis_prefix)
+    from service.editlog.sqlite import SqliteEditLog
+
+    return SqliteEditLog(Path(settings.data_dir) / "editlog.sqlite3")

@@ -1,0 +1,200 @@
+"""Request and response bodies of the native endpoints (edits, generation, health).
+
+The OpenAI-compatible bodies are in :mod:`service.api.openai_schemas`.
+"""
+
+from __future__ import annotations
+
+from datetime import UTC, datetime
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, model_validator
+
+from service.editlog.base import EditEntry, EditStatus
+from service.errors import ProblemDetail
+
+_TEXT = Field(min_length=1, max_length=2000)
+
+
+class StrictModel(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+# -- edits ---------------------------------------------------------------------------------
+
+
+class LocalityIn(StrictModel):
+    prompt: str = _TEXT
+    answer: str | None = Field(default=None, min_length=1, max_length=2000)
+
+
+class FactIn(StrictModel):
+    """One fact: after ``prompt`` (which contains ``subject``), the model should say
+    ``target_new``."""
+
+    subject: str = _TEXT
+    prompt: str = _TEXT
+    target_new: str = _TEXT
+    ground_truth: str | None = Field(default=None, min_length=1, max_length=2000)
+    paraphrases: list[str] = Field(default_factory=list, max_length=16)
+    locality: list[LocalityIn] = Field(default_factory=list, max_length=16)
+    metadata: dict[str, Any] = Field(default_factory=dict)
+
+    @model_validator(mode="after")
+    def _subject_in_prompt(self) -> FactIn:
+        if self.subject not in self.prompt:
+            raise ValueError("subject must occur in prompt")
+        for p in self.paraphrases:
+            if not p.strip():
+                raise ValueError("paraphrases must not be blank")
+        return self
+
+
+class BatchIn(StrictModel):
+    """Several facts, applied together as one edit step."""
+
+    facts: list[FactIn] = Field(min_length=1)
+
+
+class EditAccepted(BaseModel):
+    id: str
+    status: EditStatus
+    position: int = Field(description="operations ahead of this one in the log, plus one")
+
+
+class EditOut(BaseModel):
+    id: str
+    status: EditStatus
+    facts: list[FactIn]
+    created_at: datetime
+    updated_at: datetime
+    applied_at: datetime | None = None
+    reverted_at: datetime | None = None
+    model_version: int | None = Field(
+        default=None, description="the model version at which the edit took effect"
+    )
+    reverted_version: int | None = None
+    cancelled: bool = False
+    superseded_by: str | None = None
+    error: ProblemDetail | None = None
+    scores: dict[str, Any] | None = Field(
+        default=None,
+        description="P(target_new) before/after on the prompt and paraphrases; drift of the "
+        "next-token distribution on the locality prompts",
+    )
+
+    @classmethod
+    def of(cls, entry: EditEntry) -> EditOut:
+        return cls(
+            id=entry.id,
+            status=entry.status,
+            facts=[FactIn(**f) for f in entry.facts],
+            created_at=_time(entry.created_at),
+            updated_at=_time(entry.updated_at),
+            applied_at=_time(entry.applied_at) if entry.applied_at else None,
+            reverted_at=_time(entry.reverted_at) if entry.reverted_at else None,
+            model_version=entry.model_version,
+            reverted_version=entry.reverted_version,
+            cancelled=entry.cancelled,
+            superseded_by=entry.superseded_by,
+            error=ProblemDetail(**entry.error) if entry.error else None,
+            scores=entry.scores,
+        )
+
+
+class EditPage(BaseModel):
+    edits: list[EditOut]
+    next_cursor: str | None = Field(description="pass as ?cursor= for the next, older page")
+
+
+def _time(t: float) -> datetime:
+    return datetime.fromtimestamp(t, tz=UTC)
+
+
+# -- generation (TGI's shape) --------------------------------------------------------------
+
+
+class GenerateParameters(StrictModel):
+    max_new_tokens: int = Field(default=20, ge=1)
+    temperature: float | None = Field(default=None, ge=0.0, le=100.0)
+    top_p: float | None = Field(default=None, gt=0.0, le=1.0)
+    top_k: int | None = Field(default=None, ge=0)
+    do_sample: bool = False
+    seed: int | None = Field(default=None, ge=0, le=2**63 - 1)
+    stop: list[str] = Field(default_factory=list, max_length=8)
+    repetition_penalty: float | None = Field(default=None, gt=0.0, le=100.0)
+    details: bool = False
+
+
+class GenerateRequest(StrictModel):
+    inputs: str = Field(min_length=1)
+    parameters: GenerateParameters = Field(default_factory=GenerateParameters)
+    stream: bool = False
+
+
+class TokenOut(BaseModel):
+    id: int
+    text: str
+    logprob: float | None
+    special: bool
+
+
+class Details(BaseModel):
+    finish_reason: Literal["length", "eos_token", "stop_sequence"]
+    generated_tokens: int
+    seed: int | None
+    prefill: list[TokenOut] = Field(default_factory=list)
+    tokens: list[TokenOut] = Field(default_factory=list)
+
+
+class GenerateResponse(BaseModel):
+    generated_text: str
+    model_version: int
+    details: Details | None = None
+
+
+class StreamDetails(BaseModel):
+    finish_reason: Literal["length", "eos_token", "stop_sequence"]
+    generated_tokens: int
+    seed: int | None
+
+
+class StreamEvent(BaseModel):
+    """One server-sent event of ``/generate_stream`` (TGI's format)."""
+
+    index: int
+    token: TokenOut
+    generated_text: str | None = None
+    details: StreamDetails | None = None
+    model_version: int
+
+
+# -- health --------------------------------------------------------------------------------
+
+
+class Health(BaseModel):
+    status: Literal["ok"]
+
+
+class Readiness(BaseModel):
+    ready: bool
+    phase: str
+    model_loaded: bool
+    log_reachable: bool
+    caught_up: bool
+    processed: int
+    log_end: int | None
+    detail: str | None = None
+
+
+class Info(BaseModel):
+    model: str
+    device: str
+    dtype: str
+    method: str
+    edited_layers: list[int]
+    model_version: int
+    active_edits: int
+    active_facts: int
+    weights_digest: str = Field(description="sha256 of the edited matrices' bytes")
+    log: str

@@ -1,0 +1,113 @@
+"""Every setting of the server, in one object: ``EDITSERVE_*`` variables and ``editserve serve``
+flags (flags win).
+
+API keys map a bearer token to a role::
+
+    EDITSERVE_API_KEYS='{"s3cret-editor": "editor", "s3cret-reader": "reader"}'
+"""
+
+from __future__ import annotations
+
+import ipaddress
+from enum import StrEnum
+from pathlib import Path
+
+from pydantic import Field, field_validator
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+from editing.hparams import EditHparams
+from editing.models import DEFAULT_MODEL, default_cache_dir
+
+
+class Role(StrEnum):
+    reader = "reader"  # may generate
+    editor = "editor"  # may also edit and revert
+
+
+class Settings(BaseSettings):
+    model_config = SettingsConfigDict(env_prefix="EDITSERVE_", extra="ignore")
+
+    # -- the model and the editing method --
+    model: str = DEFAULT_MODEL
+    device: str = "auto"
+    dtype: str = "auto"
+    cache_dir: Path = Field(default_factory=default_cache_dir)
+    method: str = "d4s"
+    layers: str | None = Field(default=None, description="edited blocks, e.g. 3-7")
+    mom2_lambda: float = EditHparams().mom2_lambda
+    rect_keep: float = EditHparams().rect_keep
+    v_steps: int = EditHparams().v_steps
+    covariance_tokens: int = 200_000
+    corpus: str = "wiki"
+
+    # -- the edit log --
+    data_dir: Path = Path("data")
+    redis_url: str | None = None
+    redis_prefix: str = "editserve"
+
+    # -- the network and access --
+    host: str = "127.0.0.1"
+    port: int = 8000
+    insecure: bool = False
+    api_keys: dict[str, Role] = Field(default_factory=dict)
+
+    # -- limits --
+    max_body_bytes: int = 1_000_000
+    max_prompt_tokens: int = 1536
+    max_new_tokens: int = 512
+    max_queued_edits: int = 64
+    max_queued_requests: int = 256
+    max_batch_size: int = 8
+    max_facts_per_edit: int = 32
+
+    @field_validator("layers")
+    @classmethod
+    def _layers_form(cls, value: str | None) -> str | None:
+        if value is not None:
+            parse_layers(value)
+        return value
+
+    def hparams(self) -> EditHparams:
+        changes: dict[str, object] = {
+            "mom2_lambda": self.mom2_lambda,
+            "rect_keep": self.rect_keep,
+            "v_steps": self.v_steps,
+        }
+        if self.layers:
+            changes["layers"] = parse_layers(self.layers)
+        return EditHparams().with_(**changes)
+
+    def loopback_only(self) -> bool:
+        return is_loopback(self.host)
+
+    def check_exposure(self) -> None:
+        """Refuse to listen beyond loopback with no API keys, unless told ``insecure``."""
+        if not self.api_keys and not self.loopback_only() and not self.insecure:
+            raise ValueError(
+                f"refusing to listen on {self.host} without API keys: anyone could edit the "
+                "model. Set EDITSERVE_API_KEYS, listen on 127.0.0.1, or pass --insecure."
+            )
+
+
+def parse_layers(text: str) -> tuple[int, ...]:
+    """``3-7`` or ``3,5,7`` -> the block indices."""
+    try:
+        if "-" in text:
+            first, last = (int(x) for x in text.split("-"))
+            layers = tuple(range(first, last + 1))
+        else:
+            layers = tuple(int(x) for x in text.split(","))
+    except ValueError:
+        raise ValueError(f"layers {text!r}: use first-last (3-7) or a list (3,5,7)") from None
+    if not layers or min(layers) < 0:
+        raise ValueError(f"layers {text!r}: name at least one block, none negative")
+    return layers
+
+
+def is_loopback(host: str) -> bool:
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False

@@ -1,0 +1,329 @@
+"""The model worker: the one owner of the weights.
+
+Two threads share the model:
+- the **applier** follows the edit log in order. For an ``apply`` it computes the edit's z*
+  (seconds; generation goes on meanwhile, since z* runs on W0 through its own trace) or loads
+  the record another process stored, then installs it under the weights lock. For a ``revert``
+  it rebuilds from the remaining records, also under the lock.
+- the **generation** batcher holds the same lock for a whole batch, so that a request sees one
+  model version from its first token to its last.
+
+``model_version`` is the log position (seq) of the last operation that changed the weights:
+every process that follows the same log reports the same version for the same weights.
+
+On start the worker rebuilds the weights from the records already in the log (one rebuild, no
+z*), and only then reports ready.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+import traceback
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+
+from editing.editor import Editor, UnknownEditError, supersede
+from editing.facts import EditError, InvalidFactError
+from editing.models import LoadedModel, load_model
+from editing.records import DeltaRecord, fact_from_json
+from service.editlog.base import EditLog, EditLogError, EditStatus, Operation, now
+from service.errors import PROBLEM_BASE
+from service.generation import Batcher
+from service.scores import compare, snapshot
+from service.settings import Settings
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class WorkerState:
+    """What routers and metrics read; written only by the worker's threads."""
+
+    phase: str = "starting"  # starting, loading, replaying, ready, failed
+    error: str | None = None
+    processed: int = 0  # seq of the last log operation handled
+    model_version: int = 0
+    replayed_to: int = 0  # the log's end when the start-up rebuild began
+    edits_applied: int = 0
+    edits_failed: int = 0
+    reverts: int = 0
+    last_edit_seconds: dict[str, float] = field(default_factory=dict)
+
+
+class ModelWorker:
+    def __init__(
+        self,
+        settings: Settings,
+        edit_log: EditLog,
+        *,
+        lm: LoadedModel | None = None,
+        c0: dict[int, torch.Tensor] | None = None,
+    ) -> None:
+        self.settings = settings
+        self.log = edit_log
+        self.lm = lm
+        self._c0 = c0
+        self.editor: Editor | None = None
+        self.batcher: Batcher | None = None
+        self.state = WorkerState()
+        self.weights_lock = threading.RLock()
+        self._stopping = threading.Event()
+        self._thread = threading.Thread(target=self._main, name="applier", daemon=True)
+        self._ready = threading.Event()
+
+    # -- life cycle ------------------------------------------------------------------------
+
+    def start(self) -> None:
+        self._thread.start()
+
+    def stop(self) -> None:
+        self._stopping.set()
+        self._thread.join(timeout=60)
+        if self.batcher is not None:
+            self.batcher.stop()
+
+    def wait_ready(self, timeout: float | None = None) -> bool:
+        return self._ready.wait(timeout)
+
+    @property
+    def ready(self) -> bool:
+        return self._ready.is_set()
+
+    def _main(self) -> None:
+        try:
+            self._load()
+            self._replay()
+        except Exception as exc:
+            log.exception("the model worker could not start")
+            self.state.phase, self.state.error = "failed", f"{type(exc).__name__}: {exc}"
+            return
+        self.state.phase = "ready"
+        self._ready.set()
+        log.info("ready at model version %d", self.state.model_version)
+        self._follow()
+
+    def _load(self) -> None:
+        self.state.phase = "loading"
+        s = self.settings
+        if self.lm is None:
+            self.lm = load_model(s.model, device=s.device, dtype=s.dtype, cache_dir=s.cache_dir)
+        self.editor = Editor(
+            self.lm,
+            s.hparams(),
+            s.method,
+            c0=self._c0,
+            cache_dir=s.cache_dir,
+            corpus_source=s.corpus,
+            covariance_tokens=s.covariance_tokens,
+            progress=False,
+        )
+        self._c0 = None  # the method keeps what it needs
+        self.batcher = Batcher(
+            self.lm,
+            self.weights_lock,
+            lambda: self.state.model_version,
+            max_batch=s.max_batch_size,
+            max_queue=s.max_queued_requests,
+        )
+        self.batcher.start()
+
+    # -- start-up rebuild ------------------------------------------------------------------
+
+    def _replay(self) -> None:
+        """Rebuild from every record already in the log, in one rebuild and with no z*.
+
+        Stops at the first ``apply`` that has no record yet: it and what follows are handled
+        by the normal loop.
+        """
+        self.state.phase = "replaying"
+        assert self.editor is not None
+        self.state.replayed_to = self.log.last_seq()
+        active: list[DeltaRecord] = []
+        last_change = 0
+        after = 0
+        done = False
+        while not done:
+            ops = self.log.read(after, limit=500)
+            if not ops:
+                break
+            for op in ops:
+                if op.kind == "apply":
+                    blob = self.log.get_record(op.edit_id)
+                    if blob is None:
+                        entry = self.log.get(op.edit_id)
+                        if entry is not None and entry.status in _NEEDS_WORK:
+                            done = True
+                            break
+                    else:
+                        record = DeltaRecord.from_bytes(blob)
+                        kept, superseded, _ = supersede(active, record)
+                        active = [*kept, record]
+                        last_change = op.seq
+                        self._mark_applied(op, superseded, None)
+                elif any(r.id == op.edit_id for r in active):
+                    active = [r for r in active if r.id != op.edit_id]
+                    last_change = op.seq
+                    self._mark_reverted(op)
+                after = op.seq
+        with self.weights_lock:
+            self.editor.replay(active)
+            self.state.model_version = last_change
+        self.state.processed = after
+        log.info("rebuilt %d active edits from the log up to seq %d", len(active), after)
+
+    # -- following the log -----------------------------------------------------------------
+
+    def _follow(self) -> None:
+        while not self._stopping.is_set():
+            try:
+                ops = self.log.read(self.state.processed, limit=16, block=0.5)
+            except EditLogError as exc:
+                log.warning("edit log unreachable, retrying: %s", exc)
+                time.sleep(1.0)
+                continue
+            for op in ops:
+                if self._stopping.is_set():
+                    return
+                try:
+                    self._handle(op)
+                except EditLogError as exc:
+                    # The log went away mid-operation: handle this op again once it is back.
+                    log.warning("edit log error at seq %d, will retry: %s", op.seq, exc)
+                    time.sleep(1.0)
+                    break
+                self.state.processed = op.seq
+
+    def _handle(self, op: Operation) -> None:
+        if op.kind == "apply":
+            self._apply(op)
+        else:
+            self._revert(op)
+
+    def _apply(self, op: Operation) -> None:
+        assert self.editor is not None and self.lm is not None
+        blob = self.log.get_record(op.edit_id)
+        if blob is not None:
+            # Computed earlier (before a restart, or by another replica): no z* to run.
+            record = DeltaRecord.from_bytes(blob)
+            with self.weights_lock:
+                result = self.editor.install(record)
+                self.state.model_version = op.seq
+            self._mark_applied(op, result.superseded, None)
+            return
+        entry = self.log.transition(
+            op.edit_id, {EditStatus.queued, EditStatus.applying}, EditStatus.applying
+        ) or self.log.get(op.edit_id)
+        if entry is None or entry.status not in _NEEDS_WORK:
+            return  # cancelled while queued, or it failed
+        facts = [fact_from_json(f) for f in entry.facts]
+        started = time.perf_counter()
+        before = snapshot(self.lm, facts)
+        try:
+            record = self.editor.compute(facts, record_id=op.edit_id)
+            computed = time.perf_counter()
+            with self.weights_lock:
+                result = self.editor.install(record)
+                self.state.model_version = op.seq
+        except InvalidFactError as exc:
+            self._fail(op, EditStatus.rejected, "invalid-fact", "The fact cannot be edited", exc)
+            return
+        except EditError as exc:
+            self._fail(op, EditStatus.failed, "edit-failed", "The edit could not be made", exc)
+            return
+        except Exception as exc:
+            log.exception("edit %s failed", op.edit_id)
+            self._fail(op, EditStatus.failed, "edit-failed", "The edit could not be made", exc)
+            return
+        # Stored only once installed: a record in the log is one that took effect.
+        self.log.put_record(op.edit_id, record.to_bytes())
+        installed = time.perf_counter()
+        scores = compare(facts, before, snapshot(self.lm, facts))
+        self.state.last_edit_seconds = {
+            "zstar": computed - started,
+            "install": installed - computed,
+            "total": time.perf_counter() - started,
+        }
+        self.state.edits_applied += 1
+        self._mark_applied(op, result.superseded, scores)
+
+    def _mark_applied(
+        self, op: Operation, superseded: list[str], scores: dict[str, Any] | None
+    ) -> None:
+        fields: dict[str, Any] = {"model_version": op.seq, "applied_at": now()}
+        if scores is not None:
+            fields["scores"] = scores
+        if not self.log.transition(op.edit_id, _IN_FLIGHT, EditStatus.applied, **fields):
+            # A revert was asked for meanwhile: it stays ``reverting`` until its turn.
+            self.log.transition(op.edit_id, {EditStatus.reverting}, None, **fields)
+        for old in superseded:
+            self.log.transition(
+                old,
+                {EditStatus.applied, EditStatus.reverting},
+                EditStatus.superseded,
+                superseded_by=op.edit_id,
+            )
+
+    def _revert(self, op: Operation) -> None:
+        assert self.editor is not None
+        try:
+            with self.weights_lock:
+                self.editor.revert(op.edit_id)
+                self.state.model_version = op.seq
+        except UnknownEditError:
+            return  # cancelled before it was applied, or it failed: nothing to undo
+        self.state.reverts += 1
+        self._mark_reverted(op)
+
+    def _mark_reverted(self, op: Operation) -> None:
+        self.log.transition(
+            op.edit_id,
+            {EditStatus.reverting, EditStatus.applied, EditStatus.applying},
+            EditStatus.reverted,
+            reverted_at=now(),
+            reverted_version=op.seq,
+        )
+
+    def _fail(
+        self, op: Operation, status: EditStatus, kind: str, title: str, exc: BaseException
+    ) -> None:
+        self.state.edits_failed += 1
+        code = 422 if status == EditStatus.rejected else 500
+        problem = {
+            "type": PROBLEM_BASE + kind,
+            "title": title,
+            "status": code,
+            "detail": str(exc) or type(exc).__name__,
+        }
+        if isinstance(exc, InvalidFactError):
+            problem["field"] = exc.field
+        if code == 500:
+            log.error("edit %s failed: %s", op.edit_id, "".join(traceback.format_exception(exc)))
+        self.log.transition(op.edit_id, _IN_FLIGHT | {EditStatus.reverting}, status, error=problem)
+
+    # -- reading ---------------------------------------------------------------------------
+
+    def info(self) -> dict[str, Any]:
+        assert self.editor is not None and self.lm is not None
+        with self.weights_lock:
+            digest = self.editor.digest()
+            active = self.editor.records
+            version = self.state.model_version
+        return {
+            "model": self.settings.model,
+            "device": str(self.lm.device),
+            "dtype": str(self.lm.dtype).removeprefix("torch."),
+            "method": self.settings.method,
+            "edited_layers": list(self.editor.hp.layers),
+            "model_version": version,
+            "active_edits": len(active),
+            "active_facts": sum(len(r.facts) for r in active),
+            "weights_digest": digest,
+        }
+
+
+_NEEDS_WORK = {EditStatus.queued, EditStatus.applying, EditStatus.reverting}
+_IN_FLIGHT = {EditStatus.queued, EditStatus.applying}
