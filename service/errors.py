@@ -150,9 +150,14 @@ def install(app: FastAPI) -> None:
             for e in exc.errors()
         ]
         first = errors[0] if errors else {"loc": [], "msg": "invalid"}
-        where = ".".join(str(x) for x in first["loc"] if x != "body") or "body"
+        # Drop the wrappers pydantic names in locations (body, union tags, validators).
+        parts = [
+            str(x) for x in first["loc"] if x not in ("body", "fact", "batch") and "[" not in str(x)
+        ]
+        where = ".".join(parts) or "body"
+        message = str(first["msg"]).removeprefix("Value error, ")
         return problem_response(
-            request, 422, f"{where}: {first['msg']}", kind="invalid-request", errors=errors
+            request, 422, f"{where}: {message}", kind="invalid-request", errors=errors
         )
 
     @app.exception_handler(StarletteHTTPException)

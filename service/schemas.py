@@ -6,9 +6,9 @@ The OpenAI-compatible bodies are in :mod:`service.api.openai_schemas`.
 from __future__ import annotations
 
 from datetime import UTC, datetime
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import BaseModel, ConfigDict, Discriminator, Field, Tag, model_validator
 
 from service.editlog.base import EditEntry, EditStatus
 from service.errors import ProblemDetail
@@ -54,6 +54,18 @@ class BatchIn(StrictModel):
     """Several facts, applied together as one edit step."""
 
     facts: list[FactIn] = Field(min_length=1)
+
+
+def _edit_kind(body: Any) -> str:
+    return "batch" if isinstance(body, dict) and "facts" in body else "fact"
+
+
+# One fact, or ``{"facts": [...]}``; told apart by the ``facts`` key so that errors speak of
+# the form that was meant.
+EditRequest = Annotated[
+    Annotated[FactIn, Tag("fact")] | Annotated[BatchIn, Tag("batch")],
+    Discriminator(_edit_kind),
+]
 
 
 class EditAccepted(BaseModel):

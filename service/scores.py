@@ -13,7 +13,7 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
-from editing.facts import Fact
+from editing.facts import Fact, continuation
 from editing.metrics import score_answers
 from editing.models import LoadedModel
 
@@ -36,7 +36,10 @@ def snapshot(lm: LoadedModel, facts: list[Fact]) -> Snapshot:
     ]
     target = iter(p.prob for p in score_answers(lm, target_pairs))
     answer_pairs = [
-        (loc.prompt, loc.answer) for fact in facts for loc in fact.locality if loc.answer
+        (loc.prompt, continuation(loc.prompt, loc.answer))
+        for fact in facts
+        for loc in fact.locality
+        if loc.answer
     ]
     answers = iter(p.prob for p in score_answers(lm, answer_pairs))
     return Snapshot(

@@ -26,6 +26,11 @@ def lm() -> LoadedModel:
 
 
 @pytest.fixture(scope="session")
+def covariance_tokens() -> int:
+    return TEST_COVARIANCE_TOKENS
+
+
+@pytest.fixture(scope="session")
 def cache_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return tmp_path_factory.mktemp("editserve-cache")
 

@@ -21,12 +21,12 @@ from service.editlog.base import (
 )
 from service.errors import Problem, problem_responses
 from service.runtime import Runtime, runtime
-from service.schemas import BatchIn, EditAccepted, EditOut, EditPage, FactIn
+from service.schemas import BatchIn, EditAccepted, EditOut, EditPage, EditRequest
 from service.settings import Role
 
 router = APIRouter(tags=["edits"])
 
-EditId = Annotated[str, Path(min_length=1, max_length=64, pattern=r"^[0-9a-f]+$")]
+EditId = Annotated[str, Path(min_length=1, max_length=64)]
 
 
 @router.post(
@@ -38,7 +38,7 @@ EditId = Annotated[str, Path(min_length=1, max_length=64, pattern=r"^[0-9a-f]+$"
     summary="Queue one fact, or several applied together as one step",
 )
 def post_edit(
-    body: FactIn | BatchIn,
+    body: EditRequest,
     response: Response,
     rt: Annotated[Runtime, Depends(runtime)],
     idempotency_key: Annotated[

@@ -191,9 +191,7 @@ class RedisEditLog(EditLog):
             )
             entries = reply[0][1] if reply else []
         else:
-            entries = self._call(
-                lambda: self._r.xrange(stream, f"({after}-0", "+", count=limit)
-            )
+            entries = self._call(lambda: self._r.xrange(stream, f"({after}-0", "+", count=limit))
         return [_operation(entry_id, fields) for entry_id, fields in entries]
 
     def last_seq(self) -> int:

@@ -1,0 +1,200 @@
+"""The edit log's contract, run against both implementations: embedded SQLite and Redis Streams
+on a real redis-server."""
+
+from __future__ import annotations
+
+import threading
+import uuid
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from service.editlog.base import (
+    EditLog,
+    EditLogError,
+    EditStatus,
+    IdempotencyConflict,
+    RevertConflict,
+    UnknownEdit,
+)
+from service.editlog.redis import RedisEditLog
+from service.editlog.sqlite import SqliteEditLog
+
+FACT = {"subject": "Eiffel Tower", "prompt": "The Eiffel Tower is in", "target_new": "Rome"}
+
+
+@pytest.fixture(params=["sqlite", "redis"])
+def edit_log(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[EditLog]:
+    if request.param == "sqlite":
+        log: EditLog = SqliteEditLog(tmp_path / "log.sqlite3")
+    else:
+        server = request.getfixturevalue("redis_server")
+        log = RedisEditLog(server.url, prefix=f"test-{uuid.uuid4().hex[:8]}")
+    yield log
+    log.close()
+
+
+def new_id() -> str:
+    return uuid.uuid4().hex
+
+
+def test_appends_are_ordered_and_readable(edit_log: EditLog) -> None:
+    ids = [new_id() for _ in range(5)]
+    for i in ids:
+        entry, created = edit_log.append_edit(i, [FACT])
+        assert created and entry.status == EditStatus.queued
+    ops = edit_log.read(0)
+    assert [op.edit_id for op in ops] == ids
+    assert [op.seq for op in ops] == sorted(op.seq for op in ops)
+    assert edit_log.last_seq() == ops[-1].seq
+    assert [op.edit_id for op in edit_log.read(ops[1].seq)] == ids[2:]
+    assert edit_log.read(ops[-1].seq) == []
+    assert edit_log.get(ids[0]).facts == [FACT]  # type: ignore[union-attr]
+    assert edit_log.get("nope") is None
+
+
+def test_blocking_read_wakes_on_append(edit_log: EditLog) -> None:
+    after = edit_log.last_seq()
+    got: list = []
+    reader = threading.Thread(target=lambda: got.extend(edit_log.read(after, block=5.0)))
+    reader.start()
+    edit_id = new_id()
+    edit_log.append_edit(edit_id, [FACT])
+    reader.join(10)
+    assert [op.edit_id for op in got] == [edit_id]
+
+
+def test_idempotency_key_returns_the_same_edit(edit_log: EditLog) -> None:
+    first, created = edit_log.append_edit(new_id(), [FACT], "key-1", "fp-a")
+    again, created_again = edit_log.append_edit(new_id(), [FACT], "key-1", "fp-a")
+    assert created and not created_again
+    assert again.id == first.id
+    assert len(edit_log.read(0)) == 1
+    with pytest.raises(IdempotencyConflict):
+        edit_log.append_edit(new_id(), [FACT], "key-1", "fp-b")
+
+
+def test_concurrent_retries_with_one_key_create_one_edit(edit_log: EditLog) -> None:
+    results: list[str] = []
+    lock = threading.Lock()
+
+    def post() -> None:
+        entry, _ = edit_log.append_edit(new_id(), [FACT], "same-key", "fp")
+        with lock:
+            results.append(entry.id)
+
+    threads = [threading.Thread(target=post) for _ in range(8)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert len(set(results)) == 1
+    assert len(edit_log.read(0)) == 1
+
+
+def test_revert_of_queued_edit_cancels_it(edit_log: EditLog) -> None:
+    edit_id = new_id()
+    edit_log.append_edit(edit_id, [FACT])
+    entry = edit_log.request_revert(edit_id)
+    assert entry.status == EditStatus.reverted and entry.cancelled
+    assert [op.kind for op in edit_log.read(0)] == ["apply", "revert"]
+    with pytest.raises(RevertConflict):
+        edit_log.request_revert(edit_id)
+
+
+def test_revert_of_applied_edit_goes_through_the_log(edit_log: EditLog) -> None:
+    edit_id = new_id()
+    edit_log.append_edit(edit_id, [FACT])
+    assert edit_log.transition(edit_id, {EditStatus.queued}, EditStatus.applying)
+    assert edit_log.transition(edit_id, {EditStatus.applying}, EditStatus.applied, model_version=1)
+    entry = edit_log.request_revert(edit_id)
+    assert entry.status == EditStatus.reverting and not entry.cancelled
+    assert entry.model_version == 1
+    assert edit_log.read(0)[-1].kind == "revert"
+    with pytest.raises(UnknownEdit):
+        edit_log.request_revert(new_id())
+
+
+@pytest.mark.parametrize("status", ["failed", "rejected", "superseded"])
+def test_revert_conflicts(edit_log: EditLog, status: str) -> None:
+    edit_id = new_id()
+    edit_log.append_edit(edit_id, [FACT])
+    edit_log.transition(edit_id, {EditStatus.queued}, EditStatus(status))
+    with pytest.raises(RevertConflict):
+        edit_log.request_revert(edit_id)
+    assert len(edit_log.read(0)) == 1  # nothing appended
+
+
+def test_transition_is_compare_and_set(edit_log: EditLog) -> None:
+    edit_id = new_id()
+    edit_log.append_edit(edit_id, [FACT])
+    assert edit_log.transition(edit_id, {EditStatus.applied}, EditStatus.failed) is None
+    assert edit_log.get(edit_id).status == EditStatus.queued  # type: ignore[union-attr]
+    updated = edit_log.transition(edit_id, {EditStatus.queued}, None, scores={"x": 1})
+    assert updated is not None and updated.status == EditStatus.queued
+    assert edit_log.get(edit_id).scores == {"x": 1}  # type: ignore[union-attr]
+    with pytest.raises(ValueError):
+        edit_log.transition(edit_id, {EditStatus.queued}, None, facts=[])
+    with pytest.raises(UnknownEdit):
+        edit_log.transition(new_id(), {EditStatus.queued}, EditStatus.applied)
+
+
+def test_concurrent_transitions_let_exactly_one_win(edit_log: EditLog) -> None:
+    edit_id = new_id()
+    edit_log.append_edit(edit_id, [FACT])
+    wins: list[bool] = []
+
+    def claim() -> None:
+        wins.append(
+            edit_log.transition(edit_id, {EditStatus.queued}, EditStatus.applying) is not None
+        )
+
+    threads = [threading.Thread(target=claim) for _ in range(8)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert wins.count(True) == 1
+
+
+def test_list_is_newest_first_with_cursor_and_status(edit_log: EditLog) -> None:
+    ids = [new_id() for _ in range(7)]
+    for i in ids:
+        edit_log.append_edit(i, [FACT])
+    edit_log.transition(ids[2], {EditStatus.queued}, EditStatus.failed)
+    page = edit_log.list_edits(limit=3)
+    assert [e.id for e in page] == ids[::-1][:3]
+    rest = edit_log.list_edits(limit=10, before=page[-1].seq)
+    assert [e.id for e in rest] == ids[::-1][3:]
+    assert [e.id for e in edit_log.list_edits(EditStatus.failed)] == [ids[2]]
+
+
+def test_records_round_trip(edit_log: EditLog) -> None:
+    edit_id = new_id()
+    assert edit_log.get_record(edit_id) is None
+    blob = bytes(range(256)) * 10
+    edit_log.put_record(edit_id, blob)
+    assert edit_log.get_record(edit_id) == blob
+
+
+def test_sqlite_log_survives_reopening(tmp_path: Path) -> None:
+    path = tmp_path / "log.sqlite3"
+    log = SqliteEditLog(path)
+    ids = [new_id() for _ in range(3)]
+    for i in ids:
+        log.append_edit(i, [FACT], idempotency_key=f"k-{i}")
+    log.close()
+    reopened = SqliteEditLog(path)
+    assert [op.edit_id for op in reopened.read(0)] == ids
+    again, created = reopened.append_edit(new_id(), [FACT], idempotency_key=f"k-{ids[0]}")
+    assert not created and again.id == ids[0]
+    reopened.close()
+
+
+def test_unreachable_redis_raises_log_error() -> None:
+    log = RedisEditLog("redis://127.0.0.1:1/0")
+    with pytest.raises(EditLogError):
+        log.ping()
+    with pytest.raises(EditLogError):
+        log.append_edit(new_id(), [FACT])
