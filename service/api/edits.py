@@ -144,12 +144,21 @@ def _check_facts(rt: Runtime, docs: list[dict[str, Any]]) -> None:
     lm, editor = rt.worker.lm, rt.worker.editor
     if lm is None or editor is None:
         return  # not loaded yet: the worker checks when it applies
+    limit = min(editor.max_tokens, rt.settings.max_prompt_tokens)
     for i, doc in enumerate(docs):
         try:
-            validate_fact(fact_from_json(doc), lm.tokenizer, editor.max_tokens)
+            validate_fact(fact_from_json(doc), lm.tokenizer, limit)
         except InvalidFactError as exc:
             where = exc.field if len(docs) == 1 else f"facts[{i}].{exc.field}"
             raise Problem(422, f"{where}: {exc.reason}", kind="invalid-fact", field=where) from None
+        probes = [(f"paraphrases[{j}]", p) for j, p in enumerate(doc["paraphrases"])]
+        probes += [
+            (f"locality[{j}].prompt", loc["prompt"]) for j, loc in enumerate(doc["locality"])
+        ]
+        for name, text in probes:
+            if len(lm.tokenizer(text)["input_ids"]) > limit:
+                where = name if len(docs) == 1 else f"facts[{i}].{name}"
+                raise Problem(422, f"{where}: longer than {limit} tokens", kind="invalid-fact")
 
 
 def _pending(rt: Runtime) -> int:

@@ -1,0 +1,153 @@
+"""Helpers for the server tests: free ports, waiting, a redis-server of the tests' own, and a
+live in-process server on the shared model."""
+
+from __future__ import annotations
+
+import contextlib
+import shutil
+import socket
+import subprocess
+import threading
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import httpx
+import torch
+import uvicorn
+
+from editing.models import LoadedModel
+from service.app import create_app
+from service.runtime import Runtime, open_log
+from service.settings import Settings
+from service.worker import ModelWorker
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def wait_for(check: Callable[[], bool], timeout: float, what: str) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        with contextlib.suppress(Exception):
+            if check():
+                return
+        time.sleep(0.2)
+    raise TimeoutError(f"timed out after {timeout:.0f} s waiting for {what}")
+
+
+class RedisServer:
+    """A redis-server of the tests' own, on a free port; it can be stopped and restarted."""
+
+    def __init__(self, workdir: Path) -> None:
+        self.port = free_port()
+        self.workdir = workdir
+        self.proc: subprocess.Popen[bytes] | None = None
+
+    @property
+    def url(self) -> str:
+        return f"redis://127.0.0.1:{self.port}/0"
+
+    def start(self) -> None:
+        binary = shutil.which("redis-server")
+        assert binary, "redis-server is not installed (.ci/run installs it)"
+        self.proc = subprocess.Popen(
+            [
+                binary,
+                "--port",
+                str(self.port),
+                "--bind",
+                "127.0.0.1",
+                "--save",
+                "",
+                "--appendonly",
+                "yes",
+                "--dir",
+                str(self.workdir),
+            ],
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+        )
+        import redis
+
+        wait_for(lambda: bool(redis.Redis(port=self.port).ping()), 10, "redis-server")
+
+    def stop(self) -> None:
+        if self.proc is not None:
+            self.proc.terminate()
+            self.proc.wait(10)
+            self.proc = None
+
+
+def server_settings(cache: Path, tokens: int, data_dir: Path, **changes: Any) -> Settings:
+    base: dict[str, Any] = {
+        "cache_dir": cache,
+        "covariance_tokens": tokens,
+        "data_dir": data_dir,
+        "device": "cpu",
+        "dtype": "float32",
+        "max_new_tokens": 64,
+        "max_prompt_tokens": 256,
+    }
+    return Settings(_env_file=None, **{**base, **changes})  # type: ignore[call-arg]
+
+
+@dataclass
+class Live:
+    """An in-process server on the shared model."""
+
+    url: str
+    runtime: Runtime
+    client: httpx.Client
+
+
+@contextlib.contextmanager
+def live_server(settings: Settings, lm: LoadedModel, c0: dict) -> Iterator[Live]:
+    """Run the app with uvicorn in a thread; on exit, restore the shared model's weights."""
+    log = open_log(settings)
+    worker = ModelWorker(settings, log, lm=lm, c0={k: v.clone() for k, v in c0.items()})
+    runtime = Runtime(settings=settings, log=log, worker=worker)
+    pristine = {name: p.detach().clone() for name, p in lm.model.named_parameters()}
+    worker.start()
+    assert worker.wait_ready(120), worker.state.error
+    port = free_port()
+    server = uvicorn.Server(
+        uvicorn.Config(
+            create_app(settings, runtime), host="127.0.0.1", port=port, log_level="warning"
+        )
+    )
+    thread = threading.Thread(target=server.run, daemon=True)
+    thread.start()
+    wait_for(lambda: server.started, 30, "uvicorn")
+    url = f"http://127.0.0.1:{port}"
+    try:
+        with httpx.Client(base_url=url, timeout=120) as client:
+            yield Live(url=url, runtime=runtime, client=client)
+    finally:
+        server.should_exit = True
+        thread.join(30)
+        worker.stop()
+        log.close()
+        with torch.no_grad():
+            for name, p in lm.model.named_parameters():
+                if not torch.equal(p, pristine[name]):
+                    p.data = pristine[name]
+
+
+def wait_status(
+    client: httpx.Client, edit_id: str, statuses: set[str], timeout: float = 120
+) -> dict:
+    """Poll ``GET /edits/{id}`` until its status is one of ``statuses``."""
+    found: dict = {}
+
+    def done() -> bool:
+        found.update(client.get(f"/edits/{edit_id}").json())
+        return found.get("status") in statuses
+
+    wait_for(done, timeout, f"edit {edit_id} to become {statuses} (last: {found.get('status')})")
+    return found

@@ -1,0 +1,257 @@
+"""The HTTP API on a live in-process server with the real model and an SQLite log."""
+
+from __future__ import annotations
+
+import json
+import threading
+from collections.abc import Iterator
+
+import pytest
+from svc_helpers import Live, live_server, server_settings, wait_status
+
+from editing.models import LoadedModel
+
+EIFFEL = {
+    "subject": "Eiffel Tower",
+    "prompt": "The Eiffel Tower is located in the city of",
+    "target_new": "Rome",
+    "ground_truth": "Paris",
+    "paraphrases": ["Tourists visit the Eiffel Tower, which stands in the city of"],
+    "locality": [{"prompt": "The Louvre museum is located in the city of", "answer": "Paris"}],
+}
+PICASSO = {
+    "subject": "Pablo Picasso",
+    "prompt": "The mother tongue of Pablo Picasso is",
+    "target_new": "German",
+}
+
+
+def greedy(live: Live, prompt: str, n: int = 6) -> dict:
+    r = live.client.post("/generate", json={"inputs": prompt, "parameters": {"max_new_tokens": n}})
+    assert r.status_code == 200, r.text
+    return r.json()
+
+
+@pytest.fixture(scope="module")
+def live(
+    lm: LoadedModel, c0: dict, server_cache, covariance_tokens: int, tmp_path_factory
+) -> Iterator[Live]:
+    settings = server_settings(server_cache, covariance_tokens, tmp_path_factory.mktemp("api-data"))
+    with live_server(settings, lm, c0) as server:
+        yield server
+
+
+def test_edit_generate_revert_restores_the_digest(live: Live) -> None:
+    info0 = live.client.get("/info").json()
+    assert greedy(live, EIFFEL["prompt"])["generated_text"].startswith(" Paris")
+
+    r = live.client.post("/edits", json=EIFFEL)
+    assert r.status_code == 202, r.text
+    accepted = r.json()
+    assert accepted["status"] == "queued" and accepted["position"] >= 1
+    assert r.headers["location"] == f"/edits/{accepted['id']}"
+    edit = wait_status(live.client, accepted["id"], {"applied", "failed", "rejected"})
+    assert edit["status"] == "applied", edit
+    assert edit["model_version"] > info0["model_version"]
+
+    scores = edit["scores"]["facts"][0]
+    prompt, paraphrase = scores["prompts"]
+    assert prompt["p_target_after"] > 0.5 > prompt["p_target_before"]
+    assert paraphrase["paraphrase"] and paraphrase["p_target_after"] > paraphrase["p_target_before"]
+    assert scores["locality"][0]["kl"] >= 0
+
+    edited = greedy(live, EIFFEL["prompt"])
+    assert edited["generated_text"].startswith(" Rome")
+    assert edited["model_version"] == edit["model_version"]
+    assert live.client.get("/info").json()["active_edits"] == info0["active_edits"] + 1
+
+    r = live.client.post(f"/edits/{accepted['id']}/revert")
+    assert r.status_code == 202 and r.json()["status"] == "reverting"
+    reverted = wait_status(live.client, accepted["id"], {"reverted"})
+    assert reverted["reverted_version"] > edit["model_version"] and not reverted["cancelled"]
+    assert greedy(live, EIFFEL["prompt"])["generated_text"].startswith(" Paris")
+    info = live.client.get("/info").json()
+    assert info["weights_digest"] == info0["weights_digest"]
+
+    again = live.client.post(f"/edits/{accepted['id']}/revert")
+    assert again.status_code == 409
+    assert again.headers["content-type"] == "application/problem+json"
+    assert again.json()["edit_status"] == "reverted"
+
+
+def test_unknown_edit_is_404(live: Live) -> None:
+    for r in (live.client.get("/edits/0123abcd"), live.client.post("/edits/0123abcd/revert")):
+        assert r.status_code == 404
+        assert r.headers["content-type"] == "application/problem+json"
+        assert r.json()["status"] == 404
+
+
+def test_a_queued_edit_is_cancelled_and_never_applied(live: Live) -> None:
+    first = live.client.post("/edits", json=PICASSO).json()
+    second = live.client.post("/edits", json={**PICASSO, "target_new": "French"}).json()
+    r = live.client.post(f"/edits/{second['id']}/revert")
+    assert r.status_code == 202
+    cancelled = live.client.get(f"/edits/{second['id']}").json()
+    assert cancelled["status"] == "reverted" and cancelled["cancelled"]
+    wait_status(live.client, first["id"], {"applied"})
+    live.client.post(f"/edits/{first['id']}/revert")
+    wait_status(live.client, first["id"], {"reverted"})
+    late = live.client.get(f"/edits/{second['id']}").json()
+    assert late["applied_at"] is None and late["model_version"] is None
+
+
+def test_idempotency_key_makes_retries_safe(live: Live) -> None:
+    headers = {"Idempotency-Key": "retry-me-1"}
+    fact = {**PICASSO, "target_new": "Italian"}
+    one = live.client.post("/edits", json=fact, headers=headers)
+    two = live.client.post("/edits", json=fact, headers=headers)
+    assert one.status_code == two.status_code == 202
+    assert one.json()["id"] == two.json()["id"]
+    assert two.headers.get("idempotent-replayed") == "true"
+    other = live.client.post("/edits", json={**fact, "target_new": "Greek"}, headers=headers)
+    assert other.status_code == 422
+    live.client.post(f"/edits/{one.json()['id']}/revert")
+    wait_status(live.client, one.json()["id"], {"reverted"})
+
+
+@pytest.mark.parametrize(
+    ("body", "needle"),
+    [
+        ({**PICASSO, "subject": "Dali"}, "subject"),
+        ({**PICASSO, "target_new": ""}, "target_new"),
+        ({**PICASSO, "prompt": "Pablo Picasso " + "word " * 300}, "prompt"),
+        ({"facts": []}, "facts"),
+        ({"facts": [PICASSO, PICASSO]}, "same subject and prompt"),
+        ({**PICASSO, "unknown": 1}, "unknown"),
+    ],
+)
+def test_bad_facts_are_refused_and_change_nothing(live: Live, body: dict, needle: str) -> None:
+    before = live.runtime.log.last_seq()
+    digest = live.client.get("/info").json()["weights_digest"]
+    r = live.client.post("/edits", json=body)
+    assert r.status_code == 422, r.text
+    assert r.headers["content-type"] == "application/problem+json"
+    assert needle in r.json()["detail"]
+    assert live.runtime.log.last_seq() == before
+    assert live.client.get("/info").json()["weights_digest"] == digest
+
+
+def test_list_edits_pages_newest_first(live: Live) -> None:
+    page = live.client.get("/edits", params={"limit": 2}).json()
+    assert len(page["edits"]) == 2 and page["next_cursor"]
+    rest = live.client.get("/edits", params={"limit": 200, "cursor": page["next_cursor"]}).json()
+    seqs = [live.runtime.log.get(e["id"]).seq for e in page["edits"] + rest["edits"]]
+    assert seqs == sorted(seqs, reverse=True)
+    reverted = live.client.get("/edits", params={"status": "reverted"}).json()["edits"]
+    assert reverted and all(e["status"] == "reverted" for e in reverted)
+    assert live.client.get("/edits", params={"status": "nonsense"}).status_code == 422
+
+
+def test_generate_details_stop_and_seeded_sampling(live: Live) -> None:
+    prompt = "The capital of Italy is"
+    r = live.client.post(
+        "/generate", json={"inputs": prompt, "parameters": {"max_new_tokens": 5, "details": True}}
+    ).json()
+    details = r["details"]
+    assert details["generated_tokens"] == len(details["tokens"]) <= 5
+    assert "".join(t["text"] for t in details["tokens"]) == r["generated_text"]
+
+    stopped = live.client.post(
+        "/generate",
+        json={
+            "inputs": prompt,
+            "parameters": {"max_new_tokens": 20, "stop": [","], "details": True},
+        },
+    ).json()
+    full = greedy(live, prompt, 20)["generated_text"]
+    if "," in full:
+        assert stopped["generated_text"] == full[: full.index(",")]
+        assert stopped["details"]["finish_reason"] == "stop_sequence"
+
+    def sample(seed: int) -> str:
+        params = {"max_new_tokens": 12, "do_sample": True, "temperature": 1.2, "seed": seed}
+        return live.client.post("/generate", json={"inputs": prompt, "parameters": params}).json()[
+            "generated_text"
+        ]
+
+    assert sample(7) == sample(7)
+    assert len({sample(s) for s in range(4)}) > 1
+
+
+def test_generate_stream_speaks_tgi_sse(live: Live) -> None:
+    body = {"inputs": "The capital of Italy is", "parameters": {"max_new_tokens": 6}}
+    events = []
+    with live.client.stream("POST", "/generate_stream", json=body) as r:
+        assert r.status_code == 200
+        assert r.headers["content-type"].startswith("text/event-stream")
+        for line in r.iter_lines():
+            if line.startswith("data:"):
+                events.append(json.loads(line[5:]))
+    assert events and all(e["token"]["id"] >= 0 for e in events)
+    assert [e["index"] for e in events] == list(range(1, len(events) + 1))
+    assert all(e["generated_text"] is None for e in events[:-1])
+    last = events[-1]
+    assert last["details"]["finish_reason"] in ("length", "eos_token")
+    assert last["generated_text"] == greedy(live, body["inputs"])["generated_text"]
+    assert "".join(e["token"]["text"] for e in events) == last["generated_text"]
+
+
+def test_concurrent_requests_are_batched_and_match_single_streams(live: Live) -> None:
+    prompts = [
+        "The capital of France is",
+        "Water boils at a temperature of",
+        "The largest planet in the solar system is",
+        "Shakespeare wrote the play",
+        "The chemical symbol for gold is",
+        "A week has seven",
+    ]
+    alone = [greedy(live, p, 8)["generated_text"] for p in prompts]
+    batches_before = live.runtime.worker.batcher.batches
+    together: list[str] = [""] * len(prompts)
+
+    def run(i: int) -> None:
+        together[i] = greedy(live, prompts[i], 8)["generated_text"]
+
+    threads = [threading.Thread(target=run, args=(i,)) for i in range(len(prompts))]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert together == alone
+    assert live.runtime.worker.batcher.batches - batches_before < len(prompts)
+
+
+def test_a_request_sees_one_model_version(live: Live) -> None:
+    """A swap waits for the batch in flight: the long request started before the edit reports
+    the old version and the old answer, the one after reports the new."""
+    worker = live.runtime.worker
+    long_request: dict = {}
+
+    def run() -> None:
+        long_request.update(greedy(live, EIFFEL["prompt"], 48))
+
+    version = live.client.get("/info").json()["model_version"]
+    edit = live.client.post("/edits", json=EIFFEL).json()
+    thread = threading.Thread(target=run)
+    thread.start()
+    wait_status(live.client, edit["id"], {"applied"})
+    thread.join()
+    applied = live.client.get(f"/edits/{edit['id']}").json()
+    if long_request["model_version"] == version:
+        assert long_request["generated_text"].startswith(" Paris")
+    else:
+        assert long_request["model_version"] == applied["model_version"]
+        assert long_request["generated_text"].startswith(" Rome")
+    with worker.weights_lock:
+        pass
+    live.client.post(f"/edits/{edit['id']}/revert")
+    wait_status(live.client, edit["id"], {"reverted"})
+
+
+def test_health_ready_info(live: Live) -> None:
+    assert live.client.get("/health").json() == {"status": "ok"}
+    ready = live.client.get("/ready")
+    assert ready.status_code == 200 and ready.json()["ready"]
+    info = live.client.get("/info").json()
+    assert info["edited_layers"] == [3, 4, 5, 6, 7] and info["log"] == "sqlite"
+    assert len(info["weights_digest"]) == 64
