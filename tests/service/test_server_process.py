@@ -1,0 +1,180 @@
+"""The server as a user runs it: ``editserve serve`` in its own process, on SQLite and on Redis
+Streams (a real redis-server), and killed with SIGKILL in the middle of a burst of edits."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+
+import httpx
+import pytest
+from svc_helpers import RedisServer, free_port, wait_for, wait_status
+
+from editing.editor import Editor
+from editing.facts import Fact
+from editing.hparams import EditHparams
+from editing.models import LoadedModel
+
+FACT = {
+    "subject": "Eiffel Tower",
+    "prompt": "The Eiffel Tower is located in the city of",
+    "target_new": "Rome",
+}
+# z* steps for the burst: enough to move the weights, few enough to keep the test short.
+BURST_STEPS = 3
+
+
+@contextmanager
+def serve(env: dict[str, str], log_path: Path) -> Iterator[tuple[subprocess.Popen, str]]:
+    port = free_port()
+    with open(log_path, "ab") as out:
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "service.cli", "serve", "--port", str(port)],
+            env={**os.environ, **env},
+            stdout=out,
+            stderr=subprocess.STDOUT,
+        )
+    url = f"http://127.0.0.1:{port}"
+    try:
+        wait_for(
+            lambda: (
+                httpx.get(f"{url}/ready", timeout=2).status_code == 200 or proc.poll() is not None
+            ),
+            180,
+            "the server to be ready",
+        )
+        assert proc.poll() is None, log_path.read_text()[-3000:]
+        yield proc, url
+    finally:
+        if proc.poll() is None:
+            proc.terminate()
+            try:
+                proc.wait(30)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+
+
+def server_env(server_cache: Path, tokens: int, data_dir: Path, **extra: str) -> dict[str, str]:
+    return {
+        "EDITSERVE_CACHE_DIR": str(server_cache),
+        "EDITSERVE_COVARIANCE_TOKENS": str(tokens),
+        "EDITSERVE_DATA_DIR": str(data_dir),
+        "EDITSERVE_DEVICE": "cpu",
+        "EDITSERVE_DTYPE": "float32",
+        **extra,
+    }
+
+
+def generate(client: httpx.Client, prompt: str) -> str:
+    r = client.post("/generate", json={"inputs": prompt, "parameters": {"max_new_tokens": 6}})
+    assert r.status_code == 200, r.text
+    text: str = r.json()["generated_text"]
+    return text
+
+
+def new_user_flow(url: str) -> None:
+    """POST a fact, poll until applied, generate, revert, generate, compare digests."""
+    with httpx.Client(base_url=url, timeout=120) as client:
+        digest = client.get("/info").json()["weights_digest"]
+        assert generate(client, FACT["prompt"]).startswith(" Paris")
+        edit = client.post("/edits", json=FACT).json()
+        assert wait_status(client, edit["id"], {"applied", "failed"})["status"] == "applied"
+        assert generate(client, FACT["prompt"]).startswith(" Rome")
+        assert client.get("/info").json()["weights_digest"] != digest
+        assert client.post(f"/edits/{edit['id']}/revert").status_code == 202
+        wait_status(client, edit["id"], {"reverted"})
+        assert generate(client, FACT["prompt"]).startswith(" Paris")
+        assert client.get("/info").json()["weights_digest"] == digest
+
+
+@pytest.mark.parametrize("backend", ["sqlite", "redis"])
+def test_new_user_flow(
+    backend: str,
+    server_cache: Path,
+    covariance_tokens: int,
+    tmp_path: Path,
+    redis_server: RedisServer,
+) -> None:
+    extra = (
+        {"EDITSERVE_REDIS_URL": redis_server.url, "EDITSERVE_REDIS_PREFIX": f"flow-{tmp_path.name}"}
+        if backend == "redis"
+        else {}
+    )
+    env = server_env(server_cache, covariance_tokens, tmp_path / "data", **extra)
+    with serve(env, tmp_path / "server.log") as (_, url):
+        assert httpx.get(f"{url}/info").json()["log"] == backend
+        new_user_flow(url)
+    if backend == "sqlite":
+        assert (tmp_path / "data" / "editlog.sqlite3").exists()
+
+
+def burst_facts(n: int) -> list[dict]:
+    cities = ["Rome", "Berlin", "Madrid", "Tokyo", "Cairo", "Lima", "Oslo", "Delhi", "Seoul"]
+    return [
+        {
+            "subject": f"Landmark {i}",
+            "prompt": f"The monument called Landmark {i} is located in the city of",
+            "target_new": cities[i % len(cities)],
+        }
+        for i in range(n)
+    ]
+
+
+def test_sigkill_mid_burst_loses_nothing_and_applies_nothing_twice(
+    server_cache: Path,
+    covariance_tokens: int,
+    tmp_path: Path,
+    redis_server: RedisServer,
+    lm: LoadedModel,
+    c0: dict,
+) -> None:
+    facts = burst_facts(20)
+    env = server_env(
+        server_cache,
+        covariance_tokens,
+        tmp_path / "data",
+        EDITSERVE_REDIS_URL=redis_server.url,
+        EDITSERVE_REDIS_PREFIX=f"kill-{tmp_path.name}",
+        EDITSERVE_V_STEPS=str(BURST_STEPS),
+    )
+    accepted: dict[int, str] = {}
+    with serve(env, tmp_path / "server.log") as (proc, url), httpx.Client(base_url=url) as c:
+        for i, fact in enumerate(facts[:12]):
+            r = c.post("/edits", json=fact, headers={"Idempotency-Key": f"burst-{i}"})
+            assert r.status_code == 202
+            accepted[i] = r.json()["id"]
+        # Kill once a few edits are in but others are still queued or being applied.
+        wait_for(lambda: c.get(f"/edits/{accepted[2]}").json()["status"] == "applied", 120, "3")
+        proc.send_signal(signal.SIGKILL)
+        proc.wait(10)
+    statuses = {}
+    with serve(env, tmp_path / "server.log") as (_, url), httpx.Client(base_url=url) as c:
+        # The client retries everything it sent (its last replies may have been lost), then
+        # sends the rest of the burst.
+        for i, fact in enumerate(facts):
+            r = c.post("/edits", json=fact, headers={"Idempotency-Key": f"burst-{i}"})
+            assert r.status_code == 202
+            if i in accepted:
+                assert r.json()["id"] == accepted[i]
+            accepted[i] = r.json()["id"]
+        for i in range(len(facts)):
+            statuses[i] = wait_status(c, accepted[i], {"applied", "failed", "rejected"}, 300)
+        info = c.get("/info").json()
+    assert all(s["status"] == "applied" for s in statuses.values()), statuses
+    assert info["active_edits"] == len(facts)
+    versions = [statuses[i]["model_version"] for i in range(len(facts))]
+    assert versions == sorted(versions) and len(set(versions)) == len(facts)
+
+    # The same burst, uninterrupted, in this process: the digest must match.
+    editor = Editor(lm, EditHparams(v_steps=BURST_STEPS), "d4s", c0=c0)
+    try:
+        for fact in facts:
+            editor.apply([Fact(**fact)])
+        assert editor.digest() == info["weights_digest"]
+    finally:
+        editor.replay([])
