@@ -47,7 +47,8 @@ class SamplingParams:
 
     @property
     def greedy(self) -> bool:
-        return not self.do_sample or self.temperature == 0.0
+        # Below ~1e-3 sampling is argmax anyway, and dividing by it overflows.
+        return not self.do_sample or self.temperature < 1e-3
 
 
 @dataclass
@@ -269,7 +270,10 @@ def _choose(logits: torch.Tensor, rows: list[_Row]) -> tuple[torch.Tensor, torch
             logp = F.log_softmax(scores, dim=-1)
             filtered = _top_k_top_p(scores, p.top_k, p.top_p)
             probs = F.softmax(filtered, dim=-1)
-            token = torch.multinomial(probs, 1, generator=row.generator)[0]
+            if torch.isfinite(probs).all() and probs.sum() > 0:
+                token = torch.multinomial(probs, 1, generator=row.generator)[0]
+            else:  # degenerate parameters: fall back to the most likely token
+                token = scores.argmax()
             logprobs[i] = logp[token]
         chosen[i] = token
     return chosen, logprobs

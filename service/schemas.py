@@ -17,7 +17,8 @@ _TEXT = Field(min_length=1, max_length=2000)
 
 
 class StrictModel(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+    # strict: "true" is not a boolean and "3" is not a number.
+    model_config = ConfigDict(extra="forbid", strict=True)
 
 
 # -- edits ---------------------------------------------------------------------------------
@@ -134,7 +135,7 @@ class GenerateParameters(StrictModel):
     do_sample: bool = False
     seed: int | None = Field(default=None, ge=0, le=2**63 - 1)
     stop: list[str] = Field(default_factory=list, max_length=8)
-    repetition_penalty: float | None = Field(default=None, gt=0.0, le=100.0)
+    repetition_penalty: float | None = Field(default=None, ge=0.01, le=100.0)
     details: bool = False
 
 

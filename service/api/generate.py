@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from collections.abc import AsyncIterator
 from typing import Annotated
 
@@ -9,7 +10,7 @@ from fastapi import APIRouter, Depends
 from fastapi.responses import StreamingResponse
 
 from service.auth import require
-from service.errors import problem_responses
+from service.errors import SSE_EVENT, problem_responses
 from service.generation import Finished, SamplingParams, Token
 from service.runtime import Runtime, runtime
 from service.schemas import (
@@ -83,7 +84,7 @@ async def generate(
     responses={
         200: {
             "description": "server-sent events, one per token; the last carries the text",
-            "content": {"text/event-stream": {"schema": {"type": "string"}}},
+            "content": {"text/event-stream": {"schema": SSE_EVENT}},
         },
         **problem_responses(401, 413, 422, 429, 503),
     },
@@ -100,14 +101,17 @@ async def generate_stream(
     async def sse() -> AsyncIterator[str]:
         index = 0
         last: Token | None = None
-        async for event in events:
-            if isinstance(event, Token):
-                if last is not None:
-                    yield _event(index, last, None)
-                    index += 1
-                last = event
-            elif isinstance(event, Finished) and last is not None:
-                yield _event(index, last, event)
+        try:
+            async for event in events:
+                if isinstance(event, Token):
+                    if last is not None:
+                        yield _event(index, last, None)
+                        index += 1
+                    last = event
+                elif isinstance(event, Finished) and last is not None:
+                    yield _event(index, last, event)
+        except Exception as exc:  # headers are sent: report in the stream, as TGI does
+            yield f"data:{json.dumps({'error': str(exc), 'error_type': 'generation'})}\n\n"
 
     return StreamingResponse(sse(), media_type="text/event-stream")
 

@@ -15,7 +15,7 @@ from fastapi.responses import StreamingResponse
 from pydantic import BaseModel, ConfigDict, Field
 
 from service.auth import require
-from service.errors import Problem, problem_responses
+from service.errors import SSE_EVENT, Problem, problem_responses
 from service.generation import Finished, SamplingParams, Token
 from service.runtime import Runtime, runtime
 from service.settings import Role
@@ -23,13 +23,13 @@ from service.settings import Role
 router = APIRouter(prefix="/v1", tags=["openai"], dependencies=[Depends(require(Role.reader))])
 
 _ERRORS = problem_responses(401, 413, 422, 429, 503)
-_SSE = {"text/event-stream": {"schema": {"type": "string"}}}
+_SSE = {"text/event-stream": {"schema": SSE_EVENT}}
 
 
 class _Request(BaseModel):
     # Unknown OpenAI options (user, logit_bias, ...) are accepted and ignored, as other
     # compatible servers do; the ones that change the answer are checked below.
-    model_config = ConfigDict(extra="allow")
+    model_config = ConfigDict(extra="allow", strict=True)
 
     model: str | None = None
     max_tokens: int | None = Field(default=None, ge=1)
@@ -57,7 +57,10 @@ class _Request(BaseModel):
 
 
 class CompletionRequest(_Request):
-    prompt: str | list[str] = Field(description="one prompt (a list of one is accepted)")
+    prompt: (
+        Annotated[str, Field(min_length=1)]
+        | Annotated[list[Annotated[str, Field(min_length=1)]], Field(min_length=1, max_length=1)]
+    ) = Field(description="one prompt (a list of one is accepted)")
     max_tokens: int | None = Field(default=16, ge=1)
     echo: bool = False
 
@@ -152,8 +155,6 @@ async def completions(
     body: CompletionRequest, rt: Annotated[Runtime, Depends(runtime)]
 ) -> Completion | StreamingResponse:
     prompts = [body.prompt] if isinstance(body.prompt, str) else body.prompt
-    if len(prompts) != 1:
-        raise Problem(422, "prompt: give one prompt per request")
     params = body.sampling(16)
     ids = rt.encode(prompts[0], params.max_new_tokens)
     cid, created, name = f"cmpl-{uuid.uuid4().hex}", int(time.time()), rt.settings.model
@@ -182,7 +183,7 @@ async def completions(
                     yield _data(chunk("", _reason(event), event.model_version))
             yield "data: [DONE]\n\n"
 
-        return StreamingResponse(sse(), media_type="text/event-stream")
+        return StreamingResponse(_guarded(sse()), media_type="text/event-stream")
 
     done = await _finished(rt, ids, params)
     answer = chunk(prefix + done.text, _reason(done), done.model_version)
@@ -236,7 +237,7 @@ async def chat_completions(
                 )
             yield "data: [DONE]\n\n"
 
-        return StreamingResponse(sse(), media_type="text/event-stream")
+        return StreamingResponse(_guarded(sse()), media_type="text/event-stream")
 
     done = await _finished(rt, ids, params)
     return ChatCompletion(
@@ -291,3 +292,13 @@ def _data(payload: BaseModel | dict[str, Any]) -> str:
     if isinstance(payload, BaseModel):
         return f"data: {payload.model_dump_json(exclude_none=True)}\n\n"
     return f"data: {json.dumps(payload)}\n\n"
+
+
+async def _guarded(chunks: AsyncIterator[str]) -> AsyncIterator[str]:
+    """Once a stream has begun, an error can only be reported inside it."""
+    try:
+        async for chunk in chunks:
+            yield chunk
+    except Exception as exc:
+        yield _data({"error": {"message": str(exc), "type": "server_error"}})
+        yield "data: [DONE]\n\n"
