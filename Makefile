@@ -4,7 +4,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: setup serve test lint eval clean
+.PHONY: setup serve demo openapi test lint eval clean
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -18,8 +18,15 @@ $(STAMP): pyproject.toml
 
 setup: $(STAMP)
 
+# The server on embedded defaults: the default model, an SQLite log in ./data, 127.0.0.1:8000.
 serve: setup
+	$(VENV)/bin/editserve serve
+
+demo: setup
 	$(VENV)/bin/editserve demo
+
+openapi: setup
+	$(VENV)/bin/editserve openapi
 
 lint: setup
 	$(VENV)/bin/ruff check editing service tests
