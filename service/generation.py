@@ -17,6 +17,7 @@ from __future__ import annotations
 import logging
 import queue
 import threading
+import time
 from collections.abc import Callable
 from contextlib import AbstractContextManager, suppress
 from dataclasses import dataclass, field
@@ -104,11 +105,13 @@ class Batcher:
         version: Callable[[], int],
         max_batch: int = 8,
         max_queue: int = 256,
+        window: float = 0.01,
     ) -> None:
         self.lm = lm
         self.weights_lock = weights_lock
         self.version = version
         self.max_batch = max_batch
+        self.window = window  # seconds to wait for more requests once one has arrived
         self._queue: queue.Queue[Job | None] = queue.Queue(maxsize=max_queue)
         self._thread = threading.Thread(target=self._run, name="generation", daemon=True)
         self._eos = _eos_ids(lm)
@@ -138,9 +141,12 @@ class Batcher:
             if first is None:
                 return
             jobs = [first]
+            # Clients that finished together come back a few milliseconds apart: wait a moment
+            # for them, so that they share a batch instead of queueing behind each other.
+            deadline = time.monotonic() + self.window
             while len(jobs) < self.max_batch:
                 try:
-                    nxt = self._queue.get_nowait()
+                    nxt = self._queue.get(timeout=max(0.0, deadline - time.monotonic()))
                 except queue.Empty:
                     break
                 if nxt is None:
@@ -252,7 +258,21 @@ def _choose(logits: torch.Tensor, rows: list[_Row]) -> tuple[torch.Tensor, torch
     """Next token and its log-probability for each row (logits: B x V, float32)."""
     chosen = torch.empty(len(rows), dtype=torch.long, device=logits.device)
     logprobs = torch.empty(len(rows), dtype=torch.float32)
+    # Plain greedy rows (the common case) are chosen together, in one pass over the batch.
+    plain = [
+        i
+        for i, r in enumerate(rows)
+        if r.job.params.greedy and r.job.params.repetition_penalty == 1.0
+    ]
+    if plain:
+        index = torch.tensor(plain, device=logits.device)
+        logp = F.log_softmax(logits[index], dim=-1)
+        best = logp.argmax(dim=-1)
+        chosen[index] = best
+        logprobs[index.cpu()] = logp.gather(1, best[:, None])[:, 0].cpu()
     for i, row in enumerate(rows):
+        if i in plain:
+            continue
         p = row.job.params
         scores = logits[i]
         if p.repetition_penalty != 1.0:

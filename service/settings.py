@@ -58,6 +58,7 @@ class Settings(BaseSettings):
     max_queued_edits: int = 64
     max_queued_requests: int = 256
     max_batch_size: int = 8
+    batch_window_ms: float = 10.0
     max_facts_per_edit: int = 32
 
     @field_validator("layers")

@@ -128,6 +128,7 @@ class ModelWorker:
             lambda: self.state.model_version,
             max_batch=s.max_batch_size,
             max_queue=s.max_queued_requests,
+            window=s.batch_window_ms / 1000,
         )
         self.batcher.start()
 
