@@ -14,7 +14,7 @@ import torch
 import torch.nn.functional as F
 
 from editing.facts import Fact, continuation
-from editing.models import LoadedModel
+from editing.models import LoadedModel, right_padded
 
 
 @dataclass
@@ -43,12 +43,7 @@ def score_answers(
             a = tok(answer, add_special_tokens=False)["input_ids"]
             rows.append(p + a)
             spans.append((len(p), a))
-        width = max(len(r) for r in rows)
-        ids = torch.full((len(rows), width), tok.pad_token_id or 0, dtype=torch.long)
-        mask = torch.zeros_like(ids)
-        for i, r in enumerate(rows):
-            ids[i, : len(r)] = torch.tensor(r)
-            mask[i, : len(r)] = 1
+        ids, mask = right_padded(rows, tok.pad_token_id or 0)
         logits = lm.model(
             input_ids=ids.to(lm.device), attention_mask=mask.to(lm.device), use_cache=False
         ).logits.float()

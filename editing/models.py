@@ -54,6 +54,17 @@ class LoadedModel:
         return out
 
 
+def right_padded(rows: list[list[int]], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Token rows as one batch padded on the right: (ids, attention mask), both B x T long."""
+    width = max(len(r) for r in rows)
+    ids = torch.full((len(rows), width), pad_id, dtype=torch.long)
+    mask = torch.zeros_like(ids)
+    for i, r in enumerate(rows):
+        ids[i, : len(r)] = torch.tensor(r)
+        mask[i, : len(r)] = 1
+    return ids, mask
+
+
 def default_cache_dir() -> Path:
     """Where converted models and covariance statistics are kept."""
     base = os.environ.get("XDG_CACHE_HOME") or str(Path.home() / ".cache")

@@ -17,7 +17,7 @@ from transformers.tokenization_utils_base import PreTrainedTokenizerBase
 from editing.adapters import adapter_for
 from editing.facts import Fact, subject_last_token
 from editing.hparams import EditHparams
-from editing.models import LoadedModel
+from editing.models import LoadedModel, right_padded
 from editing.tracing import Trace, instrument
 
 
@@ -193,12 +193,7 @@ def _build_batch(
         lookup.append(last)
 
     pad = tok.pad_token_id if tok.pad_token_id is not None else 0
-    width = max(len(r) for r in rows)
-    input_ids = torch.full((len(rows), width), pad, dtype=torch.long)
-    attention = torch.zeros((len(rows), width), dtype=torch.long)
-    for i, r in enumerate(rows):
-        input_ids[i, : len(r)] = torch.tensor(r)
-        attention[i, : len(r)] = 1
+    input_ids, attention = right_padded(rows, pad)
     t_width = max(len(ids) for _, ids in targets)
     target_pos = torch.zeros((len(targets), t_width), dtype=torch.long)
     target_ids = torch.zeros((len(targets), t_width), dtype=torch.long)

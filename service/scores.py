@@ -15,7 +15,7 @@ import torch.nn.functional as F
 
 from editing.facts import Fact, continuation
 from editing.metrics import score_answers
-from editing.models import LoadedModel
+from editing.models import LoadedModel, right_padded
 
 
 @dataclass
@@ -93,12 +93,7 @@ def _next_token_logp(lm: LoadedModel, prompts: list[str]) -> torch.Tensor:
         return torch.empty(0, 0)
     tok = lm.tokenizer
     rows = [tok(p)["input_ids"] for p in prompts]
-    width = max(len(r) for r in rows)
-    ids = torch.full((len(rows), width), tok.pad_token_id or 0, dtype=torch.long)
-    mask = torch.zeros_like(ids)
-    for i, r in enumerate(rows):
-        ids[i, : len(r)] = torch.tensor(r)
-        mask[i, : len(r)] = 1
+    ids, mask = right_padded(rows, tok.pad_token_id or 0)
     logits = lm.model(
         input_ids=ids.to(lm.device), attention_mask=mask.to(lm.device), use_cache=False
     ).logits
