@@ -61,6 +61,9 @@ class RevertConflict(EditLogError):
 class IdempotencyConflict(EditLogError):
     """An Idempotency-Key was reused with a different request body."""
 
+    def __init__(self, key: str | None) -> None:
+        super().__init__(f"Idempotency-Key {key!r} was used for another request")
+
 
 @dataclass
 class Operation:
@@ -93,6 +96,22 @@ class EditEntry:
         doc = {k: v for k, v in self.__dict__.items() if k not in ("status",)}
         doc["status"] = str(self.status)
         return json.dumps(doc)
+
+    @classmethod
+    def queued(
+        cls, edit_id: str, seq: int, facts: list[dict[str, Any]], idempotency_key: str | None
+    ) -> EditEntry:
+        """A new edit, just appended at ``seq``."""
+        t = now()
+        return cls(
+            id=edit_id,
+            seq=seq,
+            status=EditStatus.queued,
+            facts=facts,
+            created_at=t,
+            updated_at=t,
+            idempotency_key=idempotency_key,
+        )
 
     def updated(self, status: EditStatus | None, fields: dict[str, Any]) -> EditEntry:
         """A copy with ``status`` (None: unchanged) and ``fields`` set, stamped now."""

@@ -30,7 +30,6 @@ from service.editlog.base import (
     IdempotencyConflict,
     Operation,
     UnknownEdit,
-    now,
     revert_outcome,
 )
 
@@ -105,16 +104,8 @@ class RedisEditLog(EditLog):
         idempotency_key: str | None = None,
         fingerprint: str | None = None,
     ) -> tuple[EditEntry, bool]:
-        t = now()
-        entry = EditEntry(
-            id=edit_id,
-            seq=0,  # assigned by the script; the hash's seq field is authoritative
-            status=EditStatus.queued,
-            facts=facts,
-            created_at=t,
-            updated_at=t,
-            idempotency_key=idempotency_key,
-        )
+        # seq 0 for now: the script assigns it, and the hash's seq field is authoritative.
+        entry = EditEntry.queued(edit_id, 0, facts, idempotency_key)
         keys = [
             self._key("ops"),
             self._key("seq"),
@@ -127,9 +118,7 @@ class RedisEditLog(EditLog):
         if int(result[0]) == 0:
             existing_id, seen_fingerprint = result[1].decode(), result[2].decode()
             if fingerprint and seen_fingerprint != fingerprint:
-                raise IdempotencyConflict(
-                    f"Idempotency-Key {idempotency_key!r} was used for another request"
-                )
+                raise IdempotencyConflict(idempotency_key)
             found = self.get(existing_id)
             if found is None:
                 raise EditLogError(f"idempotency key points at missing edit {existing_id}")

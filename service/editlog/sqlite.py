@@ -22,7 +22,6 @@ from service.editlog.base import (
     IdempotencyConflict,
     Operation,
     UnknownEdit,
-    now,
     revert_outcome,
 )
 
@@ -108,9 +107,7 @@ class SqliteEditLog(EditLog):
                 ).fetchone()
                 if row is not None:
                     if fingerprint is not None and row[1] != fingerprint:
-                        raise IdempotencyConflict(
-                            f"Idempotency-Key {idempotency_key!r} was used for another request"
-                        )
+                        raise IdempotencyConflict(idempotency_key)
                     doc = db.execute("SELECT doc FROM edits WHERE id = ?", (row[0],)).fetchone()
                     return EditEntry.from_json(doc[0]), False
                 db.execute(
@@ -118,16 +115,7 @@ class SqliteEditLog(EditLog):
                     (idempotency_key, edit_id, fingerprint),
                 )
             seq = self._append_op(db, "apply", edit_id)
-            t = now()
-            entry = EditEntry(
-                id=edit_id,
-                seq=seq,
-                status=EditStatus.queued,
-                facts=facts,
-                created_at=t,
-                updated_at=t,
-                idempotency_key=idempotency_key,
-            )
+            entry = EditEntry.queued(edit_id, seq, facts, idempotency_key)
             db.execute(
                 "INSERT INTO edits (id, seq, status, doc) VALUES (?, ?, ?, ?)",
                 (edit_id, seq, entry.status, entry.to_json()),
