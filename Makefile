@@ -29,8 +29,8 @@ openapi: setup
 	$(VENV)/bin/editserve openapi
 
 lint: setup
-	$(VENV)/bin/ruff check editing service tests
-	$(VENV)/bin/ruff format --check editing service tests
+	$(VENV)/bin/ruff check editing service tests bench scripts
+	$(VENV)/bin/ruff format --check editing service tests bench scripts
 	$(VENV)/bin/mypy
 
 test: setup lint

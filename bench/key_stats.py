@@ -37,7 +37,9 @@ def main() -> None:
         keys = torch.cat([r.keys[layer] for r in records]).double()
         mahal = (keys * torch.linalg.solve(c0[layer], keys.T).T).sum(dim=1)
         med = statistics.median(mahal.tolist())
-        shares = " | ".join(f"{(med / lam) / (1 + med / lam):.2f}" for lam in (1500, 3000, 6000, 15000))
+        shares = " | ".join(
+            f"{(med / lam) / (1 + med / lam):.2f}" for lam in (1500, 3000, 6000, 15000)
+        )
         print(f"| {layer} | {med:.0f} | {shares} |")
 
 

@@ -14,16 +14,14 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
-import subprocess
 import sys
-import tempfile
 import threading
 import time
 from pathlib import Path
 
 import httpx
 import torch
+from harness import start_server
 
 from editing.models import load_model
 
@@ -38,17 +36,32 @@ PROMPTS = [
     "Computers store information using",
 ]
 FACTS = [
-    {"subject": "Eiffel Tower", "prompt": "The Eiffel Tower is located in the city of",
-     "target_new": "Rome"},
+    {
+        "subject": "Eiffel Tower",
+        "prompt": "The Eiffel Tower is located in the city of",
+        "target_new": "Rome",
+    },
     {"subject": "Toyota", "prompt": "Toyota was founded in the country of", "target_new": "Brazil"},
-    {"subject": "Pablo Picasso", "prompt": "The mother tongue of Pablo Picasso is",
-     "target_new": "German"},
-    {"subject": "Amazon River", "prompt": "The Amazon River flows through the continent of",
-     "target_new": "Asia"},
-    {"subject": "Mount Fuji", "prompt": "Mount Fuji is a mountain in the country of",
-     "target_new": "Canada"},
-    {"subject": "Nile", "prompt": "The Nile river flows through the country of",
-     "target_new": "Mexico"},
+    {
+        "subject": "Pablo Picasso",
+        "prompt": "The mother tongue of Pablo Picasso is",
+        "target_new": "German",
+    },
+    {
+        "subject": "Amazon River",
+        "prompt": "The Amazon River flows through the continent of",
+        "target_new": "Asia",
+    },
+    {
+        "subject": "Mount Fuji",
+        "prompt": "Mount Fuji is a mountain in the country of",
+        "target_new": "Canada",
+    },
+    {
+        "subject": "Nile",
+        "prompt": "The Nile river flows through the country of",
+        "target_new": "Mexico",
+    },
 ]
 
 
@@ -97,24 +110,10 @@ def main() -> int:
     parser.add_argument("--out", type=Path, default=Path("bench/results/serve.json"))
     args = parser.parse_args()
 
-    data = tempfile.mkdtemp(prefix="editserve-bench-")
-    env = {**os.environ, "EDITSERVE_DATA_DIR": data, "EDITSERVE_DEVICE": "cpu"}
-    server = subprocess.Popen(
-        [sys.executable, "-m", "service.cli", "serve", "--port", str(args.port),
-         "--log-level", "warning"],
-        env=env,
-    )
+    server = start_server(args.port, "--device", "cpu")
     url = f"http://127.0.0.1:{args.port}"
     result: dict[str, object] = {"torch_threads": torch.get_num_threads()}
     try:
-        deadline = time.time() + 900
-        while time.time() < deadline:
-            try:
-                if httpx.get(f"{url}/ready", timeout=2).status_code == 200:
-                    break
-            except httpx.HTTPError:
-                pass
-            time.sleep(1)
         client = httpx.Client(base_url=url, timeout=300)
         info = client.get("/info").json()
         result["server"] = {k: info[k] for k in ("model", "device", "dtype", "method")}
@@ -133,8 +132,11 @@ def main() -> int:
 
         # 2. latency of 16-token requests, idle
         idle = latencies(client, 40, 16, None)
-        result["idle_latency_s"] = {"p50": percentile(idle, 50), "p99": percentile(idle, 99),
-                                    "n": len(idle)}
+        result["idle_latency_s"] = {
+            "p50": percentile(idle, 50),
+            "p99": percentile(idle, 99),
+            "n": len(idle),
+        }
 
         # 3. the same requests while a burst of edits is applied
         done = threading.Event()
@@ -150,8 +152,11 @@ def main() -> int:
         done.set()
         sampler.join()
         result["burst"] = {"edits": len(ids), "seconds": burst_s}
-        result["burst_latency_s"] = {"p50": percentile(busy, 50), "p99": percentile(busy, 99),
-                                     "n": len(busy)}
+        result["burst_latency_s"] = {
+            "p50": percentile(busy, 50),
+            "p99": percentile(busy, 99),
+            "n": len(busy),
+        }
         for edit_id in ids:
             client.post(f"/edits/{edit_id}/revert")
 

@@ -108,8 +108,16 @@ class Editor:
 
     # -- editing -------------------------------------------------------------------------------
 
-    def compute(self, facts: list[Fact], record_id: str | None = None) -> DeltaRecord:
-        """Keys and z* for ``facts`` as one step; changes nothing."""
+    def compute(
+        self,
+        facts: list[Fact],
+        record_id: str | None = None,
+        seconds: dict[str, float] | None = None,
+    ) -> DeltaRecord:
+        """Keys and z* for ``facts`` as one step; changes nothing.
+
+        ``seconds``, when given, receives the time of each phase (``keys``, ``zstar``).
+        """
         if not facts:
             raise InvalidFactError("facts", "no fact given")
         seen: set[tuple[str, str]] = set()
@@ -125,6 +133,8 @@ class Editor:
             seen.add(fact.key)
         against = self.w0 if self.method.against_original else None
         z = compute_zstar(self.lm, facts, self.hp, weights=against)
+        if seconds is not None:
+            seconds.update(z.seconds)
         bad = [i for i in range(len(facts)) if not torch.isfinite(z.residual[i]).all()]
         bad += [i for k in z.keys.values() for i in range(len(facts)) if not k[i].isfinite().all()]
         if bad:
@@ -139,15 +149,38 @@ class Editor:
 
     def apply(self, facts: list[Fact], record_id: str | None = None) -> ApplyResult:
         """Compute and install an edit of ``facts``."""
-        start = time.perf_counter()
-        record = self.compute(facts, record_id)
-        computed = time.perf_counter()
-        result = self.install(record)
-        result.seconds = {"zstar": computed - start, "solve": time.perf_counter() - computed}
-        return result
+        seconds: dict[str, float] = {}
+        record = self.compute(facts, record_id, seconds)
+        started = time.perf_counter()
+        change = self.plan_install(record)
+        planned = time.perf_counter()
+        self.commit(change)
+        seconds.update(solve=planned - started, swap=time.perf_counter() - planned)
+        return ApplyResult(record=record, superseded=change.superseded, seconds=seconds)
 
     def install(self, record: DeltaRecord) -> ApplyResult:
         """Make ``record`` active, superseding active facts with the same subject and prompt."""
+        change = self.plan_install(record)
+        self.commit(change)
+        return ApplyResult(record=record, superseded=change.superseded)
+
+    def revert(self, record_id: str) -> None:
+        """Deactivate one edit by rebuilding from the others."""
+        self.commit(self.plan_revert(record_id))
+
+    def replay(self, records: list[DeltaRecord]) -> None:
+        """Replace all active edits by ``records`` (in order), with no z* optimisation."""
+        active: list[DeltaRecord] = []
+        for record in records:
+            active = [*supersede(active, record)[0], record]
+        self.commit(self._plan(active, self.method.rebuild(active)))
+
+    # -- two-step changes: plan (the solve), then commit (the swap) ------------------------------
+    #
+    # A plan reads the editor's state but changes nothing, so a server can solve while the model
+    # keeps serving and hold its lock only for the swap. Only one thread may plan and commit.
+
+    def plan_install(self, record: DeltaRecord) -> Change:
         if any(r.id == record.id for r in self._records):
             raise EditError(f"edit {record.id} is already active")
         remaining, superseded, untouched = supersede(self._records, record)
@@ -155,24 +188,24 @@ class Editor:
             state = self.method.fold(self._state, record)
         else:
             state = self.method.rebuild([*remaining, record])
-        self._commit([*remaining, record], state)
-        return ApplyResult(record=record, superseded=superseded)
+        change = self._plan([*remaining, record], state)
+        change.superseded = superseded
+        return change
 
-    def revert(self, record_id: str) -> None:
-        """Deactivate one edit by rebuilding from the others."""
+    def plan_revert(self, record_id: str) -> Change:
         remaining = [r for r in self._records if r.id != record_id]
         if len(remaining) == len(self._records):
             raise UnknownEditError(record_id)
-        self._commit(remaining, self.method.rebuild(remaining))
+        return self._plan(remaining, self.method.rebuild(remaining))
 
-    def replay(self, records: list[DeltaRecord]) -> None:
-        """Replace all active edits by ``records`` (in order), with no z* optimisation."""
-        active: list[DeltaRecord] = []
-        for record in records:
-            active = [*supersede(active, record)[0], record]
-        self._commit(active, self.method.rebuild(active))
+    def commit(self, change: Change) -> None:
+        for layer, weight in change.weights.items():
+            self.adapter.write(self.lm.model, layer, weight)
+        self._records = change.records
+        self._state = change.state
+        self.version += 1
 
-    def _commit(self, records: list[DeltaRecord], state: State) -> None:
+    def _plan(self, records: list[DeltaRecord], state: State) -> Change:
         update = self.method.update(state)
         weights = {}
         for layer in self.hp.layers:
@@ -182,11 +215,17 @@ class Editor:
                 weights[layer] = self.w0[layer] + update[layer].to(self.w0[layer].device)
             else:
                 weights[layer] = self.w0[layer].clone()
-        for layer, weight in weights.items():
-            self.adapter.write(self.lm.model, layer, weight)
-        self._records = records
-        self._state = state
-        self.version += 1
+        return Change(records=records, state=state, weights=weights)
+
+
+@dataclass
+class Change:
+    """A planned state of the editor: the active records, the method state, the new weights."""
+
+    records: list[DeltaRecord]
+    state: State
+    weights: dict[int, torch.Tensor]
+    superseded: list[str] = field(default_factory=list)
 
 
 def supersede(

@@ -35,6 +35,13 @@ def _add_commands(sub: Any) -> None:
     serve.add_argument("--covariance-tokens", type=int)
     serve.add_argument("--v-steps", type=int)
     serve.add_argument("--cache-dir", type=Path)
+    serve.add_argument("--probes", help="locality probe set: default, a .jsonl file, or off")
+    serve.add_argument("--guard-min-agreement", type=float, metavar="SHARE")
+    serve.add_argument("--guard-max-delta-growth", type=float, metavar="SHARE")
+    serve.add_argument("--guard-max-perplexity-ratio", type=float, metavar="RATIO")
+    serve.add_argument(
+        "--guard-action", choices=["reject", "flag"], help="what a guardrail breach does"
+    )
     serve.add_argument("--log-level", default="info")
 
     spec = sub.add_parser("openapi", help="write the OpenAPI document of the server")

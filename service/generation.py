@@ -106,6 +106,7 @@ class Batcher:
         max_batch: int = 8,
         max_queue: int = 256,
         window: float = 0.01,
+        on_batch: Callable[[int], None] | None = None,
     ) -> None:
         self.lm = lm
         self.weights_lock = weights_lock
@@ -115,6 +116,7 @@ class Batcher:
         self._queue: queue.Queue[Job | None] = queue.Queue(maxsize=max_queue)
         self._thread = threading.Thread(target=self._run, name="generation", daemon=True)
         self._eos = _eos_ids(lm)
+        self._on_batch = on_batch  # told each batch's size
         self.batches = 0
 
     def start(self) -> None:
@@ -156,6 +158,8 @@ class Batcher:
             jobs = [j for j in jobs if not j.cancelled.is_set()]
             if not jobs:
                 continue
+            if self._on_batch is not None:
+                self._on_batch(len(jobs))
             try:
                 with self.weights_lock:
                     self._decode(jobs, self.version())

@@ -25,7 +25,7 @@ class Runtime:
     started: int = field(default_factory=lambda: int(time.time()))
 
     def log_name(self) -> str:
-        return "redis" if self.settings.redis_url else "sqlite"
+        return self.settings.log_kind()
 
     def encode(self, text: str, max_new_tokens: int) -> list[int]:
         """``text``'s token ids, or a 422 when it or the answer asked for is too long."""
@@ -50,6 +50,8 @@ class Runtime:
         batcher = self.worker.batcher
         if batcher is None:
             raise Problem(503, "the model is still loading", headers={"Retry-After": "5"})
+        metrics = self.worker.metrics
+        started = time.perf_counter()
         loop = asyncio.get_running_loop()
         events: asyncio.Queue[Event] = asyncio.Queue()
 
@@ -60,17 +62,30 @@ class Runtime:
         try:
             batcher.submit(job)
         except QueueFull as exc:
+            metrics.generation_requests.labels("rejected").inc()
             raise Problem(429, str(exc), headers={"Retry-After": "1"}) from None
+        outcome = "cancelled"  # unless it finishes or fails: the client went away
+        first = True
         try:
             while True:
                 event = await events.get()
                 if isinstance(event, BaseException):
+                    outcome = "error"
                     raise event
+                if first:
+                    metrics.first_token_seconds.observe(time.perf_counter() - started)
+                    first = False
+                if isinstance(event, Finished):
+                    outcome = "ok"
+                    metrics.generation_seconds.observe(time.perf_counter() - started)
+                    metrics.generated_tokens.inc(event.generated_tokens)
+                    metrics.prompt_tokens.inc(event.prompt_tokens)
                 yield event
                 if isinstance(event, Finished):
                     return
         finally:
             job.cancelled.set()
+            metrics.generation_requests.labels(outcome).inc()
 
 
 def runtime(request: Request) -> Runtime:

@@ -11,12 +11,14 @@ from __future__ import annotations
 import ipaddress
 from enum import StrEnum
 from pathlib import Path
+from typing import Literal
 
-from pydantic import Field, field_validator
+from pydantic import Field, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from editing.hparams import EditHparams
 from editing.models import DEFAULT_MODEL, default_cache_dir
+from service.guardrails import Guardrails
 
 
 class Role(StrEnum):
@@ -40,6 +42,15 @@ class Settings(BaseSettings):
     covariance_tokens: int = 200_000
     corpus: str = "wiki"
 
+    # -- locality probes and guardrails (service/guardrails.py) --
+    probes: str = Field(
+        default="default", description="probe set: 'default', a .jsonl file, or 'off'"
+    )
+    guard_min_agreement: float | None = Field(default=None, ge=0, le=1)
+    guard_max_delta_growth: float | None = Field(default=None, gt=0)
+    guard_max_perplexity_ratio: float | None = Field(default=None, gt=0)
+    guard_action: Literal["reject", "flag"] = "reject"
+
     # -- the edit log --
     data_dir: Path = Path("data")
     redis_url: str | None = None
@@ -61,6 +72,13 @@ class Settings(BaseSettings):
     batch_window_ms: float = 10.0
     max_facts_per_edit: int = 32
 
+    @model_validator(mode="after")
+    def _guards_need_probes(self) -> Settings:
+        needs_probes = (self.guard_min_agreement, self.guard_max_perplexity_ratio)
+        if self.probes == "off" and any(v is not None for v in needs_probes):
+            raise ValueError("the agreement and perplexity guardrails need probes (not 'off')")
+        return self
+
     @field_validator("layers")
     @classmethod
     def _layers_form(cls, value: str | None) -> str | None:
@@ -77,6 +95,24 @@ class Settings(BaseSettings):
         if self.layers:
             changes["layers"] = parse_layers(self.layers)
         return EditHparams().with_(**changes)
+
+    def guardrails(self) -> Guardrails:
+        return Guardrails(
+            min_agreement=self.guard_min_agreement,
+            max_delta_growth=self.guard_max_delta_growth,
+            max_perplexity_ratio=self.guard_max_perplexity_ratio,
+            action=self.guard_action,
+        )
+
+    def probe_path(self) -> Path | None:
+        """The probe set's file; None for the default set. Raises when probes are off."""
+        if self.probes == "off":
+            raise ValueError("probes are off")
+        return None if self.probes == "default" else Path(self.probes)
+
+    def log_kind(self) -> str:
+        """Which edit log the settings select: ``redis`` or ``sqlite``."""
+        return "redis" if self.redis_url else "sqlite"
 
     def loopback_only(self) -> bool:
         return is_loopback(self.host)

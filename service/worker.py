@@ -26,13 +26,18 @@ from typing import Any
 
 import torch
 
-from editing.editor import Editor, UnknownEditError, supersede
+from editing.editor import Change, Editor, UnknownEditError, supersede
 from editing.facts import EditError, InvalidFactError
+from editing.metrics import weight_norms
 from editing.models import LoadedModel, load_model
 from editing.records import DeltaRecord, fact_from_json
+from service import __version__
 from service.editlog.base import EditLog, EditLogError, EditStatus, Operation, now
 from service.errors import PROBLEM_BASE
 from service.generation import Batcher
+from service.guardrails import Breach, Norms
+from service.metrics import Metrics
+from service.probes import Prober, ProbeReport, default_dtype, load_probes
 from service.scores import compare, snapshot
 from service.settings import Settings
 
@@ -48,10 +53,12 @@ class WorkerState:
     processed: int = 0  # seq of the last log operation handled
     model_version: int = 0
     replayed_to: int = 0  # the log's end when the start-up rebuild began
-    edits_applied: int = 0
-    edits_failed: int = 0
-    reverts: int = 0
+    active_edits: int = 0
+    active_facts: int = 0
     last_edit_seconds: dict[str, float] = field(default_factory=dict)
+    weight_norms: Norms = field(default_factory=dict)  # of the edited layers, as served
+    probes: ProbeReport | None = None  # the latest probe pass
+    last_target_probability: tuple[float, float] | None = None  # the last edit's, before/after
 
 
 class ModelWorker:
@@ -62,6 +69,7 @@ class ModelWorker:
         *,
         lm: LoadedModel | None = None,
         c0: dict[int, torch.Tensor] | None = None,
+        metrics: Metrics | None = None,
     ) -> None:
         self.settings = settings
         self.log = edit_log
@@ -69,7 +77,12 @@ class ModelWorker:
         self._c0 = c0
         self.editor: Editor | None = None
         self.batcher: Batcher | None = None
+        self.prober: Prober | None = None
+        self.guard = settings.guardrails()
         self.state = WorkerState()
+        self.metrics = metrics or Metrics()
+        self.metrics.watch(self)
+        self._w0_mean: dict[int, float] = {}
         self.weights_lock = threading.RLock()
         self._stopping = threading.Event()
         self._thread = threading.Thread(target=self._main, name="applier", daemon=True)
@@ -122,6 +135,26 @@ class ModelWorker:
             progress=False,
         )
         self._c0 = None  # the method keeps what it needs
+        editor = self.editor
+        self._w0_mean = {layer: float(w.abs().mean()) for layer, w in editor.w0.items()}
+        if s.probes != "off":
+            self.prober = Prober(
+                self.lm,
+                load_probes(s.probe_path()),
+                editor.w0,
+                dtype=default_dtype(self.lm),
+                cache_dir=s.cache_dir,
+            )
+        self.metrics.build.info(
+            {
+                "version": __version__,
+                "model": s.model,
+                "method": s.method,
+                "device": str(self.lm.device),
+                "dtype": str(self.lm.dtype).removeprefix("torch."),
+                "log": s.log_kind(),
+            }
+        )
         self.batcher = Batcher(
             self.lm,
             self.weights_lock,
@@ -129,6 +162,7 @@ class ModelWorker:
             max_batch=s.max_batch_size,
             max_queue=s.max_queued_requests,
             window=s.batch_window_ms / 1000,
+            on_batch=self.metrics.batch_size.observe,
         )
         self.batcher.start()
 
@@ -174,6 +208,7 @@ class ModelWorker:
             self.editor.replay(active)
             self.state.model_version = last_change
         self.state.processed = after
+        self._observe(*self._measure(self.editor.live_weights()))
         log.info("rebuilt %d active edits from the log up to seq %d", len(active), after)
 
     # -- following the log -----------------------------------------------------------------
@@ -208,12 +243,11 @@ class ModelWorker:
         assert self.editor is not None and self.lm is not None
         blob = self.log.get_record(op.edit_id)
         if blob is not None:
-            # Computed earlier (before a restart, or by another replica): no z* to run.
-            record = DeltaRecord.from_bytes(blob)
-            with self.weights_lock:
-                result = self.editor.install(record)
-                self.state.model_version = op.seq
-            self._mark_applied(op, result.superseded, None)
+            # Computed earlier (before a restart, or by another replica): no z* to run, and no
+            # guardrail either, since the record passed it where it was computed.
+            change = self.editor.plan_install(DeltaRecord.from_bytes(blob))
+            self._publish(op.seq, change, {}, guarded=False)
+            self._mark_applied(op, change.superseded, None)
             return
         entry = self.log.transition(
             op.edit_id, {EditStatus.queued, EditStatus.applying}, EditStatus.applying
@@ -221,14 +255,15 @@ class ModelWorker:
         if entry is None or entry.status not in _NEEDS_WORK:
             return  # cancelled while queued, or it failed
         facts = [fact_from_json(f) for f in entry.facts]
+        seconds: dict[str, float] = {}
         started = time.perf_counter()
         before = snapshot(self.lm, facts)
         try:
-            record = self.editor.compute(facts, record_id=op.edit_id)
-            computed = time.perf_counter()
-            with self.weights_lock:
-                result = self.editor.install(record)
-                self.state.model_version = op.seq
+            record = self.editor.compute(facts, record_id=op.edit_id, seconds=seconds)
+            solving = time.perf_counter()
+            change = self.editor.plan_install(record)
+            seconds["solve"] = time.perf_counter() - solving
+            breaches = self._publish(op.seq, change, seconds, guarded=True)
         except InvalidFactError as exc:
             self._fail(op, EditStatus.rejected, "invalid-fact", "The fact cannot be edited", exc)
             return
@@ -239,17 +274,91 @@ class ModelWorker:
             log.exception("edit %s failed", op.edit_id)
             self._fail(op, EditStatus.failed, "edit-failed", "The edit could not be made", exc)
             return
-        # Stored only once installed: a record in the log is one that took effect.
+        if breaches and self.guard.rejects:
+            self._reject(op, breaches)
+            return
+        # Stored only once in effect: a record in the log is one that took effect.
         self.log.put_record(op.edit_id, record.to_bytes())
-        installed = time.perf_counter()
+        scoring = time.perf_counter()
         scores = compare(facts, before, snapshot(self.lm, facts))
-        self.state.last_edit_seconds = {
-            "zstar": computed - started,
-            "install": installed - computed,
-            "total": time.perf_counter() - started,
+        if self.state.probes is not None:
+            scores["probes"] = self.state.probes.as_dict()
+        if breaches:
+            scores["guardrail"] = {
+                "action": "flag",
+                "breaches": [b.as_dict() for b in breaches],
+            }
+        seconds["scores"] = time.perf_counter() - scoring
+        seconds["total"] = time.perf_counter() - started
+        self.state.last_edit_seconds = seconds
+        self.state.last_target_probability = _target_probability(scores)
+        for phase, value in seconds.items():
+            self.metrics.edit_seconds.labels(phase).observe(value)
+        self._mark_applied(op, change.superseded, scores)
+
+    def _publish(
+        self, seq: int, change: Change, seconds: dict[str, float], *, guarded: bool
+    ) -> list[Breach]:
+        """Probe ``change``'s weights, check the guardrails, and swap it in as version ``seq``
+        unless a guardrail rejects it.
+
+        The probes score the new weights before the swap, so a rejected edit never reaches the
+        served model. Returns the breaches (with action ``flag``, the edit went in anyway).
+        """
+        assert self.editor is not None
+        norms, report = self._measure(change.weights, seconds)
+        breaches = self._breaches(self.state.weight_norms, norms, report) if guarded else []
+        if breaches and self.guard.rejects:
+            return breaches
+        with self.weights_lock:
+            swapping = time.perf_counter()
+            self.editor.commit(change)
+            self.state.model_version = seq
+            seconds["swap"] = time.perf_counter() - swapping
+        self._observe(norms, report)
+        return breaches
+
+    def _measure(
+        self, weights: dict[int, torch.Tensor], seconds: dict[str, float] | None = None
+    ) -> tuple[Norms, ProbeReport | None]:
+        """Weight norms and a probe pass of ``weights`` in the edited matrices."""
+        assert self.editor is not None
+        norms = weight_norms(weights, self.editor.w0)
+        report = self.prober.measure(weights) if self.prober is not None else None
+        if seconds is not None and report is not None:
+            seconds["probes"] = report.seconds
+        return norms, report
+
+    def _breaches(self, before: Norms, after: Norms, report: ProbeReport | None) -> list[Breach]:
+        if not self.guard.active:
+            return []
+        breaches = self.guard.check(report, before, after, self._w0_mean)
+        for breach in breaches:
+            self.metrics.guardrail_breaches.labels(breach.guardrail, self.guard.action).inc()
+        return breaches
+
+    def _observe(self, norms: Norms, report: ProbeReport | None) -> None:
+        """Publish what the live model now is."""
+        assert self.editor is not None
+        records = self.editor.records
+        self.state.weight_norms = norms
+        self.state.probes = report
+        self.state.active_edits = len(records)
+        self.state.active_facts = sum(len(r.facts) for r in records)
+
+    def _reject(self, op: Operation, breaches: list[Breach]) -> None:
+        self.metrics.edits.labels("rejected").inc()
+        problem = {
+            "type": PROBLEM_BASE + "guardrail",
+            "title": "The edit was rolled back by a guardrail",
+            "status": 422,
+            "detail": "; ".join(b.describe() for b in breaches),
+            "breaches": [b.as_dict() for b in breaches],
         }
-        self.state.edits_applied += 1
-        self._mark_applied(op, result.superseded, scores)
+        log.warning("edit %s rejected: %s", op.edit_id, problem["detail"])
+        self.log.transition(
+            op.edit_id, _IN_FLIGHT | {EditStatus.reverting}, EditStatus.rejected, error=problem
+        )
 
     def _mark_applied(
         self, op: Operation, superseded: list[str], scores: dict[str, Any] | None
@@ -257,6 +366,9 @@ class ModelWorker:
         fields: dict[str, Any] = {"model_version": op.seq, "applied_at": now()}
         if scores is not None:
             fields["scores"] = scores
+        if self.ready:  # the start-up rebuild is not news
+            self.metrics.edits.labels("applied").inc()
+            self.metrics.edits.labels("superseded").inc(len(superseded))
         if not self.log.transition(op.edit_id, _IN_FLIGHT, EditStatus.applied, **fields):
             # A revert was asked for meanwhile: it stays ``reverting`` until its turn.
             self.log.transition(op.edit_id, {EditStatus.reverting}, None, **fields)
@@ -270,13 +382,20 @@ class ModelWorker:
 
     def _revert(self, op: Operation) -> None:
         assert self.editor is not None
+        started = time.perf_counter()
         try:
-            with self.weights_lock:
-                self.editor.revert(op.edit_id)
-                self.state.model_version = op.seq
+            change = self.editor.plan_revert(op.edit_id)
         except UnknownEditError:
             return  # cancelled before it was applied, or it failed: nothing to undo
-        self.state.reverts += 1
+        # Swapped before the probes run (unlike an apply, which nothing can reject): a revert
+        # takes effect at once.
+        with self.weights_lock:
+            self.editor.commit(change)
+            self.state.model_version = op.seq
+        self.metrics.revert_seconds.observe(time.perf_counter() - started)
+        self.metrics.edits.labels("reverted").inc()
+        # Published before the status, so a client that sees ``reverted`` sees its metrics.
+        self._observe(*self._measure(change.weights))
         self._mark_reverted(op)
 
     def _mark_reverted(self, op: Operation) -> None:
@@ -291,7 +410,7 @@ class ModelWorker:
     def _fail(
         self, op: Operation, status: EditStatus, kind: str, title: str, exc: BaseException
     ) -> None:
-        self.state.edits_failed += 1
+        self.metrics.edits.labels(str(status)).inc()
         code = 422 if status == EditStatus.rejected else 500
         problem = {
             "type": PROBLEM_BASE + kind,
@@ -324,6 +443,14 @@ class ModelWorker:
             "active_facts": sum(len(r.facts) for r in active),
             "weights_digest": digest,
         }
+
+
+def _target_probability(scores: dict[str, Any]) -> tuple[float, float]:
+    """Mean P(target_new) on each fact's own prompt, before and after."""
+    prompts = [fact["prompts"][0] for fact in scores["facts"]]
+    before = sum(p["p_target_before"] for p in prompts) / len(prompts)
+    after = sum(p["p_target_after"] for p in prompts) / len(prompts)
+    return before, after
 
 
 _NEEDS_WORK = {EditStatus.queued, EditStatus.applying, EditStatus.reverting}

@@ -187,6 +187,10 @@ class EditLog(ABC):
         """The seq of the newest operation (0 for an empty log)."""
 
     @abstractmethod
+    def status_counts(self) -> dict[EditStatus, int]:
+        """How many edits the log holds in each status (every status present, zero or not)."""
+
+    @abstractmethod
     def get(self, edit_id: str) -> EditEntry | None: ...
 
     @abstractmethod

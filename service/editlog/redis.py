@@ -6,6 +6,7 @@ Keys (all under one prefix, ``editserve`` by default)::
     {p}:seq            the last seq handed out
     {p}:edit:<id>      hash: status, rev, doc (the entry as JSON)
     {p}:edits          sorted set of edit ids by seq, for listing
+    {p}:counts         hash: the number of edits in each status
     {p}:idem:<key>     the edit id and request fingerprint an Idempotency-Key created
     {p}:record:<id>    the edit's delta record (safetensors bytes)
 
@@ -35,7 +36,7 @@ from service.editlog.base import (
 
 T = TypeVar("T")
 
-# KEYS: ops, seq, edit, edits, idem   ARGV: edit id, idempotency key or "", fingerprint, doc
+# KEYS: ops, seq, edit, edits, idem, counts   ARGV: edit id, idempotency key or "", fingerprint, doc
 # Returns {1, seq} when created, {0, existing id, fingerprint} for a known key.
 _APPEND = """
 if ARGV[2] ~= '' then
@@ -46,20 +47,26 @@ local seq = redis.call('INCR', KEYS[2])
 redis.call('XADD', KEYS[1], seq .. '-0', 'kind', 'apply', 'id', ARGV[1])
 redis.call('HSET', KEYS[3], 'seq', seq, 'status', 'queued', 'rev', 0, 'doc', ARGV[4])
 redis.call('ZADD', KEYS[4], seq, ARGV[1])
+redis.call('HINCRBY', KEYS[6], 'queued', 1)
 if ARGV[2] ~= '' then
   redis.call('HSET', KEYS[5], 'id', ARGV[1], 'fingerprint', ARGV[3])
 end
 return {1, seq}
 """
 
-# KEYS: edit, ops, seq   ARGV: expected rev, new status, new doc, "revert" to append a revert
-# op, edit id
+# KEYS: edit, ops, seq, counts   ARGV: expected rev, new status, new doc, "revert" to append a
+# revert op, edit id
 # Returns -1 when the rev moved on (the caller re-reads and retries), else the new rev.
 _CAS = """
 if redis.call('HGET', KEYS[1], 'rev') ~= ARGV[1] then return -1 end
 if ARGV[4] == 'revert' then
   local seq = redis.call('INCR', KEYS[3])
   redis.call('XADD', KEYS[2], seq .. '-0', 'kind', 'revert', 'id', ARGV[5])
+end
+local old = redis.call('HGET', KEYS[1], 'status')
+if old ~= ARGV[2] then
+  redis.call('HINCRBY', KEYS[4], old, -1)
+  redis.call('HINCRBY', KEYS[4], ARGV[2], 1)
 end
 redis.call('HSET', KEYS[1], 'status', ARGV[2], 'doc', ARGV[3])
 return redis.call('HINCRBY', KEYS[1], 'rev', 1)
@@ -112,6 +119,7 @@ class RedisEditLog(EditLog):
             self._key("edit", edit_id),
             self._key("edits"),
             self._key("idem", idempotency_key or ""),
+            self._key("counts"),
         ]
         args = [edit_id, idempotency_key or "", fingerprint or "", entry.to_json()]
         result: Any = self._call(lambda: self._append(keys=keys, args=args))
@@ -142,7 +150,12 @@ class RedisEditLog(EditLog):
             if change is None:
                 return None
             new = entry.updated(*change)
-            keys = [self._key("edit", edit_id), self._key("ops"), self._key("seq")]
+            keys = [
+                self._key("edit", edit_id),
+                self._key("ops"),
+                self._key("seq"),
+                self._key("counts"),
+            ]
             args: list[Any] = [
                 rev,
                 str(new.status),
@@ -186,6 +199,13 @@ class RedisEditLog(EditLog):
     def last_seq(self) -> int:
         value = self._call(lambda: self._r.get(self._key("seq")))
         return int(value or 0)
+
+    def status_counts(self) -> dict[EditStatus, int]:
+        reply: Any = self._call(lambda: self._r.hgetall(self._key("counts")))
+        counts = {status: 0 for status in EditStatus}
+        for name, value in reply.items():
+            counts[EditStatus(name.decode())] = int(value)
+        return counts
 
     def get(self, edit_id: str) -> EditEntry | None:
         loaded = self._load(edit_id)

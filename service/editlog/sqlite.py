@@ -38,6 +38,7 @@ CREATE TABLE IF NOT EXISTS edits (
     doc TEXT NOT NULL
 );
 CREATE INDEX IF NOT EXISTS edits_by_seq ON edits (seq);
+CREATE INDEX IF NOT EXISTS edits_by_status ON edits (status);
 CREATE TABLE IF NOT EXISTS idempotency (
     key TEXT PRIMARY KEY,
     edit_id TEXT NOT NULL,
@@ -148,6 +149,12 @@ class SqliteEditLog(EditLog):
     def last_seq(self) -> int:
         rows = self._query("SELECT COALESCE(MAX(seq), 0) FROM ops")
         return int(rows[0][0])
+
+    def status_counts(self) -> dict[EditStatus, int]:
+        counts = {status: 0 for status in EditStatus}
+        for status, n in self._query("SELECT status, COUNT(*) FROM edits GROUP BY status"):
+            counts[EditStatus(status)] = int(n)
+        return counts
 
     def get(self, edit_id: str) -> EditEntry | None:
         rows = self._query("SELECT doc FROM edits WHERE id = ?", (edit_id,))

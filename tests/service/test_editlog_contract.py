@@ -170,6 +170,27 @@ def test_list_is_newest_first_with_cursor_and_status(edit_log: EditLog) -> None:
     assert [e.id for e in edit_log.list_edits(EditStatus.failed)] == [ids[2]]
 
 
+def test_status_counts_follow_every_change(edit_log: EditLog) -> None:
+    ids = [new_id() for _ in range(5)]
+    for i in ids:
+        edit_log.append_edit(i, [FACT])
+    edit_log.append_edit(new_id(), [FACT], "key-1", "fp")
+    edit_log.append_edit(new_id(), [FACT], "key-1", "fp")  # a retry creates nothing
+    edit_log.transition(ids[0], {EditStatus.queued}, EditStatus.applying)
+    edit_log.transition(ids[0], {EditStatus.applying}, EditStatus.applied)
+    edit_log.transition(ids[1], {EditStatus.queued}, EditStatus.failed)
+    edit_log.transition(ids[2], {EditStatus.applied}, EditStatus.reverted)  # no match: no change
+    edit_log.transition(ids[3], {EditStatus.queued}, None, scores={"x": 1})  # status kept
+    edit_log.request_revert(ids[0])
+    edit_log.request_revert(ids[4])  # queued: cancelled at once
+    counts = edit_log.status_counts()
+    assert set(counts) == set(EditStatus)
+    expected = {s: len(edit_log.list_edits(s, limit=100)) for s in EditStatus}
+    assert counts == expected
+    assert counts[EditStatus.queued] == 3
+    assert counts[EditStatus.reverting] == counts[EditStatus.failed] == 1
+
+
 def test_records_round_trip(edit_log: EditLog) -> None:
     edit_id = new_id()
     assert edit_log.get_record(edit_id) is None

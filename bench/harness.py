@@ -1,0 +1,28 @@
+"""What the server benchmarks share: an ``editserve serve`` process of their own."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import tempfile
+import time
+
+import httpx
+
+
+def start_server(port: int, *flags: str) -> subprocess.Popen[bytes]:
+    """Start ``editserve serve`` on ``port`` with a fresh SQLite log; return once it is ready."""
+    env = {**os.environ, "EDITSERVE_DATA_DIR": tempfile.mkdtemp(prefix="editserve-bench-")}
+    command = [sys.executable, "-m", "service.cli", "serve", "--port", str(port)]
+    server = subprocess.Popen([*command, "--log-level", "warning", *flags], env=env)
+    deadline = time.time() + 900
+    while time.time() < deadline:
+        try:
+            if httpx.get(f"http://127.0.0.1:{port}/ready", timeout=2).status_code == 200:
+                return server
+        except httpx.HTTPError:
+            pass
+        time.sleep(1)
+    server.kill()
+    raise TimeoutError("the server did not become ready")

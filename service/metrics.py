@@ -1,0 +1,249 @@
+"""Prometheus metrics: every name the service exports, its unit and its meaning, in one place.
+
+Events (edits handled, generation requests, phase timings) are counted where they happen;
+levels (model version, active edits, weight norms, probe scores, log lag) are read from the
+worker and the log at scrape time, so a scrape always sees the current state.
+
+Counters count what *this replica* did; ``editserve_log_edits`` reads the shared log and so
+agrees across replicas.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Iterable, Iterator
+from typing import TYPE_CHECKING
+
+from prometheus_client import (
+    CollectorRegistry,
+    Counter,
+    Histogram,
+    Info,
+    generate_latest,
+)
+from prometheus_client.core import GaugeMetricFamily, Metric
+from prometheus_client.gc_collector import GCCollector
+from prometheus_client.platform_collector import PlatformCollector
+from prometheus_client.process_collector import ProcessCollector
+from prometheus_client.registry import Collector
+
+from service.editlog.base import EditLogError, EditStatus
+
+if TYPE_CHECKING:
+    from service.worker import ModelWorker
+
+log = logging.getLogger(__name__)
+
+PREFIX = "editserve"
+EDIT_OUTCOMES = ("applied", "rejected", "failed", "reverted", "superseded")
+EDIT_PHASES = ("keys", "zstar", "solve", "swap", "probes", "scores", "total")
+GENERATION_OUTCOMES = ("ok", "error", "cancelled", "rejected")
+GUARDRAILS = ("agreement", "delta_growth", "perplexity_ratio")
+
+# Edits take seconds on a CPU and tens of milliseconds on a GPU; swaps take milliseconds.
+_EDIT_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2, 4, 8, 15, 30, 60, 120)
+_LATENCY_BUCKETS = (0.025, 0.05, 0.1, 0.25, 0.5, 1, 2, 4, 8, 15, 30, 60)
+_BATCH_BUCKETS = (1, 2, 3, 4, 6, 8, 12, 16, 24, 32, 64)
+
+
+class Metrics:
+    """The service's metrics, on a registry of their own (several apps may share a process)."""
+
+    def __init__(self) -> None:
+        r = self.registry = CollectorRegistry()
+        ProcessCollector(registry=r)
+        PlatformCollector(registry=r)
+        GCCollector(registry=r)
+        self.build = Info(f"{PREFIX}_build", "What this replica runs", registry=r)
+
+        self.edits = Counter(
+            f"{PREFIX}_edits",
+            "Edit operations this replica finished, by outcome",
+            ["status"],
+            registry=r,
+        )
+        self.edit_seconds = Histogram(
+            f"{PREFIX}_edit_apply_seconds",
+            "Time to apply one edit, by phase (total: from dequeue to published)",
+            ["phase"],
+            buckets=_EDIT_BUCKETS,
+            registry=r,
+        )
+        self.revert_seconds = Histogram(
+            f"{PREFIX}_edit_revert_seconds",
+            "Time to revert one edit (rebuild and swap)",
+            buckets=_EDIT_BUCKETS,
+            registry=r,
+        )
+        self.guardrail_breaches = Counter(
+            f"{PREFIX}_guardrail_breaches",
+            "Edits that breached a guardrail threshold, by guardrail and action taken",
+            ["guardrail", "action"],
+            registry=r,
+        )
+        self.generation_requests = Counter(
+            f"{PREFIX}_generation_requests",
+            "Generation requests by outcome (rejected: the queue was full)",
+            ["status"],
+            registry=r,
+        )
+        self.generation_seconds = Histogram(
+            f"{PREFIX}_generation_seconds",
+            "Time from a generation request's arrival to its last token",
+            buckets=_LATENCY_BUCKETS,
+            registry=r,
+        )
+        self.first_token_seconds = Histogram(
+            f"{PREFIX}_generation_time_to_first_token_seconds",
+            "Time from a generation request's arrival to its first token",
+            buckets=_LATENCY_BUCKETS,
+            registry=r,
+        )
+        self.generated_tokens = Counter(
+            f"{PREFIX}_generated_tokens", "Tokens generated", registry=r
+        )
+        self.prompt_tokens = Counter(
+            f"{PREFIX}_prompt_tokens", "Prompt tokens read by generation", registry=r
+        )
+        self.batch_size = Histogram(
+            f"{PREFIX}_generation_batch_size",
+            "Requests decoded together in one batch",
+            buckets=_BATCH_BUCKETS,
+            registry=r,
+        )
+        # Every label value exists from the start: a rate over a series that appears only at
+        # its first event misses that event.
+        for status in EDIT_OUTCOMES:
+            self.edits.labels(status)
+        for phase in EDIT_PHASES:
+            self.edit_seconds.labels(phase)
+        for status in GENERATION_OUTCOMES:
+            self.generation_requests.labels(status)
+        for guardrail in GUARDRAILS:
+            for action in ("reject", "flag"):
+                self.guardrail_breaches.labels(guardrail, action)
+
+    def watch(self, worker: ModelWorker) -> None:
+        """Export the worker's levels (and the log's) at every scrape."""
+        self.registry.register(_StateCollector(worker))
+
+    def render(self) -> bytes:
+        return generate_latest(self.registry)
+
+
+class _StateCollector(Collector):
+    """Levels read from the worker and the log when Prometheus scrapes."""
+
+    def __init__(self, worker: ModelWorker) -> None:
+        self.worker = worker
+
+    def describe(self) -> Iterable[Metric]:
+        return []  # no fixed description: the families depend on the worker's state
+
+    def collect(self) -> Iterator[Metric]:
+        w = self.worker
+        state = w.state
+        yield _gauge("up", "1 once the model is loaded and replayed, else 0", int(w.ready))
+        yield _gauge(
+            "model_version",
+            "Log position of the last operation that changed the weights",
+            state.model_version,
+        )
+        yield _gauge("active_edits", "Edits in effect on this replica", state.active_edits)
+        yield _gauge("active_facts", "Facts in effect on this replica", state.active_facts)
+        yield _gauge(
+            "log_processed_seq", "Log position of the last operation handled", state.processed
+        )
+        yield _gauge(
+            "edit_queue_limit",
+            "Pending edit operations beyond which POST /edits answers 429",
+            w.settings.max_queued_edits,
+        )
+        try:
+            head = w.log.last_seq()
+            counts = w.log.status_counts()
+        except EditLogError as exc:
+            log.warning("metrics: the edit log is unreachable: %s", exc)
+            yield _gauge("log_up", "1 when the edit log answered this scrape", 0)
+        else:
+            yield _gauge("log_up", "1 when the edit log answered this scrape", 1)
+            yield _gauge("log_head_seq", "Log position of the newest operation", head)
+            yield _gauge(
+                "log_lag_operations",
+                "Operations in the log that this replica has not handled yet",
+                max(head - state.processed, 0),
+            )
+            waiting = sum(
+                counts[s] for s in (EditStatus.queued, EditStatus.applying, EditStatus.reverting)
+            )
+            yield _gauge(
+                "edit_queue_depth",
+                "Edits in the log waiting to take effect or to be reverted",
+                waiting,
+            )
+            by_status = GaugeMetricFamily(
+                f"{PREFIX}_log_edits",
+                "Edits in the shared log, by status (the same on every replica)",
+                labels=["status"],
+            )
+            for status, n in sorted(counts.items()):
+                by_status.add_metric([str(status)], n)
+            yield by_status
+        if w.batcher is not None:
+            yield _gauge(
+                "generation_queue_depth",
+                "Generation requests waiting for a batch",
+                w.batcher.waiting,
+            )
+        yield from _per_layer(state.weight_norms)
+        probes = state.probes
+        if probes is not None:
+            yield _gauge(
+                "probe_top1_agreement",
+                "Share of locality probes whose most likely next token is the original's",
+                probes.agreement,
+            )
+            yield _gauge(
+                "probe_kl_mean",
+                "Mean KL divergence (nats) of the probes' next-token distributions from the "
+                "original model's",
+                probes.kl,
+            )
+            if probes.perplexity_ratio is not None:
+                yield _gauge(
+                    "probe_perplexity_ratio",
+                    "Held-out perplexity of the live model over the original's",
+                    probes.perplexity_ratio,
+                )
+            yield _gauge("probe_seconds", "Duration of the last probe pass", probes.seconds)
+        if state.last_target_probability is not None:
+            family = GaugeMetricFamily(
+                f"{PREFIX}_last_edit_target_probability",
+                "The last applied edit's mean P(target_new) on its prompts, before and after",
+                labels=["when"],
+            )
+            before, after = state.last_target_probability
+            family.add_metric(["before"], before)
+            family.add_metric(["after"], after)
+            yield family
+
+
+def _gauge(name: str, documentation: str, value: float) -> GaugeMetricFamily:
+    return GaugeMetricFamily(f"{PREFIX}_{name}", documentation, value=value)
+
+
+def _per_layer(norms: dict[str, dict[int, float]]) -> Iterator[Metric]:
+    docs = {
+        "mean_abs_w": ("layer_weight_mean_abs", "Mean |W| of an edited matrix"),
+        "mean_abs_delta": (
+            "layer_delta_mean_abs",
+            "Mean |W - W0| of an edited matrix: how far edits moved it from the original",
+        ),
+    }
+    for key, (name, documentation) in docs.items():
+        if key not in norms:
+            continue
+        family = GaugeMetricFamily(f"{PREFIX}_{name}", documentation, labels=["layer"])
+        for layer, value in sorted(norms[key].items()):
+            family.add_metric([str(layer)], value)
+        yield family
