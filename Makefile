@@ -4,7 +4,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: setup serve demo openapi test lint eval clean
+.PHONY: setup serve demo openapi test lint eval bench bench-full clean
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -38,6 +38,15 @@ test: setup lint
 
 eval: setup
 	$(VENV)/bin/editserve eval --limit 100 --json
+
+# The speed study and a short quality study (N = 100, CounterFact): about 30 min on 2 cores.
+bench: setup
+	ZSRE_N=0 bench/study.sh 100 bench/results/study-100
+	$(PY) bench/speed.py
+
+# The full sequential-editing study (N = 1000, CounterFact and zsRE): about 8 h on 2 cores.
+bench-full: setup
+	bench/study.sh 1000 bench/results/study-1000
 
 clean:
 	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache

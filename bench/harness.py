@@ -7,13 +7,16 @@ import subprocess
 import sys
 import tempfile
 import time
+from pathlib import Path
 
 import httpx
 
 
-def start_server(port: int, *flags: str) -> subprocess.Popen[bytes]:
-    """Start ``editserve serve`` on ``port`` with a fresh SQLite log; return once it is ready."""
-    env = {**os.environ, "EDITSERVE_DATA_DIR": tempfile.mkdtemp(prefix="editserve-bench-")}
+def start_server(port: int, *flags: str, data_dir: Path | None = None) -> subprocess.Popen[bytes]:
+    """Start ``editserve serve`` on ``port`` with the SQLite log in ``data_dir`` (default: a
+    fresh one); return once it is ready."""
+    data = data_dir or tempfile.mkdtemp(prefix="editserve-bench-")
+    env = {**os.environ, "EDITSERVE_DATA_DIR": str(data)}
     command = [sys.executable, "-m", "service.cli", "serve", "--port", str(port)]
     server = subprocess.Popen([*command, "--log-level", "warning", *flags], env=env)
     deadline = time.time() + 900

@@ -54,6 +54,20 @@ def build_parser() -> tuple[argparse.ArgumentParser, argparse._SubParsersAction]
     ev.add_argument("--record-cache", type=Path, default=None, help="reuse W0-only z* records")
     ev.add_argument("--heldout-tokens", type=int, default=8192, help="tokens for perplexity")
     ev.add_argument("--fluency-prompts", type=int, default=20)
+    ev.add_argument(
+        "--checkpoints",
+        default="",
+        help="also evaluate after these numbers of edits, e.g. 10,100,500 (comma-separated)",
+    )
+    ev.add_argument(
+        "--zstar-batch",
+        type=int,
+        default=1,
+        help="with --record-cache: steps per batched z* optimisation when filling the cache",
+    )
+    ev.add_argument(
+        "--out", type=Path, default=None, help="write the JSON here, rewritten at each checkpoint"
+    )
     ev.add_argument("--json", action="store_true", help="print one JSON object on stdout")
 
     demo = sub.add_parser("demo", help="edit one fact, generate, revert, generate")
@@ -94,14 +108,31 @@ def _eval(args: argparse.Namespace) -> int:
         print(f"editserve eval: {exc}", file=sys.stderr)
         return 2
     facts = load_facts(path, args.limit)
+    try:
+        checkpoints = [int(n) for n in args.checkpoints.split(",") if n.strip()]
+    except ValueError:
+        print(f"editserve eval: --checkpoints {args.checkpoints!r} is not a list of numbers")
+        return 2
     editor = _editor(args)
+    done: list[dict] = []
+
+    def save(result: dict) -> None:
+        done.append({**result, "facts_file": str(path)})
+        if args.out is not None:
+            tmp = args.out.with_suffix(".partial")
+            tmp.write_text(json.dumps({**done[-1], "checkpoints": done}))
+            tmp.rename(args.out)
+
     result = run_sequential(
         editor,
         facts,
         batch_size=args.batch_size,
+        checkpoints=checkpoints,
         record_cache=args.record_cache,
+        zstar_batch=args.zstar_batch,
         heldout_tokens=args.heldout_tokens,
         fluency_prompts=args.fluency_prompts,
+        on_checkpoint=save,
     )
     result["facts_file"] = str(path)
     if args.json:

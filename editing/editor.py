@@ -147,6 +147,34 @@ class Editor:
             stats={"nll_before": z.nll_before, "nll_after": z.nll_after, "steps": [z.steps]},
         )
 
+    def compute_many(
+        self,
+        steps: list[list[Fact]],
+        record_ids: list[str] | None = None,
+        seconds: dict[str, float] | None = None,
+    ) -> list[DeltaRecord]:
+        """One record per step, from a single batched z* optimisation over all their facts.
+
+        Each fact's z* has its own delta and its own stopping rule, so a fact's record is the
+        same as computing its step alone, in one pass instead of one per step. Facts repeated
+        across steps are fine (each step keeps its own rows). With a method whose records depend
+        on the live weights (the sequential baselines) every step is computed against the weights
+        as they are now, as if the steps were one batch edit.
+        """
+        if not steps or any(not step for step in steps):
+            raise InvalidFactError("facts", "no fact given")
+        ids = record_ids or [uuid.uuid4().hex for _ in steps]
+        flat = [fact for step in steps for fact in step]
+        if len(steps) == 1 or len({f.key for f in flat}) == len(flat):
+            whole = self.compute(flat, "batch", seconds)
+        else:  # a fact in two steps: the batch must not see it twice
+            return [self.compute(step, rid, seconds) for step, rid in zip(steps, ids, strict=True)]
+        records, start = [], 0
+        for step, rid in zip(steps, ids, strict=True):
+            records.append(whole.rows(list(range(start, start + len(step))), rid))
+            start += len(step)
+        return records
+
     def apply(self, facts: list[Fact], record_id: str | None = None) -> ApplyResult:
         """Compute and install an edit of ``facts``."""
         seconds: dict[str, float] = {}
@@ -181,15 +209,21 @@ class Editor:
     # keeps serving and hold its lock only for the swap. Only one thread may plan and commit.
 
     def plan_install(self, record: DeltaRecord) -> Change:
-        if any(r.id == record.id for r in self._records):
-            raise EditError(f"edit {record.id} is already active")
-        remaining, superseded, untouched = supersede(self._records, record)
-        if untouched:
-            state = self.method.fold(self._state, record)
-        else:
-            state = self.method.rebuild([*remaining, record])
-        change = self._plan([*remaining, record], state)
-        change.superseded = superseded
+        return self.plan_install_many([record])
+
+    def plan_install_many(self, records: list[DeltaRecord]) -> Change:
+        """Install ``records`` in order, with one solve for all of them."""
+        active, state, superseded_by = self._records, self._state, {}
+        for record in records:
+            if any(r.id == record.id for r in active):
+                raise EditError(f"edit {record.id} is already active")
+            remaining, gone, untouched = supersede(active, record)
+            active = [*remaining, record]
+            state = self.method.fold(state, record) if untouched else self.method.rebuild(active)
+            superseded_by.update(dict.fromkeys(gone, record.id))
+        change = self._plan(active, state)
+        change.superseded = list(superseded_by)
+        change.superseded_by = superseded_by
         return change
 
     def plan_revert(self, record_id: str) -> Change:
@@ -226,6 +260,7 @@ class Change:
     state: State
     weights: dict[int, torch.Tensor]
     superseded: list[str] = field(default_factory=list)
+    superseded_by: dict[str, str] = field(default_factory=dict)  # old record id -> new one
 
 
 def supersede(

@@ -13,6 +13,7 @@ import logging
 import statistics
 import sys
 import time
+from collections.abc import Callable
 from dataclasses import asdict
 from pathlib import Path
 from typing import Any
@@ -66,13 +67,23 @@ def run_sequential(
     facts: list[Fact],
     *,
     batch_size: int = 1,
+    checkpoints: list[int] | None = None,
     record_cache: Path | None = None,
+    zstar_batch: int = 1,
     heldout_tokens: int = 8192,
     fluency_prompts: int = 20,
     norms_every: int = 50,
     progress: bool = True,
+    on_checkpoint: Callable[[dict[str, Any]], None] | None = None,
 ) -> dict[str, Any]:
-    """Apply ``facts`` in steps of ``batch_size``; return all the measurements as a dict."""
+    """Apply ``facts`` in steps of ``batch_size``; return all the measurements as a dict.
+
+    At each of ``checkpoints`` (numbers of facts edited; the last is always ``len(facts)``) the
+    first N facts are evaluated, exactly as a run of N edits would leave them, and the result is
+    passed to ``on_checkpoint`` and kept under ``checkpoints``. The top level holds the last one.
+    With a record cache, ``zstar_batch`` steps share one batched z* optimisation when their
+    records are missing (records that depend only on W0 come out the same either way).
+    """
     lm = editor.lm
     _, heldout = corpus.split(corpus.load_texts(corpus.WIKI))
     cache = (
@@ -80,14 +91,25 @@ def run_sequential(
         if record_cache is not None and editor.method.against_original
         else None
     )
-    before = metrics.counterfact_scores(lm, facts)
+    marks = sorted({n for n in (checkpoints or []) if 0 < n < len(facts)} | {len(facts)})
+    steps = [facts[i : i + batch_size] for i in range(0, len(facts), batch_size)]
+    if cache is not None and zstar_batch > 1:
+        _fill_cache(editor, cache, steps, zstar_batch, progress)
+
+    fluency_texts = [f.prompt for f in facts[:fluency_prompts]]
+    before = {
+        n: {
+            "scores": metrics.counterfact_scores(lm, facts[:n]),
+            "locality": metrics.locality_argmax(lm, facts[:n]),
+        }
+        for n in marks
+    }
     ppl_before = metrics.perplexity(lm, heldout, heldout_tokens)
-    locality_before = metrics.locality_argmax(lm, facts)
-    fluency_before = metrics.fluency(lm, [f.prompt for f in facts[:fluency_prompts]])
+    fluency_before = metrics.fluency(lm, fluency_texts)
 
     edit_seconds: list[float] = []
     trajectory: list[dict[str, Any]] = []
-    steps = [facts[i : i + batch_size] for i in range(0, len(facts), batch_size)]
+    results: list[dict[str, Any]] = []
     for index, step in enumerate(steps, start=1):
         start = time.perf_counter()
         record = cache.get(step) if cache else None
@@ -107,8 +129,35 @@ def run_sequential(
                 f"{edit_seconds[-1]:.2f} s this step",
                 file=sys.stderr,
             )
+        if done in before or index == len(steps):
+            was = before[done] if done in before else before[len(facts)]
+            result = _evaluate(editor, facts[:done], was, heldout, heldout_tokens, fluency_texts)
+            result.update(
+                perplexity_before=ppl_before,
+                fluency_before=fluency_before,
+                batch_size=batch_size,
+                trajectory=list(trajectory),
+                seconds_per_edit=statistics.median(edit_seconds),
+                seconds_per_edit_mean=statistics.fmean(edit_seconds),
+            )
+            results.append(result)
+            if on_checkpoint is not None:
+                on_checkpoint(result)
+    return {**results[-1], "checkpoints": results}
 
+
+def _evaluate(
+    editor: Editor,
+    facts: list[Fact],
+    before: dict[str, Any],
+    heldout: list[str],
+    heldout_tokens: int,
+    fluency_texts: list[str],
+) -> dict[str, Any]:
+    """Every measurement of the model as it stands, for the ``facts`` edited so far."""
+    lm = editor.lm
     after = metrics.counterfact_scores(lm, facts)
+    was = before["scores"]
     norms = metrics.weight_norms(editor.live_weights(), editor.w0)
     return {
         "n_edits": len(facts),
@@ -116,25 +165,41 @@ def run_sequential(
         "rect_keep": editor.hp.rect_keep,
         "mom2_lambda": editor.hp.mom2_lambda,
         "layers": list(editor.hp.layers),
-        "batch_size": batch_size,
         "efficacy": after.get("efficacy"),
         "paraphrase": after.get("paraphrase"),
         "neighborhood": after.get("neighborhood"),
         "score": after.get("score"),
         "magnitudes": {k: v for k, v in after.items() if k.endswith("_magnitude")},
-        "efficacy_before": before.get("efficacy"),
-        "paraphrase_before": before.get("paraphrase"),
-        "neighborhood_before": before.get("neighborhood"),
-        "score_before": before.get("score"),
-        "easyedit": metrics.easyedit_accuracy(lm, facts, locality_before),
-        "fluency_before": fluency_before,
-        "fluency_after": metrics.fluency(lm, [f.prompt for f in facts[:fluency_prompts]]),
-        "perplexity_before": ppl_before,
+        "efficacy_before": was.get("efficacy"),
+        "paraphrase_before": was.get("paraphrase"),
+        "neighborhood_before": was.get("neighborhood"),
+        "score_before": was.get("score"),
+        "easyedit": metrics.easyedit_accuracy(lm, facts, before["locality"]),
+        "fluency_after": metrics.fluency(lm, fluency_texts),
         "perplexity_after": metrics.perplexity(lm, heldout, heldout_tokens),
         "l1_delta_by_layer": norms["mean_abs_delta"],
         "mean_abs_w_by_layer": norms["mean_abs_w"],
-        "trajectory": trajectory,
-        "seconds_per_edit": statistics.median(edit_seconds) if edit_seconds else 0.0,
-        "seconds_per_edit_mean": statistics.fmean(edit_seconds) if edit_seconds else 0.0,
         "state_bytes": editor.state_bytes(),
     }
+
+
+def _fill_cache(
+    editor: Editor,
+    cache: RecordCache,
+    steps: list[list[Fact]],
+    zstar_batch: int,
+    progress: bool,
+) -> None:
+    """Compute the missing records, ``zstar_batch`` steps to one z* optimisation."""
+    missing = [step for step in steps if cache.get(step) is None]
+    for i in range(0, len(missing), zstar_batch):
+        group = missing[i : i + zstar_batch]
+        started = time.perf_counter()
+        for step, record in zip(group, editor.compute_many(group), strict=True):
+            cache.put(step, record)
+        if progress:
+            print(
+                f"[z*] {min(i + zstar_batch, len(missing))}/{len(missing)} records, "
+                f"{(time.perf_counter() - started) / len(group):.2f} s each",
+                file=sys.stderr,
+            )

@@ -40,13 +40,21 @@ class DeltaRecord:
             return self
         if not keep:
             return None
-        rows = torch.tensor(keep)
+        return self.rows(keep)
+
+    def rows(self, keep: list[int], id: str | None = None) -> DeltaRecord:
+        """The record of the facts at ``keep`` alone (under ``id``, or this record's id)."""
+        rows = torch.tensor(keep, dtype=torch.long)
         return DeltaRecord(
-            id=self.id,
+            id=id or self.id,
             facts=tuple(self.facts[i] for i in keep),
             keys={layer: k[rows] for layer, k in self.keys.items()},
             residual=self.residual[rows],
-            stats={name: [v[i] for i in keep] for name, v in self.stats.items()},
+            # per-fact lists are sliced; the rest (a step's count of z* steps) is the step's own
+            stats={
+                name: [v[i] for i in keep] if len(v) == len(self.facts) else list(v)
+                for name, v in self.stats.items()
+            },
         )
 
     def to_bytes(self) -> bytes:

@@ -30,11 +30,17 @@ def _add_commands(sub: Any) -> None:
     serve.add_argument("--model")
     serve.add_argument("--device")
     serve.add_argument("--dtype")
+    serve.add_argument(
+        "--serve-dtype", choices=["auto", "float32", "bfloat16", "float16"], help="see Settings"
+    )
     serve.add_argument("--method")
     serve.add_argument("--layers")
     serve.add_argument("--covariance-tokens", type=int)
     serve.add_argument("--v-steps", type=int)
     serve.add_argument("--cache-dir", type=Path)
+    serve.add_argument(
+        "--edit-batch", type=int, metavar="N", help="queued edits per batched z* (1: none)"
+    )
     serve.add_argument("--probes", help="locality probe set: default, a .jsonl file, or off")
     serve.add_argument("--guard-min-agreement", type=float, metavar="SHARE")
     serve.add_argument("--guard-max-delta-growth", type=float, metavar="SHARE")

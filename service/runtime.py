@@ -44,6 +44,23 @@ class Runtime:
             )
         return ids
 
+    async def await_version(self, min_version: int | None) -> None:
+        """Return once this replica has handled the log up to ``min_version``; a 503 with
+        Retry-After if it does not within ``min_version_wait_seconds``."""
+        if min_version is None:
+            return
+        state = self.worker.state
+        deadline = time.monotonic() + self.settings.min_version_wait_seconds
+        while state.processed < min_version or not self.worker.ready:
+            if time.monotonic() >= deadline:
+                raise Problem(
+                    503,
+                    f"this replica has reached model version {state.processed}, behind the "
+                    f"requested min_version {min_version}; retry, here or on another replica",
+                    headers={"Retry-After": "1"},
+                )
+            await asyncio.sleep(0.02)
+
     async def generate(self, prompt_ids: list[int], params: SamplingParams) -> AsyncIterator[Event]:
         """Events of one generation request, as the batcher produces them. Leaving the loop
         early (a client that went away) cancels the request."""

@@ -89,6 +89,9 @@ class EditOut(BaseModel):
     reverted_version: int | None = None
     cancelled: bool = False
     superseded_by: str | None = None
+    computed_by: str | None = Field(
+        default=None, description="the replica that computed the edit's record"
+    )
     error: ProblemDetail | None = None
     scores: dict[str, Any] | None = Field(
         default=None,
@@ -110,6 +113,7 @@ class EditOut(BaseModel):
             reverted_version=entry.reverted_version,
             cancelled=entry.cancelled,
             superseded_by=entry.superseded_by,
+            computed_by=entry.computed_by,
             error=ProblemDetail(**entry.error) if entry.error else None,
             scores=entry.scores,
         )
@@ -143,6 +147,13 @@ class GenerateRequest(StrictModel):
     inputs: str = Field(min_length=1)
     parameters: GenerateParameters = Field(default_factory=GenerateParameters)
     stream: bool = False
+    min_version: int | None = Field(
+        default=None,
+        ge=0,
+        description="read your own writes: answer only from a model that includes the log up "
+        "to this version (an edit's `model_version`); a replica behind it waits, then answers "
+        "503 with Retry-After",
+    )
 
 
 class TokenOut(BaseModel):
@@ -203,7 +214,8 @@ class Readiness(BaseModel):
 class Info(BaseModel):
     model: str
     device: str
-    dtype: str
+    dtype: str = Field(description="the dtype of the weights that generation reads")
+    edit_dtype: str = Field(description="the dtype edits are computed in")
     method: str
     edited_layers: list[int]
     model_version: int

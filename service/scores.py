@@ -26,6 +26,14 @@ class Snapshot:
     answer_probs: list[list[float | None]]  # per fact: each locality prompt's known answer
     next_token_logp: list[torch.Tensor]  # per fact: locality prompts x vocabulary
 
+    def part(self, start: int, stop: int) -> Snapshot:
+        """The snapshot of facts ``start:stop`` alone."""
+        return Snapshot(
+            self.target_probs[start:stop],
+            self.answer_probs[start:stop],
+            self.next_token_logp[start:stop],
+        )
+
 
 @torch.no_grad()
 def snapshot(lm: LoadedModel, facts: list[Fact]) -> Snapshot:

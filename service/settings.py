@@ -33,6 +33,11 @@ class Settings(BaseSettings):
     model: str = DEFAULT_MODEL
     device: str = "auto"
     dtype: str = "auto"
+    serve_dtype: Literal["auto", "float32", "bfloat16", "float16"] = Field(
+        default="auto",
+        description="weights that generation reads: 'auto' (the model's own) or a copy in this "
+        "dtype, kept in step with every edit; edits are computed in `dtype` either way",
+    )
     cache_dir: Path = Field(default_factory=default_cache_dir)
     method: str = "d4s"
     layers: str | None = Field(default=None, description="edited blocks, e.g. 3-7")
@@ -56,6 +61,22 @@ class Settings(BaseSettings):
     redis_url: str | None = None
     redis_prefix: str = "editserve"
 
+    # -- replicas on one log --
+    replica_id: str | None = Field(
+        default=None, description="this replica's name in leases (default: host name and pid)"
+    )
+    lease_seconds: float = Field(
+        default=15.0,
+        gt=0,
+        description="an edit's lease: a replica that dies computing an edit loses it after this",
+    )
+    min_version_wait_seconds: float = Field(
+        default=10.0,
+        ge=0,
+        description="how long a request with `min_version` waits for this replica to catch up "
+        "before a 503 with Retry-After",
+    )
+
     # -- the network and access --
     host: str = "127.0.0.1"
     port: int = 8000
@@ -71,6 +92,12 @@ class Settings(BaseSettings):
     max_batch_size: int = 8
     batch_window_ms: float = 10.0
     max_facts_per_edit: int = 32
+    edit_batch: int = Field(
+        default=16,
+        ge=1,
+        description="queued edits that share one batched z* optimisation, one solve and one "
+        "probe pass (methods whose z* depend on W0 only; the sequential baselines take 1)",
+    )
 
     @model_validator(mode="after")
     def _guards_need_probes(self) -> Settings:

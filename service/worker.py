@@ -17,17 +17,22 @@ z*), and only then reports ready.
 
 from __future__ import annotations
 
+import contextlib
+import copy
 import logging
+import os
+import socket
 import threading
 import time
 import traceback
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
 import torch
 
 from editing.editor import Change, Editor, UnknownEditError, supersede
-from editing.facts import EditError, InvalidFactError
+from editing.facts import EditError, Fact, InvalidFactError
 from editing.metrics import weight_norms
 from editing.models import LoadedModel, load_model
 from editing.records import DeltaRecord, fact_from_json
@@ -78,7 +83,9 @@ class ModelWorker:
         self.editor: Editor | None = None
         self.batcher: Batcher | None = None
         self.prober: Prober | None = None
+        self.served: LoadedModel  # set by _load: the model generation reads
         self.guard = settings.guardrails()
+        self.replica = settings.replica_id or f"{socket.gethostname()}-{os.getpid()}"
         self.state = WorkerState()
         self.metrics = metrics or Metrics()
         self.metrics.watch(self)
@@ -136,6 +143,7 @@ class ModelWorker:
         )
         self._c0 = None  # the method keeps what it needs
         editor = self.editor
+        self.served = self._serving_model()
         self._w0_mean = {layer: float(w.abs().mean()) for layer, w in editor.w0.items()}
         if s.probes != "off":
             self.prober = Prober(
@@ -151,12 +159,12 @@ class ModelWorker:
                 "model": s.model,
                 "method": s.method,
                 "device": str(self.lm.device),
-                "dtype": str(self.lm.dtype).removeprefix("torch."),
+                "dtype": str(self.served.dtype).removeprefix("torch."),
                 "log": s.log_kind(),
             }
         )
         self.batcher = Batcher(
-            self.lm,
+            self.served,
             self.weights_lock,
             lambda: self.state.model_version,
             max_batch=s.max_batch_size,
@@ -165,6 +173,30 @@ class ModelWorker:
             on_batch=self.metrics.batch_size.observe,
         )
         self.batcher.start()
+
+    def _serving_model(self) -> LoadedModel:
+        """The model that generation uses: the edited model itself, or (``serve_dtype``) a copy
+        in another dtype that every swap keeps in step. Edits are computed in the model's own
+        dtype either way."""
+        assert self.lm is not None
+        want = self.settings.serve_dtype
+        if want == "auto" or getattr(torch, want) == self.lm.dtype:
+            return self.lm
+        model = copy.deepcopy(self.lm.model).to(getattr(torch, want))
+        return LoadedModel(spec=self.lm.spec, model=model, tokenizer=self.lm.tokenizer)
+
+    def _swap(self, change: Change) -> None:
+        """Make ``change`` the served model (the caller holds the weights lock)."""
+        assert self.editor is not None
+        self.editor.commit(change)
+        self._sync_served()
+
+    def _sync_served(self) -> None:
+        assert self.editor is not None
+        if self.served is self.lm:
+            return
+        for layer, weight in self.editor.live_weights().items():
+            self.editor.adapter.write(self.served.model, layer, weight)
 
     # -- start-up rebuild ------------------------------------------------------------------
 
@@ -206,6 +238,7 @@ class ModelWorker:
                 after = op.seq
         with self.weights_lock:
             self.editor.replay(active)
+            self._sync_served()
             self.state.model_version = last_change
         self.state.processed = after
         self._observe(*self._measure(self.editor.live_weights()))
@@ -216,22 +249,52 @@ class ModelWorker:
     def _follow(self) -> None:
         while not self._stopping.is_set():
             try:
-                ops = self.log.read(self.state.processed, limit=16, block=0.5)
+                ops = self.log.read(self.state.processed, limit=self._batch_limit, block=0.5)
             except EditLogError as exc:
                 log.warning("edit log unreachable, retrying: %s", exc)
                 time.sleep(1.0)
                 continue
-            for op in ops:
-                if self._stopping.is_set():
-                    return
+            while ops and not self._stopping.is_set():
                 try:
-                    self._handle(op)
+                    group = self._batchable(ops)
+                    if group:
+                        with self._leases([op.edit_id for op in group]):
+                            self._apply_batch(group)
+                    else:
+                        group = ops[:1]
+                        self._handle(group[0])
+                except _Stopping:
+                    return
                 except EditLogError as exc:
-                    # The log went away mid-operation: handle this op again once it is back.
-                    log.warning("edit log error at seq %d, will retry: %s", op.seq, exc)
+                    # The log went away mid-operation: handle these ops again once it is back.
+                    log.warning("edit log error after seq %d, will retry: %s", ops[0].seq, exc)
                     time.sleep(1.0)
                     break
-                self.state.processed = op.seq
+                self.state.processed = group[-1].seq
+                ops = ops[len(group) :]
+
+    @property
+    def _batch_limit(self) -> int:
+        """How many queued edits may share one z* optimisation (1: no batching)."""
+        assert self.editor is not None
+        return self.settings.edit_batch if self.editor.method.against_original else 1
+
+    def _batchable(self, ops: list[Operation]) -> list[Operation]:
+        """The leading run of ``apply`` operations whose records are still to be computed and
+        whose leases this replica could take (it holds them on return)."""
+        group: list[Operation] = []
+        if self._batch_limit < 2:
+            return group
+        for op in ops[: self._batch_limit]:
+            if op.kind != "apply" or self.log.get_record(op.edit_id) is not None:
+                break
+            if not self.log.claim(op.edit_id, self.replica, self.settings.lease_seconds):
+                break
+            group.append(op)
+        if len(group) == 1:  # handled the ordinary way, which takes the lease again
+            self.log.release(group[0].edit_id, self.replica)
+            return []
+        return group
 
     def _handle(self, op: Operation) -> None:
         if op.kind == "apply":
@@ -239,16 +302,43 @@ class ModelWorker:
         else:
             self._revert(op)
 
+    def _install_stored(self, op: Operation, blob: bytes) -> None:
+        """Install a record computed earlier (before a restart, or by another replica): no z*
+        to run, and no guardrail either, since the record passed it where it was computed."""
+        assert self.editor is not None
+        change = self.editor.plan_install(DeltaRecord.from_bytes(blob))
+        self._publish(op.seq, change, {}, guarded=False)
+        self._mark_applied(op, change.superseded, None)
+
+    def _await_turn(self, op: Operation) -> bool:
+        """Wait until this replica should compute ``op``'s record: True once it holds the lease,
+        False when there is nothing to compute (the record came from another replica and is
+        installed, or the edit failed, was rejected or was cancelled there)."""
+        while True:
+            # The entry before the record: a replica stores the record before it marks the
+            # edit applied, so an edit seen applied here already has its record.
+            entry = self.log.get(op.edit_id)
+            blob = self.log.get_record(op.edit_id)
+            if blob is not None:
+                self._install_stored(op, blob)
+                return False
+            if entry is None or entry.status not in _NEEDS_WORK:
+                return False
+            if self.log.claim(op.edit_id, self.replica, self.settings.lease_seconds):
+                return True
+            if self._stopping.is_set():
+                raise _Stopping
+            time.sleep(0.05)
+
     def _apply(self, op: Operation) -> None:
         assert self.editor is not None and self.lm is not None
-        blob = self.log.get_record(op.edit_id)
-        if blob is not None:
-            # Computed earlier (before a restart, or by another replica): no z* to run, and no
-            # guardrail either, since the record passed it where it was computed.
-            change = self.editor.plan_install(DeltaRecord.from_bytes(blob))
-            self._publish(op.seq, change, {}, guarded=False)
-            self._mark_applied(op, change.superseded, None)
+        if not self._await_turn(op):
             return
+        with self._leases([op.edit_id]):
+            self._compute_and_apply(op)
+
+    def _compute_and_apply(self, op: Operation) -> None:
+        assert self.editor is not None and self.lm is not None
         entry = self.log.transition(
             op.edit_id, {EditStatus.queued, EditStatus.applying}, EditStatus.applying
         ) or self.log.get(op.edit_id)
@@ -278,7 +368,7 @@ class ModelWorker:
             self._reject(op, breaches)
             return
         # Stored only once in effect: a record in the log is one that took effect.
-        self.log.put_record(op.edit_id, record.to_bytes())
+        self._store(op, record)
         scoring = time.perf_counter()
         scores = compare(facts, before, snapshot(self.lm, facts))
         if self.state.probes is not None:
@@ -296,6 +386,116 @@ class ModelWorker:
             self.metrics.edit_seconds.labels(phase).observe(value)
         self._mark_applied(op, change.superseded, scores)
 
+    def _apply_batch(self, ops: list[Operation]) -> None:
+        """Several queued edits with one batched z* optimisation, one solve, one probe pass and
+        one swap; each edit still gets its own record, scores and status.
+
+        Whatever goes wrong with the batch as a whole (an invalid fact, a guardrail breach) is
+        settled by handling its edits one at a time, so each edit gets its own verdict; nothing
+        has been swapped in by then.
+        """
+        assert self.editor is not None and self.lm is not None
+        work: list[tuple[Operation, list[Fact]]] = []
+        for op in ops:
+            entry = self.log.transition(
+                op.edit_id, {EditStatus.queued, EditStatus.applying}, EditStatus.applying
+            ) or self.log.get(op.edit_id)
+            if entry is not None and entry.status in _NEEDS_WORK:
+                work.append((op, [fact_from_json(f) for f in entry.facts]))
+        if len(work) < 2:
+            for op, _ in work:
+                self._compute_and_apply(op)
+            return
+        every_fact = [fact for _, facts in work for fact in facts]
+        seconds: dict[str, float] = {}
+        started = time.perf_counter()
+        before = snapshot(self.lm, every_fact)
+        try:
+            records = self.editor.compute_many(
+                [facts for _, facts in work], [op.edit_id for op, _ in work], seconds
+            )
+            solving = time.perf_counter()
+            change = self.editor.plan_install_many(records)
+            seconds["solve"] = time.perf_counter() - solving
+            breaches = self._publish(work[-1][0].seq, change, seconds, guarded=True)
+        except Exception as exc:  # settled edit by edit, with each edit's own error
+            log.info("a batch of %d edits failed (%s); applying them one by one", len(work), exc)
+            breaches, change = [], None
+        if change is None or (breaches and self.guard.rejects):
+            for op, _ in work:
+                self._compute_and_apply(op)
+            return
+        scoring = time.perf_counter()
+        after = snapshot(self.lm, every_fact)
+        start = 0
+        for (op, facts), record in zip(work, records, strict=True):
+            self._store(op, record)
+            part = slice(start, start + len(facts))
+            start = part.stop
+            scores = compare(
+                facts, before.part(part.start, part.stop), after.part(part.start, part.stop)
+            )
+            if self.state.probes is not None:
+                scores["probes"] = self.state.probes.as_dict()
+            if breaches:
+                scores["guardrail"] = {
+                    "action": "flag",
+                    "breaches": [b.as_dict() for b in breaches],
+                }
+            scores["batch"] = len(work)
+            self.state.last_target_probability = _target_probability(scores)
+            gone = [old for old, new in change.superseded_by.items() if new == op.edit_id]
+            self._mark_applied(op, gone, scores)
+        seconds["scores"] = time.perf_counter() - scoring
+        seconds["total"] = time.perf_counter() - started
+        # Each edit is charged an equal share of the batch's time.
+        share = {phase: value / len(work) for phase, value in seconds.items()}
+        self.state.last_edit_seconds = share
+        for phase, value in share.items():
+            for _ in work:
+                self.metrics.edit_seconds.labels(phase).observe(value)
+
+    def _store(self, op: Operation, record: DeltaRecord) -> None:
+        """Put ``record`` in the log. Should another replica have stored one first (it took the
+        work over while this one stalled past its lease), serve the stored one instead, so
+        that every replica holds the same weights."""
+        assert self.editor is not None
+        if self.log.put_record(op.edit_id, record.to_bytes()):
+            return
+        blob = self.log.get_record(op.edit_id)
+        assert blob is not None
+        log.warning("edit %s was computed by another replica too; using its record", op.edit_id)
+        ours = self.editor.plan_revert(op.edit_id)
+        with self.weights_lock:
+            self._swap(ours)
+        change = self.editor.plan_install(DeltaRecord.from_bytes(blob))
+        self._publish(op.seq, change, {}, guarded=False)
+
+    @contextlib.contextmanager
+    def _leases(self, edit_ids: list[str]) -> Iterator[None]:
+        """Renew this replica's leases on ``edit_ids`` while the block computes them."""
+        done = threading.Event()
+        every = self.settings.lease_seconds / 3
+
+        def renew() -> None:
+            while not done.wait(every):
+                for edit_id in edit_ids:
+                    try:
+                        self.log.claim(edit_id, self.replica, self.settings.lease_seconds)
+                    except EditLogError as exc:
+                        log.warning("could not renew the lease on %s: %s", edit_id, exc)
+
+        renewer = threading.Thread(target=renew, name="lease", daemon=True)
+        renewer.start()
+        try:
+            yield
+        finally:
+            done.set()
+            renewer.join()
+            for edit_id in edit_ids:
+                with contextlib.suppress(EditLogError):  # else it lapses by itself
+                    self.log.release(edit_id, self.replica)
+
     def _publish(
         self, seq: int, change: Change, seconds: dict[str, float], *, guarded: bool
     ) -> list[Breach]:
@@ -312,7 +512,7 @@ class ModelWorker:
             return breaches
         with self.weights_lock:
             swapping = time.perf_counter()
-            self.editor.commit(change)
+            self._swap(change)
             self.state.model_version = seq
             seconds["swap"] = time.perf_counter() - swapping
         self._observe(norms, report)
@@ -364,8 +564,8 @@ class ModelWorker:
         self, op: Operation, superseded: list[str], scores: dict[str, Any] | None
     ) -> None:
         fields: dict[str, Any] = {"model_version": op.seq, "applied_at": now()}
-        if scores is not None:
-            fields["scores"] = scores
+        if scores is not None:  # computed here
+            fields.update(scores=scores, computed_by=self.replica)
         if self.ready:  # the start-up rebuild is not news
             self.metrics.edits.labels("applied").inc()
             self.metrics.edits.labels("superseded").inc(len(superseded))
@@ -390,7 +590,7 @@ class ModelWorker:
         # Swapped before the probes run (unlike an apply, which nothing can reject): a revert
         # takes effect at once.
         with self.weights_lock:
-            self.editor.commit(change)
+            self._swap(change)
             self.state.model_version = op.seq
         self.metrics.revert_seconds.observe(time.perf_counter() - started)
         self.metrics.edits.labels("reverted").inc()
@@ -435,7 +635,8 @@ class ModelWorker:
         return {
             "model": self.settings.model,
             "device": str(self.lm.device),
-            "dtype": str(self.lm.dtype).removeprefix("torch."),
+            "dtype": str(self.served.dtype).removeprefix("torch."),
+            "edit_dtype": str(self.lm.dtype).removeprefix("torch."),
             "method": self.settings.method,
             "edited_layers": list(self.editor.hp.layers),
             "model_version": version,
@@ -451,6 +652,10 @@ def _target_probability(scores: dict[str, Any]) -> tuple[float, float]:
     before = sum(p["p_target_before"] for p in prompts) / len(prompts)
     after = sum(p["p_target_after"] for p in prompts) / len(prompts)
     return before, after
+
+
+class _Stopping(Exception):
+    """The worker is stopping while it waits on another replica."""
 
 
 _NEEDS_WORK = {EditStatus.queued, EditStatus.applying, EditStatus.reverting}

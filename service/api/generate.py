@@ -60,6 +60,7 @@ async def generate(
 ) -> GenerateResponse:
     params = sampling(body.parameters)
     ids = rt.encode(body.inputs, params.max_new_tokens)
+    await rt.await_version(body.min_version)
     tokens: list[TokenOut] = []
     async for event in rt.generate(ids, params):
         if isinstance(event, Token):
@@ -96,6 +97,7 @@ async def generate_stream(
 ) -> StreamingResponse:
     params = sampling(body.parameters)
     ids = rt.encode(body.inputs, params.max_new_tokens)
+    await rt.await_version(body.min_version)
     events = rt.generate(ids, params)
 
     async def sse() -> AsyncIterator[str]:

@@ -41,6 +41,13 @@ class _Request(BaseModel):
     seed: int | None = Field(default=None, ge=0, le=2**63 - 1)
     frequency_penalty: float = Field(default=0.0, ge=-2.0, le=2.0)
     presence_penalty: float = Field(default=0.0, ge=-2.0, le=2.0)
+    min_version: int | None = Field(
+        default=None,
+        ge=0,
+        description="read your own writes: answer only from a model that includes the log up "
+        "to this version (an edit's `model_version`); a replica behind it waits, then answers "
+        "503 with Retry-After",
+    )
 
     def sampling(self, default_max: int) -> SamplingParams:
         stop = [self.stop] if isinstance(self.stop, str) else list(self.stop or [])
@@ -156,6 +163,7 @@ async def completions(
 ) -> Completion | StreamingResponse:
     prompts = [body.prompt] if isinstance(body.prompt, str) else body.prompt
     params = body.sampling(16)
+    await rt.await_version(body.min_version)
     ids = rt.encode(prompts[0], params.max_new_tokens)
     cid, created, name = f"cmpl-{uuid.uuid4().hex}", int(time.time()), rt.settings.model
     prefix = prompts[0] if body.echo else ""
@@ -204,6 +212,7 @@ async def chat_completions(
         body.max_tokens = body.max_completion_tokens
     params = body.sampling(min(256, rt.settings.max_new_tokens))
     ids = rt.encode(_chat_prompt(rt, body.messages), params.max_new_tokens)
+    await rt.await_version(body.min_version)
     cid, created, name = f"chatcmpl-{uuid.uuid4().hex}", int(time.time()), rt.settings.model
 
     if body.stream:

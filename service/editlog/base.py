@@ -88,6 +88,7 @@ class EditEntry:
     reverted_version: int | None = None
     cancelled: bool = False  # reverted while still queued: it never took effect
     superseded_by: str | None = None
+    computed_by: str | None = None  # the replica that computed its record
     error: dict[str, Any] | None = None  # an RFC 9457 problem detail
     scores: dict[str, Any] | None = None
     idempotency_key: str | None = None
@@ -137,6 +138,7 @@ UPDATABLE = frozenset(
         "reverted_version",
         "cancelled",
         "superseded_by",
+        "computed_by",
         "error",
         "scores",
     }
@@ -213,8 +215,25 @@ class EditLog(ABC):
         """
 
     @abstractmethod
-    def put_record(self, edit_id: str, blob: bytes) -> None:
-        """Keep an edit's delta record (safetensors bytes) for rebuilds without z*."""
+    def put_record(self, edit_id: str, blob: bytes) -> bool:
+        """Keep an edit's delta record (safetensors bytes) for rebuilds without z*.
+
+        The first record stored for an edit stays: returns False (and stores nothing) when the
+        edit already has one, so every replica installs the same bytes.
+        """
+
+    @abstractmethod
+    def claim(self, edit_id: str, owner: str, seconds: float) -> bool:
+        """Take, or renew, the lease on computing ``edit_id``'s record for ``seconds``.
+
+        True when ``owner`` holds the lease now: nobody held it, it lapsed, or ``owner`` held it
+        already. One replica computes each edit; the others wait for its record, and take the
+        work over if the lease lapses (the computing replica died).
+        """
+
+    @abstractmethod
+    def release(self, edit_id: str, owner: str) -> None:
+        """Give the lease up, if ``owner`` holds it."""
 
     @abstractmethod
     def get_record(self, edit_id: str) -> bytes | None: ...

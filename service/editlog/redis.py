@@ -73,6 +73,21 @@ return redis.call('HINCRBY', KEYS[1], 'rev', 1)
 """
 
 
+# KEYS: lease. ARGV: owner, milliseconds. Take the lease if free or ours (then renew it).
+_CLAIM = """
+local holder = redis.call('GET', KEYS[1])
+if holder and holder ~= ARGV[1] then return 0 end
+redis.call('SET', KEYS[1], ARGV[1], 'PX', ARGV[2])
+return 1
+"""
+
+# KEYS: lease. ARGV: owner.
+_RELEASE = """
+if redis.call('GET', KEYS[1]) == ARGV[1] then redis.call('DEL', KEYS[1]) end
+return 1
+"""
+
+
 class RedisEditLog(EditLog):
     def __init__(self, url: str, prefix: str = "editserve") -> None:
         self.url = url
@@ -82,6 +97,8 @@ class RedisEditLog(EditLog):
         )
         self._append = self._r.register_script(_APPEND)
         self._cas = self._r.register_script(_CAS)
+        self._claim = self._r.register_script(_CLAIM)
+        self._release = self._r.register_script(_RELEASE)
 
     def _key(self, *parts: str) -> str:
         return ":".join((self.prefix, *parts))
@@ -239,8 +256,20 @@ class RedisEditLog(EditLog):
         )
         return [(raw.decode(), int(score)) for raw, score in reply]
 
-    def put_record(self, edit_id: str, blob: bytes) -> None:
-        self._call(lambda: self._r.set(self._key("record", edit_id), blob))
+    def put_record(self, edit_id: str, blob: bytes) -> bool:
+        stored = self._call(lambda: self._r.set(self._key("record", edit_id), blob, nx=True))
+        self._call(lambda: self._r.delete(self._key("lease", edit_id)))
+        return bool(stored)
+
+    def claim(self, edit_id: str, owner: str, seconds: float) -> bool:
+        millis = max(1, int(seconds * 1000))
+        held = self._call(
+            lambda: self._claim(keys=[self._key("lease", edit_id)], args=[owner, millis])
+        )
+        return bool(held)
+
+    def release(self, edit_id: str, owner: str) -> None:
+        self._call(lambda: self._release(keys=[self._key("lease", edit_id)], args=[owner]))
 
     def get_record(self, edit_id: str) -> bytes | None:
         value: Any = self._call(lambda: self._r.get(self._key("record", edit_id)))

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import sqlite3
 import threading
+import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -47,6 +48,11 @@ CREATE TABLE IF NOT EXISTS idempotency (
 CREATE TABLE IF NOT EXISTS records (
     edit_id TEXT PRIMARY KEY,
     blob BLOB NOT NULL
+);
+CREATE TABLE IF NOT EXISTS leases (
+    edit_id TEXT PRIMARY KEY,
+    owner TEXT NOT NULL,
+    expires REAL NOT NULL
 );
 """
 
@@ -190,11 +196,31 @@ class SqliteEditLog(EditLog):
             _save(db, entry)
         return entry
 
-    def put_record(self, edit_id: str, blob: bytes) -> None:
+    def put_record(self, edit_id: str, blob: bytes) -> bool:
         with self._write() as db:
-            db.execute(
-                "INSERT OR REPLACE INTO records (edit_id, blob) VALUES (?, ?)", (edit_id, blob)
+            cursor = db.execute(
+                "INSERT OR IGNORE INTO records (edit_id, blob) VALUES (?, ?)", (edit_id, blob)
             )
+            db.execute("DELETE FROM leases WHERE edit_id = ?", (edit_id,))
+        return cursor.rowcount == 1
+
+    def claim(self, edit_id: str, owner: str, seconds: float) -> bool:
+        now_s = time.time()
+        with self._write() as db:
+            row = db.execute(
+                "SELECT owner, expires FROM leases WHERE edit_id = ?", (edit_id,)
+            ).fetchone()
+            if row is not None and row[0] != owner and row[1] > now_s:
+                return False
+            db.execute(
+                "INSERT OR REPLACE INTO leases (edit_id, owner, expires) VALUES (?, ?, ?)",
+                (edit_id, owner, now_s + seconds),
+            )
+        return True
+
+    def release(self, edit_id: str, owner: str) -> None:
+        with self._write() as db:
+            db.execute("DELETE FROM leases WHERE edit_id = ? AND owner = ?", (edit_id, owner))
 
     def get_record(self, edit_id: str) -> bytes | None:
         rows = self._query("SELECT blob FROM records WHERE edit_id = ?", (edit_id,))

@@ -3,6 +3,7 @@ changes nothing."""
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Iterator
 
 import pytest
@@ -144,3 +145,35 @@ def test_baselines_edit_and_revert(
     assert counterfact_scores(lm, facts[:1])["efficacy"] == 1.0
     editor.revert(result.record.id)
     assert _same(_weights(editor), w0)
+
+
+def test_batched_zstar_gives_each_step_its_own_record(editor: Editor, facts: list[Fact]) -> None:
+    steps = [[facts[0]], [facts[1], facts[2]]]
+    batched = editor.compute_many(steps, ["one", "two"])
+    assert [r.id for r in batched] == ["one", "two"]
+    assert [r.facts for r in batched] == [tuple(s) for s in steps]
+    for step, record in zip(steps, batched, strict=True):
+        alone = editor.compute(step)
+        # The same optimisation per fact; only the padding of the batch differs.
+        assert torch.allclose(record.residual, alone.residual, rtol=1e-3, atol=1e-4)
+        for layer in record.layers:
+            assert torch.allclose(record.keys[layer], alone.keys[layer], rtol=1e-4, atol=1e-5)
+    assert editor.records == [] and _same(_weights(editor), editor.w0)
+
+
+def test_installing_many_at_once_equals_installing_one_by_one(
+    editor: Editor, facts: list[Fact]
+) -> None:
+    first, second, again = editor.compute_many(
+        [[facts[0]], [facts[1]], [dataclasses.replace(facts[0], target_new=facts[2].target_new)]]
+    )
+    editor.install(first)
+    editor.install(second)
+    editor.install(again)  # re-edits facts[0]: supersedes ``first``
+    one_by_one = editor.digest()
+    editor.replay([])
+    change = editor.plan_install_many([first, second, again])
+    assert change.superseded_by == {first.id: again.id}
+    editor.commit(change)
+    assert editor.digest() == one_by_one
+    assert [r.id for r in editor.records] == [second.id, again.id]

@@ -255,3 +255,37 @@ def test_health_ready_info(live: Live) -> None:
     info = live.client.get("/info").json()
     assert info["edited_layers"] == [3, 4, 5, 6, 7] and info["log"] == "sqlite"
     assert len(info["weights_digest"]) == 64
+
+
+def test_queued_edits_share_one_batch_and_stay_separate_edits(live: Live) -> None:
+    cities = ["Rome", "Tokyo", "Cairo", "Lima", "Oslo"]
+    facts = [
+        {
+            "subject": f"Landmark {i}",
+            "prompt": f"The monument called Landmark {i} is located in the city of",
+            "target_new": city,
+        }
+        for i, city in enumerate(cities)
+    ]
+    info0 = live.client.get("/info").json()
+    ids = [live.client.post("/edits", json=f).json()["id"] for f in facts]
+    edits = [wait_status(live.client, i, {"applied", "failed", "rejected"}) for i in ids]
+    assert all(e["status"] == "applied" for e in edits), edits
+    # The first is taken alone; the rest queue behind it and share one z* optimisation.
+    assert max(e["scores"].get("batch", 1) for e in edits) >= 2
+    versions = [e["model_version"] for e in edits]
+    assert versions == sorted(versions) and len(set(versions)) == len(ids)
+    for edit in edits:
+        prompt = edit["scores"]["facts"][0]["prompts"][0]
+        assert prompt["p_target_after"] > prompt["p_target_before"]
+    assert greedy(live, facts[1]["prompt"])["generated_text"].startswith(" Tokyo")
+
+    # Each is still its own edit: reverting one leaves the others.
+    live.client.post(f"/edits/{ids[1]}/revert")
+    wait_status(live.client, ids[1], {"reverted"})
+    assert not greedy(live, facts[1]["prompt"])["generated_text"].startswith(" Tokyo")
+    assert live.client.get("/info").json()["active_edits"] == info0["active_edits"] + 4
+    for edit_id in ids[:1] + ids[2:]:
+        live.client.post(f"/edits/{edit_id}/revert")
+        wait_status(live.client, edit_id, {"reverted"})
+    assert live.client.get("/info").json()["weights_digest"] == info0["weights_digest"]

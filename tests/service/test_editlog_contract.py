@@ -4,6 +4,7 @@ on a real redis-server."""
 from __future__ import annotations
 
 import threading
+import time
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
@@ -197,6 +198,29 @@ def test_records_round_trip(edit_log: EditLog) -> None:
     blob = bytes(range(256)) * 10
     edit_log.put_record(edit_id, blob)
     assert edit_log.get_record(edit_id) == blob
+
+
+def test_the_first_record_stored_stays(edit_log: EditLog) -> None:
+    edit_id = edit_log.append_edit(new_id(), [FACT])[0].id
+    assert edit_log.put_record(edit_id, b"first")
+    assert not edit_log.put_record(edit_id, b"second")
+    assert edit_log.get_record(edit_id) == b"first"
+
+
+def test_one_replica_holds_an_edit_lease_until_it_lapses(edit_log: EditLog) -> None:
+    edit_id = edit_log.append_edit(new_id(), [FACT])[0].id
+    assert edit_log.claim(edit_id, "a", 0.5)
+    assert not edit_log.claim(edit_id, "b", 0.5)
+    assert edit_log.claim(edit_id, "a", 0.5)  # a renewal
+    time.sleep(0.7)
+    assert edit_log.claim(edit_id, "b", 5)  # a's lease lapsed: b takes the work over
+    assert not edit_log.claim(edit_id, "a", 5)
+    edit_log.release(edit_id, "a")  # not a's to give up
+    assert not edit_log.claim(edit_id, "a", 5)
+    edit_log.release(edit_id, "b")
+    assert edit_log.claim(edit_id, "a", 5)
+    edit_log.put_record(edit_id, b"done")  # a stored record ends the lease
+    assert edit_log.claim(edit_id, "b", 5)
 
 
 def test_sqlite_log_survives_reopening(tmp_path: Path) -> None:

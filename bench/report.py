@@ -1,0 +1,141 @@
+"""Tables and plots of a sequential-editing study: python bench/report.py DIR
+
+DIR holds one ``editserve eval --out`` JSON per run (``bench/study.sh`` writes them):
+``<run>.json`` for CounterFact and ``zsre-<run>.json`` for zsRE. Writes into DIR:
+- ``study.json``: every run's checkpoints, side by side;
+- ``table.md``: CounterFact at each N, and zsRE token accuracies;
+- ``score_vs_n.png``: Score against the number of edits, one line per method;
+- ``delta_vs_n.png``: mean |W - W0| (over the edited layers) against the number of edits.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+from typing import Any
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt
+
+ORDER = ["memit-seq", "alphaedit", "d4s", "d4s-rect0.6", "d4s-rect0.4", "d4s-rect0.2"]
+
+
+def _load(folder: Path) -> tuple[dict[str, Any], dict[str, Any]]:
+    counterfact, zsre = {}, {}
+    for path in sorted(folder.glob("*.json")):
+        if path.name == "study.json":
+            continue
+        run = json.loads(path.read_text())
+        if path.stem.startswith("zsre-"):
+            zsre[path.stem.removeprefix("zsre-")] = run
+        else:
+            counterfact[path.stem] = run
+    return _ordered(counterfact), _ordered(zsre)
+
+
+def _ordered(runs: dict[str, Any]) -> dict[str, Any]:
+    rank = {name: i for i, name in enumerate(ORDER)}
+    return dict(sorted(runs.items(), key=lambda kv: (rank.get(kv[0], len(ORDER)), kv[0])))
+
+
+def _mean(values: dict[str, float]) -> float:
+    return sum(values.values()) / len(values)
+
+
+def _f(value: float | None, digits: int = 3) -> str:
+    return "-" if value is None else f"{value:.{digits}f}"
+
+
+def counterfact_table(runs: dict[str, Any]) -> list[str]:
+    lines = [
+        "| method | N | efficacy | paraphrase | neighbourhood (before) | Score | fluency "
+        "(before) | held-out ppl ratio | mean abs(W - W0) / mean abs(W0) | s/edit |",
+        "|---|---|---|---|---|---|---|---|---|---|",
+    ]
+    for name, run in runs.items():
+        for point in run["checkpoints"]:
+            w, dw = point["mean_abs_w_by_layer"], point["l1_delta_by_layer"]
+            relative = _mean({k: dw[k] / (w[k] or 1.0) for k in dw})
+            lines.append(
+                f"| {name} | {point['n_edits']} | {_f(point['efficacy'])} | "
+                f"{_f(point['paraphrase'])} | {_f(point['neighborhood'])} "
+                f"({_f(point['neighborhood_before'])}) | {_f(point['score'])} | "
+                f"{_f(point['fluency_after'], 2)} ({_f(point['fluency_before'], 2)}) | "
+                f"{point['perplexity_after'] / point['perplexity_before']:.3f} | "
+                f"{relative:.4f} | {_f(point['seconds_per_edit'], 2)} |"
+            )
+    return lines
+
+
+def zsre_table(runs: dict[str, Any]) -> list[str]:
+    lines = [
+        "| method | N | reliability | generalisation | locality | held-out ppl ratio |",
+        "|---|---|---|---|---|---|",
+    ]
+    for name, run in runs.items():
+        for point in run["checkpoints"]:
+            acc = point["easyedit"]
+            lines.append(
+                f"| {name} | {point['n_edits']} | {_f(acc.get('reliability'))} | "
+                f"{_f(acc.get('generalization'))} | {_f(acc.get('locality'))} | "
+                f"{point['perplexity_after'] / point['perplexity_before']:.3f} |"
+            )
+    return lines
+
+
+def plot_scores(runs: dict[str, Any], path: Path) -> None:
+    fig, ax = plt.subplots(figsize=(6.4, 4.2))
+    for name, run in runs.items():
+        points = run["checkpoints"]
+        ax.plot([p["n_edits"] for p in points], [p["score"] for p in points], "o-", label=name)
+    ax.set_xscale("log")
+    ax.set_xlabel("sequential single edits (N)")
+    ax.set_ylabel("Score (harmonic mean of efficacy, paraphrase, neighbourhood)")
+    ax.set_title("CounterFact Score after N edits, SmolLM2-135M")
+    ax.grid(alpha=0.3)
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def plot_deltas(runs: dict[str, Any], path: Path) -> None:
+    fig, ax = plt.subplots(figsize=(6.4, 4.2))
+    for name, run in runs.items():
+        trajectory = run["checkpoints"][-1]["trajectory"]
+        xs = [p["n_edits"] for p in trajectory]
+        ys = [_mean(p["mean_abs_delta"]) for p in trajectory]
+        ax.plot(xs, ys, "-", label=name)
+    ax.set_xlabel("sequential single edits (N)")
+    ax.set_ylabel("mean |W - W0| over the edited layers")
+    ax.set_title("Growth of the edit (D4S paper, fig. 1's picture)")
+    ax.grid(alpha=0.3)
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def main() -> None:
+    folder = Path(sys.argv[1]) if len(sys.argv) > 1 else Path("bench/results/study")
+    counterfact, zsre = _load(folder)
+    if not counterfact and not zsre:
+        sys.exit(f"no results in {folder}")
+    lines = ["## CounterFact", "", *counterfact_table(counterfact)]
+    if zsre:
+        lines += ["", "## zsRE (token accuracies)", "", *zsre_table(zsre)]
+    (folder / "table.md").write_text("\n".join(lines) + "\n")
+    (folder / "study.json").write_text(
+        json.dumps({"counterfact": counterfact, "zsre": zsre}, indent=1)
+    )
+    if counterfact:
+        plot_scores(counterfact, folder / "score_vs_n.png")
+        plot_deltas(counterfact, folder / "delta_vs_n.png")
+    print("\n".join(lines))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,396 @@
+"""The speed study, against real ``editserve serve`` processes and in this process:
+
+- ``covariance``: computing C0 from scratch (200k tokens, the server's default);
+- ``edits``: edit latency by phase (single edits, warm) and revert latency;
+- ``generation``: single-stream tokens/s as a ratio to plain transformers ``generate`` (run here,
+  with the server idle), aggregate tokens/s with 1, 4 and 8 clients, p50/p99 latency idle;
+- ``burst``: 100 queued edits with batched z* (``--edit-batch 16``) against one at a time
+  (``--edit-batch 1``), with ``/generate`` p50/p99 during each burst;
+- ``replay``: time to ready with 1,000 edits in the log against an empty log, and the
+  in-process rebuild alone; D4S state bytes;
+- ``bf16``: the generation figures with the served weights in bfloat16 (edits still computed in
+  float32), and the editing quality the bfloat16 weights keep after 100 edits.
+
+Resident memory is read from each server process. Every figure is labelled with the hardware.
+
+    .venv/bin/python bench/speed.py [--only edits,burst] [--out bench/results/speed.json]
+
+Run it on a quiet machine: it is a timing. About 20 minutes on a 2-core CPU.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import statistics
+import sys
+import tempfile
+import threading
+import time
+from pathlib import Path
+from typing import Any
+
+import httpx
+import torch
+from harness import start_server
+from serve_bench import PROMPTS, baseline_tokens_per_s, generate, latencies, percentile
+
+from editing.covariance import covariance
+from editing.editor import Editor
+from editing.evaluate import RecordCache, find_dataset
+from editing.facts import load_facts
+from editing.hparams import EditHparams
+from editing.metrics import counterfact_scores
+from editing.models import default_cache_dir, load_model
+from editing.records import DeltaRecord
+from service.editlog.sqlite import SqliteEditLog
+
+SECTIONS = ("covariance", "edits", "generation", "burst", "replay", "bf16")
+PHASES = ("keys", "zstar", "solve", "probes", "swap", "scores", "total")
+
+
+def hardware() -> str:
+    cpu = "unknown CPU"
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    gpu = f", {torch.cuda.get_device_name()}" if torch.cuda.is_available() else ""
+    return f"{os.cpu_count()} x {cpu}{gpu} ({platform.machine()}), torch {torch.__version__}"
+
+
+def rss_bytes(pid: int) -> int:
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1]) * 1024
+    return 0
+
+
+def metric_sums(client: httpx.Client, name: str) -> dict[str, float]:
+    """``name``'s samples by their first label's value (or '' without labels)."""
+    from prometheus_client.parser import text_string_to_metric_families
+
+    out: dict[str, float] = {}
+    for family in text_string_to_metric_families(client.get("/metrics").text):
+        for sample in family.samples:
+            if sample.name == name:
+                out[next(iter(sample.labels.values()), "")] = sample.value
+    return out
+
+
+def counterfact_facts(n: int, offset: int = 0) -> list[dict[str, Any]]:
+    path = find_dataset("counterfact", "counterfact-train.json")
+    records = json.loads(path.read_text())[offset : offset + n]
+    return [
+        {"subject": r["subject"], "prompt": r["prompt"], "target_new": r["target_new"]}
+        for r in records
+    ]
+
+
+def wait_done(client: httpx.Client, ids: list[str], poll: float = 0.05) -> dict[str, str]:
+    status: dict[str, str] = {}
+    pending = list(ids)
+    while pending:
+        for edit_id in list(pending):
+            s = client.get(f"/edits/{edit_id}").json()["status"]
+            if s not in ("queued", "applying", "reverting"):
+                status[edit_id] = s
+                pending.remove(edit_id)
+        if pending:
+            time.sleep(poll)
+    return status
+
+
+def concurrent_tokens_per_s(url: str, clients: int, requests: int = 4, n: int = 64) -> float:
+    counts: list[int] = []
+    lock = threading.Lock()
+
+    def user(k: int) -> None:
+        with httpx.Client(base_url=url, timeout=600) as c:
+            for j in range(requests):
+                _, tokens = generate(c, PROMPTS[(k + j) % len(PROMPTS)], n)
+                with lock:
+                    counts.append(tokens)
+
+    start = time.perf_counter()
+    threads = [threading.Thread(target=user, args=(k,)) for k in range(clients)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    return sum(counts) / (time.perf_counter() - start)
+
+
+def generation_figures(url: str) -> dict[str, Any]:
+    client = httpx.Client(base_url=url, timeout=600)
+    generate(client, PROMPTS[0], 8)  # warm-up
+    total_s = total_tokens = 0.0
+    for prompt in PROMPTS:
+        s, t = generate(client, prompt, 64)
+        total_s, total_tokens = total_s + s, total_tokens + t
+    single = total_tokens / total_s
+    idle = latencies(client, 40, 16, None)
+    out: dict[str, Any] = {
+        "single_stream_tokens_per_s": single,
+        "idle_latency_s": {"p50": percentile(idle, 50), "p99": percentile(idle, 99)},
+        "clients": {},
+    }
+    for clients in (1, 4, 8):
+        rate = concurrent_tokens_per_s(url, clients)
+        out["clients"][str(clients)] = {
+            "tokens_per_s": rate,
+            "ratio_to_single_stream": rate / single,
+        }
+    return out
+
+
+# -- sections -----------------------------------------------------------------------------------
+
+
+def section_covariance(args: argparse.Namespace) -> dict[str, Any]:
+    lm = load_model("smollm2-135m", device="cpu", dtype="float32")
+    hp = EditHparams()
+    start = time.perf_counter()
+    covariance(lm, hp.layers, n_tokens=args.covariance_tokens, cache_dir=None, progress=False)
+    seconds = time.perf_counter() - start
+    return {
+        "tokens": args.covariance_tokens,
+        "layers": list(hp.layers),
+        "seconds": seconds,
+        "tokens_per_s": args.covariance_tokens / seconds,
+    }
+
+
+def section_edits(args: argparse.Namespace) -> dict[str, Any]:
+    url = f"http://127.0.0.1:{args.port}"
+    server = start_server(args.port)
+    try:
+        client = httpx.Client(base_url=url, timeout=600)
+        facts = counterfact_facts(args.single_edits + 1, offset=200)
+        ids = [client.post("/edits", json=facts[0]).json()["id"]]
+        wait_done(client, ids)  # warm-up edit
+        before = metric_sums(client, "editserve_edit_apply_seconds_sum")
+        per_edit: list[float] = []
+        for fact in facts[1:]:
+            start = time.perf_counter()
+            edit_id = client.post("/edits", json=fact).json()["id"]
+            wait_done(client, [edit_id])
+            per_edit.append(time.perf_counter() - start)
+            ids.append(edit_id)
+        after = metric_sums(client, "editserve_edit_apply_seconds_sum")
+        n = len(facts) - 1
+        phases = {p: (after.get(p, 0.0) - before.get(p, 0.0)) / n for p in PHASES}
+        reverts: list[float] = []
+        for edit_id in ids[1:]:
+            start = time.perf_counter()
+            client.post(f"/edits/{edit_id}/revert").raise_for_status()
+            wait_done(client, [edit_id], poll=0.01)
+            reverts.append(time.perf_counter() - start)
+        revert_server = metric_sums(client, "editserve_edit_revert_seconds_sum")[""]
+        return {
+            "edits": n,
+            "phase_seconds_mean": phases,
+            "client_seconds_mean": statistics.fmean(per_edit),
+            "revert_client_seconds": {
+                "mean": statistics.fmean(reverts),
+                "max": max(reverts),
+            },
+            "revert_server_seconds_mean": revert_server / len(reverts),
+            "server_rss_bytes": rss_bytes(server.pid),
+        }
+    finally:
+        server.terminate()
+        server.wait(30)
+
+
+def section_generation(args: argparse.Namespace) -> dict[str, Any]:
+    url = f"http://127.0.0.1:{args.port}"
+    server = start_server(args.port)
+    try:
+        out = generation_figures(url)
+        out["server_rss_bytes"] = rss_bytes(server.pid)
+    finally:
+        server.terminate()
+        server.wait(30)
+    out["transformers_generate_tokens_per_s"] = baseline_tokens_per_s(64)
+    out["single_stream_ratio"] = (
+        out["single_stream_tokens_per_s"] / out["transformers_generate_tokens_per_s"]
+    )
+    return out
+
+
+def _sample(url: str, until: threading.Event, into: list[float]) -> None:
+    """16-token requests back to back until ``until`` is set; their latencies go ``into``."""
+    with httpx.Client(base_url=url, timeout=600) as client:
+        into.extend(latencies(client, 0, 16, until))
+
+
+def section_burst(args: argparse.Namespace) -> dict[str, Any]:
+    out: dict[str, Any] = {"edits": args.burst}
+    for name, batch in (("batched", "16"), ("one_at_a_time", "1")):
+        url = f"http://127.0.0.1:{args.port}"
+        server = start_server(args.port, "--edit-batch", batch, "--max-queued-edits", "1000")
+        try:
+            client = httpx.Client(base_url=url, timeout=600)
+            generate(client, PROMPTS[0], 8)
+            done = threading.Event()
+            busy: list[float] = []
+            sampler = threading.Thread(target=_sample, args=(url, done, busy))
+            facts = counterfact_facts(args.burst, offset=300)
+            sampler.start()
+            start = time.perf_counter()
+            ids = [client.post("/edits", json=f).json()["id"] for f in facts]
+            status = wait_done(client, ids, poll=0.2)
+            seconds = time.perf_counter() - start
+            done.set()
+            sampler.join()
+            out[name] = {
+                "edit_batch": int(batch),
+                "seconds": seconds,
+                "edits_per_s": len(ids) / seconds,
+                "applied": sum(s == "applied" for s in status.values()),
+                "generate_latency_during_s": {
+                    "p50": percentile(busy, 50),
+                    "p99": percentile(busy, 99),
+                    "n": len(busy),
+                },
+                "server_rss_bytes": rss_bytes(server.pid),
+            }
+        finally:
+            server.terminate()
+            server.wait(30)
+    out["speedup"] = out["batched"]["edits_per_s"] / out["one_at_a_time"]["edits_per_s"]
+    return out
+
+
+def _records(editor: Editor, n: int) -> tuple[list[DeltaRecord], str]:
+    """``n`` real d4s records from the record cache, else synthetic ones of the same shape."""
+    facts = load_facts(find_dataset("counterfact", "counterfact-train.json"), n)
+    cache = RecordCache(Path(".cache/records"), editor)
+    records = [cache.get([f]) for f in facts]
+    if all(r is not None for r in records):
+        return [r for r in records if r is not None], "CounterFact records (record cache)"
+    # Replay cost depends on shapes, not values: random keys and residuals, distinct facts.
+    generator = torch.Generator().manual_seed(0)
+    template = editor.compute(facts[:1])
+    out = []
+    for i, fact in enumerate(facts):
+        keys = {k: torch.randn(v.shape, generator=generator) for k, v in template.keys.items()}
+        residual = torch.randn(template.residual.shape, generator=generator) * 0.1
+        out.append(DeltaRecord(id=f"r{i}", facts=(fact,), keys=keys, residual=residual))
+    return out, "synthetic records of CounterFact's shapes (record cache incomplete)"
+
+
+def section_replay(args: argparse.Namespace) -> dict[str, Any]:
+    lm = load_model("smollm2-135m", device="cpu", dtype="float32")
+    editor = Editor(lm, cache_dir=default_cache_dir(), progress=False)
+    records, origin = _records(editor, args.replay_edits)
+    start = time.perf_counter()
+    editor.replay(records)
+    rebuild = time.perf_counter() - start
+    state_bytes = editor.state_bytes()
+    del editor, lm
+
+    data_dir = Path(tempfile.mkdtemp(prefix="editserve-replay-"))
+    log = SqliteEditLog(data_dir / "editlog.sqlite3")
+    for record in records:
+        facts = [
+            {"subject": f.subject, "prompt": f.prompt, "target_new": f.target_new}
+            for f in record.facts
+        ]
+        log.append_edit(record.id, facts)
+        log.put_record(record.id, record.to_bytes())
+    log.close()
+
+    def time_to_ready(data: Path | None) -> float:
+        start = time.perf_counter()
+        server = start_server(args.port, data_dir=data)
+        seconds = time.perf_counter() - start
+        server.terminate()
+        server.wait(30)
+        return seconds
+
+    empty = time_to_ready(None)
+    full = time_to_ready(data_dir)
+    return {
+        "edits": len(records),
+        "records": origin,
+        "in_process_rebuild_seconds": rebuild,
+        "server_ready_seconds_empty_log": empty,
+        "server_ready_seconds_with_log": full,
+        "replay_seconds": full - empty,
+        "d4s_state_bytes": state_bytes,
+    }
+
+
+def section_bf16(args: argparse.Namespace) -> dict[str, Any]:
+    url = f"http://127.0.0.1:{args.port}"
+    server = start_server(args.port, "--serve-dtype", "bfloat16")
+    try:
+        out = generation_figures(url)
+        out["server_rss_bytes"] = rss_bytes(server.pid)
+        client = httpx.Client(base_url=url, timeout=600)
+        out["info"] = {k: client.get("/info").json()[k] for k in ("dtype", "edit_dtype")}
+    finally:
+        server.terminate()
+        server.wait(30)
+
+    # Editing quality: the same 100 d4s edits, scored on the float32 weights and on a bfloat16
+    # copy of them.
+    lm = load_model("smollm2-135m", device="cpu", dtype="float32")
+    editor = Editor(lm, cache_dir=default_cache_dir(), progress=False)
+    facts = load_facts(find_dataset("counterfact", "counterfact-train.json"), args.quality_edits)
+    cache = RecordCache(Path(".cache/records"), editor)
+    records = []
+    for fact in facts:
+        record = cache.get([fact])
+        if record is None:
+            record = editor.compute([fact])
+            cache.put([fact], record)
+        records.append(record)
+    editor.replay(records)
+    float32 = counterfact_scores(lm, facts)
+    lm.model.to(torch.bfloat16)
+    bfloat16 = counterfact_scores(lm, facts)
+    keys = ("efficacy", "paraphrase", "neighborhood", "score")
+    out["quality_after_edits"] = {
+        "edits": len(facts),
+        "float32": {k: float32[k] for k in keys},
+        "bfloat16": {k: bfloat16[k] for k in keys},
+    }
+    return out
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--only", default=",".join(SECTIONS), help="comma-separated sections")
+    parser.add_argument("--port", type=int, default=8767)
+    parser.add_argument("--burst", type=int, default=100)
+    parser.add_argument("--single-edits", type=int, default=3)
+    parser.add_argument("--replay-edits", type=int, default=1000)
+    parser.add_argument("--quality-edits", type=int, default=100)
+    parser.add_argument("--covariance-tokens", type=int, default=200_000)
+    parser.add_argument("--out", type=Path, default=Path("bench/results/speed.json"))
+    args = parser.parse_args()
+    result: dict[str, Any] = json.loads(args.out.read_text()) if args.out.exists() else {}
+    result["hardware"] = hardware()
+    result["torch_threads"] = torch.get_num_threads()
+    for name in args.only.split(","):
+        print(f"== {name}", file=sys.stderr)
+        started = time.perf_counter()
+        result[name] = globals()[f"section_{name}"](args)
+        result[name]["hardware"] = result["hardware"]
+        result[name]["section_seconds"] = time.perf_counter() - started
+        args.out.parent.mkdir(parents=True, exist_ok=True)
+        args.out.write_text(json.dumps(result, indent=2) + "\n")
+        print(json.dumps({name: result[name]}, indent=2))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,54 @@
+#!/usr/bin/env bash
+# The sequential-editing study: every method, N sequential single edits of the first N
+# CounterFact facts, evaluated at N = 10, 100, 500 and the last N; then zsRE's token accuracies.
+# One run per method gives every N (edits are applied in order, so the state after the first
+# 100 edits of a 1,000-edit run is the state of a 100-edit run).
+#
+# Usage: bench/study.sh [N] [OUT]            bench/study.sh 1000   (the full study)
+# Expected time on a 2-core CPU: N=100 about 25 min; N=1000 about 8 h (memit-seq and alphaedit
+# recompute z* on the live weights, ~6 s per edit; the d4s runs share W0-only z* records,
+# computed once, 16 facts per batched optimisation).
+# Environment: COUNTERFACT, ZSRE (dataset paths), METHODS (a subset of the run names below),
+# ZSRE_N (0 skips zsRE).
+set -euo pipefail
+cd "$(dirname "$0")/.."
+N=${1:-1000}
+OUT=${2:-bench/results/study-$N}
+DATA=../shared/data
+COUNTERFACT=${COUNTERFACT:-$DATA/counterfact/counterfact-train.json}
+ZSRE=${ZSRE:-$DATA/zsre/zsre-train-1k.json}
+ZSRE_N=${ZSRE_N:-$N}
+METHODS=${METHODS:-"d4s-rect0.4 d4s-rect0.2 d4s-rect0.6 d4s memit-seq alphaedit"}
+for file in "$COUNTERFACT" "$ZSRE"; do
+    [ -f "$file" ] || { echo "no dataset at $file: set COUNTERFACT / ZSRE" >&2; exit 2; }
+done
+mkdir -p "$OUT"
+checkpoints=$(for n in 10 100 500; do [ "$n" -lt "$N" ] && printf '%s,' "$n"; done)
+
+args_for() {
+    case $1 in
+        d4s) echo "--method d4s --rect-keep 1.0" ;;
+        d4s-rect*) echo "--method d4s --rect-keep ${1#d4s-rect}" ;;
+        *) echo "--method $1" ;;
+    esac
+}
+
+# run NAME FACTS LIMIT: one eval, skipped when its result is already complete
+run() {
+    local name=$1 facts=$2 limit=$3
+    if [ -s "$OUT/$name.json" ] && python3 -c "import json,sys; \
+        sys.exit(json.load(open('$OUT/$name.json'))['n_edits'] != $limit)"; then
+        return
+    fi
+    echo "== $name ($limit edits)" >&2
+    # shellcheck disable=SC2046
+    .venv/bin/editserve eval --facts "$facts" --limit "$limit" --checkpoints "$checkpoints" \
+        --record-cache .cache/records --zstar-batch 16 --out "$OUT/$name.json" \
+        $(args_for "${name#zsre-}") > /dev/null 2> "$OUT/$name.log"
+}
+
+for method in $METHODS; do run "$method" "$COUNTERFACT" "$N"; done
+if [ "$ZSRE_N" -gt 0 ]; then
+    for method in $METHODS; do run "zsre-$method" "$ZSRE" "$ZSRE_N"; done
+fi
+.venv/bin/python bench/report.py "$OUT"

@@ -1,0 +1,119 @@
+"""Several replicas on one Redis log (real ``editserve serve`` processes and a real
+redis-server): one replica computes each edit under a lease, all install the records in log
+order and serve identical weights; a replica killed mid-edit loses its lease to another; a
+replica started late catches up before it is ready; ``min_version`` reads your own writes."""
+
+from __future__ import annotations
+
+import signal
+import time
+from contextlib import ExitStack
+from pathlib import Path
+
+import httpx
+import redis
+from svc_helpers import RedisServer, wait_for, wait_status
+from test_server_process import BURST_STEPS, burst_facts, serve, server_env
+
+
+def converged(clients: dict[str, httpx.Client]) -> dict[str, tuple[int, str]]:
+    """Each replica's (model_version, weights digest) once they all agree."""
+    seen: dict[str, tuple[int, str]] = {}
+
+    def agree() -> bool:
+        for name, client in clients.items():
+            info = client.get("/info").json()
+            seen[name] = (info["model_version"], info["weights_digest"])
+        return len(set(seen.values())) == 1
+
+    wait_for(agree, 180, "the replicas to converge")
+    return seen
+
+
+def test_replicas_compute_each_edit_once_and_converge(
+    server_cache: Path, covariance_tokens: int, tmp_path: Path, redis_server: RedisServer
+) -> None:
+    prefix = f"replicas-{tmp_path.name}"
+
+    def env(name: str) -> dict[str, str]:
+        return server_env(
+            server_cache,
+            covariance_tokens,
+            tmp_path / name,
+            EDITSERVE_REDIS_URL=redis_server.url,
+            EDITSERVE_REDIS_PREFIX=prefix,
+            EDITSERVE_V_STEPS=str(BURST_STEPS),
+            EDITSERVE_REPLICA_ID=name,
+            EDITSERVE_LEASE_SECONDS="3",
+            EDITSERVE_MIN_VERSION_WAIT_SECONDS="2",
+            EDITSERVE_PROBES="off",
+        )
+
+    facts = burst_facts(50)
+    store = redis.Redis.from_url(redis_server.url)
+    with ExitStack() as stack:
+        procs, clients = {}, {}
+        for name in ("r1", "r2", "r3"):
+            procs[name], url = stack.enter_context(serve(env(name), tmp_path / f"{name}.log"))
+            clients[name] = stack.enter_context(httpx.Client(base_url=url, timeout=60))
+        names = list(clients)
+
+        # Edits posted to different replicas: each computed once, applied everywhere.
+        ids = [
+            clients[names[i % 3]].post("/edits", json=fact).json()["id"]
+            for i, fact in enumerate(facts[:6])
+        ]
+        edits = [wait_status(clients["r2"], i, {"applied", "failed", "rejected"}, 300) for i in ids]
+        assert all(e["status"] == "applied" for e in edits), edits
+        assert all(e["computed_by"] in names for e in edits)
+        converged(clients)
+
+        # Read your own writes: an edit applied where it was posted is visible on another
+        # replica with min_version; a version nobody has reached is a 503 with Retry-After.
+        edit_id = clients["r1"].post("/edits", json=facts[6]).json()["id"]
+        version = wait_status(clients["r1"], edit_id, {"applied"}, 300)["model_version"]
+        body = {"inputs": facts[6]["prompt"], "parameters": {"max_new_tokens": 4}}
+        r = clients["r3"].post("/generate", json={**body, "min_version": version})
+        assert r.status_code == 200 and r.json()["model_version"] >= version, r.text
+        r = clients["r3"].post("/generate", json={**body, "min_version": version + 10_000})
+        assert r.status_code == 503 and r.headers["retry-after"] == "1"
+        assert r.headers["content-type"] == "application/problem+json"
+        chat = {"messages": [{"role": "user", "content": "Hi"}], "max_tokens": 2}
+        r = clients["r2"].post("/v1/chat/completions", json={**chat, "min_version": version})
+        assert r.status_code == 200, r.text
+
+        # Kill the replica that is computing an edit: another takes the lease over. The edit
+        # carries a dozen facts, so that its z* runs long enough to be interrupted.
+        heavy = {"facts": [facts[7], *burst_facts(62)[50:]]}
+        edit_id = clients["r1"].post("/edits", json=heavy).json()["id"]
+        lease = f"{prefix}:lease:{edit_id}"
+
+        def leased() -> bool:
+            return store.get(lease) is not None
+
+        deadline = time.monotonic() + 120
+        while not leased() and time.monotonic() < deadline:
+            time.sleep(0.01)
+        owner = store.get(lease).decode()
+        procs[owner].send_signal(signal.SIGKILL)
+        procs[owner].wait(10)
+        assert store.get(f"{prefix}:record:{edit_id}") is None, "killed after it finished"
+        survivors = {n: c for n, c in clients.items() if n != owner}
+        witness = next(iter(survivors.values()))
+        taken_over = wait_status(witness, edit_id, {"applied", "failed"}, 300)
+        assert taken_over["status"] == "applied" and taken_over["computed_by"] != owner
+        converged(survivors)
+
+        # 50 edits in all, then a fourth replica: ready only once caught up, and identical.
+        rest = [
+            list(survivors.values())[i % 2].post("/edits", json=fact).json()["id"]
+            for i, fact in enumerate(facts[8:])
+        ]
+        for edit_id in rest:
+            assert wait_status(witness, edit_id, {"applied", "failed"}, 600)["status"] == "applied"
+        state = converged(survivors)
+        _, url = stack.enter_context(serve(env("r4"), tmp_path / "r4.log"))
+        late = stack.enter_context(httpx.Client(base_url=url, timeout=60))
+        info = late.get("/info").json()  # ready means caught up: no wait here
+        assert (info["model_version"], info["weights_digest"]) == next(iter(state.values()))
+        assert info["active_edits"] == 50
