@@ -278,12 +278,10 @@ def test_queued_edits_share_one_batch_and_stay_separate_edits(live: Live) -> Non
     for edit in edits:
         prompt = edit["scores"]["facts"][0]["prompts"][0]
         assert prompt["p_target_after"] > prompt["p_target_before"]
-    assert greedy(live, facts[1]["prompt"])["generated_text"].startswith(" Tokyo")
 
     # Each is still its own edit: reverting one leaves the others.
     live.client.post(f"/edits/{ids[1]}/revert")
     wait_status(live.client, ids[1], {"reverted"})
-    assert not greedy(live, facts[1]["prompt"])["generated_text"].startswith(" Tokyo")
     assert live.client.get("/info").json()["active_edits"] == info0["active_edits"] + 4
     for edit_id in ids[:1] + ids[2:]:
         live.client.post(f"/edits/{edit_id}/revert")
