@@ -26,6 +26,6 @@ def start_server(port: int, *flags: str, data_dir: Path | None = None) -> subpro
                 return server
         except httpx.HTTPError:
             pass
-        time.sleep(1)
+        time.sleep(0.2)
     server.kill()
     raise TimeoutError("the server did not become ready")

@@ -26,6 +26,8 @@ def _add_commands(sub: Any) -> None:
         help="allow a non-loopback address without API keys",
     )
     serve.add_argument("--redis-url", help="follow a Redis Streams log instead of SQLite")
+    serve.add_argument("--redis-prefix", help="key prefix of the log in Redis")
+    serve.add_argument("--replica-id", help="this replica's name in edit leases")
     serve.add_argument("--data-dir", type=Path, help="where the SQLite log lives")
     serve.add_argument("--model")
     serve.add_argument("--device")

@@ -1,0 +1,140 @@
+"""Replicas on one Redis log, measured with real ``editserve serve`` processes and a
+redis-server of this benchmark's own:
+
+- convergence: 50 edits, each posted to one of 3 replicas in turn; the time from the edit being
+  applied where it was computed to every replica serving it (model_version), p50/p99;
+- catch-up: a replica started on a log that already holds 1,000 edits, time to ready, against
+  a start on an empty log.
+
+    .venv/bin/python bench/replica_bench.py [--edits 50] [--late-edits 1000]
+
+Run it on a quiet machine: it is a timing.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+import httpx
+from harness import start_server
+from serve_bench import percentile
+from speed import _records, counterfact_facts, hardware
+
+from editing.editor import Editor
+from editing.models import default_cache_dir, load_model
+from service.editlog.redis import RedisEditLog
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--edits", type=int, default=50)
+    parser.add_argument("--late-edits", type=int, default=1000)
+    parser.add_argument("--out", type=Path, default=Path("bench/results/replicas.json"))
+    args = parser.parse_args()
+    port = free_port()
+    redis_dir = tempfile.mkdtemp(prefix="editserve-redis-")
+    redis = subprocess.Popen(
+        ["redis-server", "--port", str(port), "--save", "", "--dir", redis_dir],
+        stdout=subprocess.DEVNULL,
+    )
+    url = f"redis://127.0.0.1:{port}/0"
+    result: dict[str, Any] = {"hardware": hardware()}
+    servers: list[subprocess.Popen[bytes]] = []
+    try:
+        time.sleep(0.5)
+        ports = [free_port() for _ in range(3)]
+        for p in ports:  # one at a time: three cold starts at once would fight for 2 cores
+            servers.append(start_server(p, "--redis-url", url, "--redis-prefix", "conv"))
+        clients = [httpx.Client(base_url=f"http://127.0.0.1:{p}", timeout=600) for p in ports]
+        facts = counterfact_facts(args.edits, offset=2000)
+        lags, totals = [], []
+        for i, fact in enumerate(facts):
+            posted = time.perf_counter()
+            edit_id = clients[i % 3].post("/edits", json=fact).json()["id"]
+            while (edit := clients[i % 3].get(f"/edits/{edit_id}").json())["status"] in (
+                "queued",
+                "applying",
+            ):
+                time.sleep(0.01)
+            applied = time.perf_counter()
+            version = edit["model_version"]
+            pending = set(range(3))
+            while pending:
+                for k in list(pending):
+                    if clients[k].get("/info").json()["model_version"] >= version:
+                        pending.discard(k)
+                if pending:
+                    time.sleep(0.01)
+            done = time.perf_counter()
+            lags.append(done - applied)
+            totals.append(done - posted)
+        digests = {c.get("/info").json()["weights_digest"] for c in clients}
+        result["convergence"] = {
+            "replicas": 3,
+            "edits": len(lags),
+            "applied_to_all_replicas_s": {"p50": percentile(lags, 50), "p99": percentile(lags, 99)},
+            "posted_to_all_replicas_s": {
+                "p50": percentile(totals, 50),
+                "p99": percentile(totals, 99),
+            },
+            "identical_digests": len(digests) == 1,
+        }
+        for server in servers:
+            server.terminate()
+            server.wait(30)
+        servers.clear()
+
+        # A log with 1,000 edits, and a replica started on it.
+        lm = load_model("smollm2-135m", device="cpu", dtype="float32")
+        editor = Editor(lm, cache_dir=default_cache_dir(), progress=False)
+        records, origin = _records(editor, args.late_edits)
+        del editor, lm
+        log = RedisEditLog(url, "late")
+        for record in records:
+            facts_json = [
+                {"subject": f.subject, "prompt": f.prompt, "target_new": f.target_new}
+                for f in record.facts
+            ]
+            log.append_edit(record.id, facts_json)
+            log.put_record(record.id, record.to_bytes())
+        log.close()
+        timings = {}
+        for prefix in ("empty", "late"):
+            start = time.perf_counter()
+            server = start_server(free_port(), "--redis-url", url, "--redis-prefix", prefix)
+            timings[prefix] = time.perf_counter() - start
+            server.terminate()
+            server.wait(30)
+        result["catch_up"] = {
+            "edits_in_log": len(records),
+            "records": origin,
+            "ready_s_empty_log": timings["empty"],
+            "ready_s_with_log": timings["late"],
+            "catch_up_s": timings["late"] - timings["empty"],
+        }
+    finally:
+        for server in servers:
+            server.terminate()
+        redis.terminate()
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text(json.dumps(result, indent=2) + "\n")
+    print(json.dumps(result, indent=2))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
