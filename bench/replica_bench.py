@@ -26,7 +26,7 @@ from typing import Any
 import httpx
 from harness import start_server
 from serve_bench import percentile
-from speed import _records, counterfact_facts, hardware
+from speed import _records, counterfact_facts, fill_log, hardware
 
 from editing.editor import Editor
 from editing.models import default_cache_dir, load_model
@@ -104,15 +104,7 @@ def main() -> int:
         editor = Editor(lm, cache_dir=default_cache_dir(), progress=False)
         records, origin = _records(editor, args.late_edits)
         del editor, lm
-        log = RedisEditLog(url, "late")
-        for record in records:
-            facts_json = [
-                {"subject": f.subject, "prompt": f.prompt, "target_new": f.target_new}
-                for f in record.facts
-            ]
-            log.append_edit(record.id, facts_json)
-            log.put_record(record.id, record.to_bytes())
-        log.close()
+        fill_log(RedisEditLog(url, "late"), records)
         timings = {}
         for prefix in ("empty", "late"):
             start = time.perf_counter()

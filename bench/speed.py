@@ -45,6 +45,7 @@ from editing.hparams import EditHparams
 from editing.metrics import counterfact_scores
 from editing.models import default_cache_dir, load_model
 from editing.records import DeltaRecord
+from service.editlog.base import EditLog
 from service.editlog.sqlite import SqliteEditLog
 
 SECTIONS = ("covariance", "edits", "generation", "burst", "replay", "bf16")
@@ -286,6 +287,18 @@ def _records(editor: Editor, n: int) -> tuple[list[DeltaRecord], str]:
     return out, "synthetic records of CounterFact's shapes (record cache incomplete)"
 
 
+def fill_log(log: EditLog, records: list[DeltaRecord]) -> None:
+    """Append an edit per record, with the record stored, as a server would leave them; close."""
+    for record in records:
+        facts = [
+            {"subject": f.subject, "prompt": f.prompt, "target_new": f.target_new}
+            for f in record.facts
+        ]
+        log.append_edit(record.id, facts)
+        log.put_record(record.id, record.to_bytes())
+    log.close()
+
+
 def section_replay(args: argparse.Namespace) -> dict[str, Any]:
     lm = load_model("smollm2-135m", device="cpu", dtype="float32")
     editor = Editor(lm, cache_dir=default_cache_dir(), progress=False)
@@ -297,15 +310,7 @@ def section_replay(args: argparse.Namespace) -> dict[str, Any]:
     del editor, lm
 
     data_dir = Path(tempfile.mkdtemp(prefix="editserve-replay-"))
-    log = SqliteEditLog(data_dir / "editlog.sqlite3")
-    for record in records:
-        facts = [
-            {"subject": f.subject, "prompt": f.prompt, "target_new": f.target_new}
-            for f in record.facts
-        ]
-        log.append_edit(record.id, facts)
-        log.put_record(record.id, record.to_bytes())
-    log.close()
+    fill_log(SqliteEditLog(data_dir / "editlog.sqlite3"), records)
 
     def time_to_ready(data: Path | None) -> float:
         start = time.perf_counter()
