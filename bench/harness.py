@@ -12,11 +12,13 @@ from pathlib import Path
 import httpx
 
 
-def start_server(port: int, *flags: str, data_dir: Path | None = None) -> subprocess.Popen[bytes]:
+def start_server(
+    port: int, *flags: str, data_dir: Path | None = None, env: dict[str, str] | None = None
+) -> subprocess.Popen[bytes]:
     """Start ``editserve serve`` on ``port`` with the SQLite log in ``data_dir`` (default: a
-    fresh one); return once it is ready."""
+    fresh one) and ``env`` added to this process's environment; return once it is ready."""
     data = data_dir or tempfile.mkdtemp(prefix="editserve-bench-")
-    env = {**os.environ, "EDITSERVE_DATA_DIR": str(data)}
+    env = {**os.environ, **(env or {}), "EDITSERVE_DATA_DIR": str(data)}
     command = [sys.executable, "-m", "service.cli", "serve", "--port", str(port)]
     server = subprocess.Popen([*command, "--log-level", "warning", *flags], env=env)
     deadline = time.time() + 900

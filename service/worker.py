@@ -43,7 +43,7 @@ from service.generation import Batcher
 from service.guardrails import Breach, Norms
 from service.metrics import Metrics
 from service.probes import Prober, ProbeReport, default_dtype, load_probes
-from service.scores import compare, snapshot
+from service.scores import Snapshot, compare, snapshot
 from service.settings import Settings
 
 log = logging.getLogger(__name__)
@@ -83,6 +83,7 @@ class ModelWorker:
         self.editor: Editor | None = None
         self.batcher: Batcher | None = None
         self.prober: Prober | None = None
+        self._probe_set: str | None = None  # which probes, in which dtype: see _reported_probes
         self.served: LoadedModel  # set by _load: the model generation reads
         self.guard = settings.guardrails()
         self.replica = settings.replica_id or f"{socket.gethostname()}-{os.getpid()}"
@@ -153,6 +154,7 @@ class ModelWorker:
                 dtype=default_dtype(self.lm),
                 cache_dir=s.cache_dir,
             )
+            self._probe_set = f"{self.prober.fingerprint()}-{self.prober.dtype}"
         self.metrics.build.info(
             {
                 "version": __version__,
@@ -304,11 +306,29 @@ class ModelWorker:
 
     def _install_stored(self, op: Operation, blob: bytes) -> None:
         """Install a record computed earlier (before a restart, or by another replica): no z*
-        to run, and no guardrail either, since the record passed it where it was computed."""
+        to run, and no guardrail either, since the record passed it where it was computed.
+        Nor a probe pass, when the replica that computed it published one for the same probe
+        set: the weights are the same here."""
         assert self.editor is not None
         change = self.editor.plan_install(DeltaRecord.from_bytes(blob))
-        self._publish(op.seq, change, {}, guarded=False)
+        self._publish(op.seq, change, {}, guarded=False, report=self._reported_probes(op))
         self._mark_applied(op, change.superseded, None)
+
+    def _reported_probes(self, op: Operation) -> ProbeReport | None:
+        """The probe report that the replica which computed ``op`` stored with its scores, if
+        it probed with this replica's probe set."""
+        entry = self.log.get(op.edit_id)
+        if self.prober is None or entry is None or entry.status != EditStatus.applied:
+            return None
+        found = (entry.scores or {}).get("probes")
+        if not isinstance(found, dict) or found.get("probe_set") != self._probe_set:
+            return None
+        return ProbeReport(
+            agreement=found["agreement"],
+            kl=found["kl"],
+            perplexity_ratio=found["perplexity_ratio"],
+            seconds=0.0,
+        )
 
     def _await_turn(self, op: Operation) -> bool:
         """Wait until this replica should compute ``op``'s record: True once it holds the lease,
@@ -367,24 +387,12 @@ class ModelWorker:
         if breaches and self.guard.rejects:
             self._reject(op, breaches)
             return
-        # Stored only once in effect: a record in the log is one that took effect.
-        self._store(op, record)
         scoring = time.perf_counter()
-        scores = compare(facts, before, snapshot(self.lm, facts))
-        if self.state.probes is not None:
-            scores["probes"] = self.state.probes.as_dict()
-        if breaches:
-            scores["guardrail"] = {
-                "action": "flag",
-                "breaches": [b.as_dict() for b in breaches],
-            }
+        after = snapshot(self.lm, facts)
+        self._finish(op, facts, record, change.superseded, (before, after), breaches)
         seconds["scores"] = time.perf_counter() - scoring
         seconds["total"] = time.perf_counter() - started
-        self.state.last_edit_seconds = seconds
-        self.state.last_target_probability = _target_probability(scores)
-        for phase, value in seconds.items():
-            self.metrics.edit_seconds.labels(phase).observe(value)
-        self._mark_applied(op, change.superseded, scores)
+        self._account(seconds, 1)
 
     def _apply_batch(self, ops: list[Operation]) -> None:
         """Several queued edits with one batched z* optimisation, one solve, one probe pass and
@@ -429,39 +437,69 @@ class ModelWorker:
         after = snapshot(self.lm, every_fact)
         start = 0
         for (op, facts), record in zip(work, records, strict=True):
-            self._store(op, record)
-            part = slice(start, start + len(facts))
-            start = part.stop
-            scores = compare(
-                facts, before.part(part.start, part.stop), after.part(part.start, part.stop)
-            )
-            if self.state.probes is not None:
-                scores["probes"] = self.state.probes.as_dict()
-            if breaches:
-                scores["guardrail"] = {
-                    "action": "flag",
-                    "breaches": [b.as_dict() for b in breaches],
-                }
-            scores["batch"] = len(work)
-            self.state.last_target_probability = _target_probability(scores)
+            end = start + len(facts)
             gone = [old for old, new in change.superseded_by.items() if new == op.edit_id]
-            self._mark_applied(op, gone, scores)
+            around = (before.part(start, end), after.part(start, end))
+            self._finish(op, facts, record, gone, around, breaches, batch=len(work))
+            start = end
         seconds["scores"] = time.perf_counter() - scoring
         seconds["total"] = time.perf_counter() - started
-        # Each edit is charged an equal share of the batch's time.
-        share = {phase: value / len(work) for phase, value in seconds.items()}
+        self._account(seconds, len(work))
+
+    def _finish(
+        self,
+        op: Operation,
+        facts: list[Fact],
+        record: DeltaRecord,
+        superseded: list[str],
+        around: tuple[Snapshot, Snapshot],
+        breaches: list[Breach],
+        batch: int | None = None,
+    ) -> None:
+        """Store the record of an edit now in effect and mark the edit applied with its scores
+        (``around``: its facts' snapshots before and after the swap)."""
+        assert self.lm is not None
+        before, after = around
+        scores = self._scores(facts, before, after, breaches, batch)
+        # Stored only once in effect: a record in the log is one that took effect. Scored
+        # first, so that another replica which sees the record soon sees the scores too.
+        if not self._store(op, record):  # another replica's record is in effect: score it
+            scores = self._scores(facts, before, snapshot(self.lm, facts), breaches, batch)
+        self.state.last_target_probability = _target_probability(scores)
+        self._mark_applied(op, superseded, scores)
+
+    def _scores(
+        self,
+        facts: list[Fact],
+        before: Snapshot,
+        after: Snapshot,
+        breaches: list[Breach],
+        batch: int | None,
+    ) -> dict[str, Any]:
+        scores = compare(facts, before, after)
+        if self.state.probes is not None:
+            scores["probes"] = {**self.state.probes.as_dict(), "probe_set": self._probe_set}
+        if breaches:
+            scores["guardrail"] = {"action": "flag", "breaches": [b.as_dict() for b in breaches]}
+        if batch is not None:
+            scores["batch"] = batch
+        return scores
+
+    def _account(self, seconds: dict[str, float], edits: int) -> None:
+        """Publish an edit's phase times; a batch charges each of its edits an equal share."""
+        share = {phase: value / edits for phase, value in seconds.items()}
         self.state.last_edit_seconds = share
         for phase, value in share.items():
-            for _ in work:
+            for _ in range(edits):
                 self.metrics.edit_seconds.labels(phase).observe(value)
 
-    def _store(self, op: Operation, record: DeltaRecord) -> None:
-        """Put ``record`` in the log. Should another replica have stored one first (it took the
-        work over while this one stalled past its lease), serve the stored one instead, so
-        that every replica holds the same weights."""
+    def _store(self, op: Operation, record: DeltaRecord) -> bool:
+        """Put ``record`` in the log; True if it is the one stored. Should another replica
+        have stored one first (it took the work over while this one stalled past its lease),
+        serve the stored one instead, so that every replica holds the same weights."""
         assert self.editor is not None
         if self.log.put_record(op.edit_id, record.to_bytes()):
-            return
+            return True
         blob = self.log.get_record(op.edit_id)
         assert blob is not None
         log.warning("edit %s was computed by another replica too; using its record", op.edit_id)
@@ -470,6 +508,7 @@ class ModelWorker:
             self._swap(ours)
         change = self.editor.plan_install(DeltaRecord.from_bytes(blob))
         self._publish(op.seq, change, {}, guarded=False)
+        return False
 
     @contextlib.contextmanager
     def _leases(self, edit_ids: list[str]) -> Iterator[None]:
@@ -497,16 +536,22 @@ class ModelWorker:
                     self.log.release(edit_id, self.replica)
 
     def _publish(
-        self, seq: int, change: Change, seconds: dict[str, float], *, guarded: bool
+        self,
+        seq: int,
+        change: Change,
+        seconds: dict[str, float],
+        *,
+        guarded: bool,
+        report: ProbeReport | None = None,
     ) -> list[Breach]:
-        """Probe ``change``'s weights, check the guardrails, and swap it in as version ``seq``
-        unless a guardrail rejects it.
+        """Probe ``change``'s weights (unless ``report`` already scores them), check the
+        guardrails, and swap it in as version ``seq`` unless a guardrail rejects it.
 
         The probes score the new weights before the swap, so a rejected edit never reaches the
         served model. Returns the breaches (with action ``flag``, the edit went in anyway).
         """
         assert self.editor is not None
-        norms, report = self._measure(change.weights, seconds)
+        norms, report = self._measure(change.weights, seconds, report)
         breaches = self._breaches(self.state.weight_norms, norms, report) if guarded else []
         if breaches and self.guard.rejects:
             return breaches
@@ -519,12 +564,17 @@ class ModelWorker:
         return breaches
 
     def _measure(
-        self, weights: dict[int, torch.Tensor], seconds: dict[str, float] | None = None
+        self,
+        weights: dict[int, torch.Tensor],
+        seconds: dict[str, float] | None = None,
+        report: ProbeReport | None = None,
     ) -> tuple[Norms, ProbeReport | None]:
-        """Weight norms and a probe pass of ``weights`` in the edited matrices."""
+        """Weight norms and a probe pass of ``weights`` in the edited matrices (``report``:
+        one made already)."""
         assert self.editor is not None
         norms = weight_norms(weights, self.editor.w0)
-        report = self.prober.measure(weights) if self.prober is not None else None
+        if report is None and self.prober is not None:
+            report = self.prober.measure(weights)
         if seconds is not None and report is not None:
             seconds["probes"] = report.seconds
         return norms, report

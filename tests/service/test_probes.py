@@ -115,3 +115,40 @@ def test_settings_refuse_probe_guardrails_without_probes() -> None:
         Settings(_env_file=None, probes="off", guard_min_agreement=0.9)  # type: ignore[call-arg]
     settings = Settings(_env_file=None, probes="off", guard_max_delta_growth=0.01)  # type: ignore[call-arg]
     assert settings.guardrails().max_delta_growth == 0.01
+
+
+def test_a_follower_reuses_the_probe_report_only_for_the_same_probe_set(
+    lm: LoadedModel, editor: Editor, tmp_path: Path
+) -> None:
+    """A replica installing another replica's record takes that replica's probe report instead
+    of a probe pass of its own, when both probe the same set in the same dtype."""
+    from service.editlog.base import EditStatus, Operation
+    from service.editlog.sqlite import SqliteEditLog
+    from service.worker import ModelWorker
+
+    settings = Settings(_env_file=None, data_dir=tmp_path, cache_dir=tmp_path)  # type: ignore[call-arg]
+    edit_log = SqliteEditLog(tmp_path / "editlog.sqlite3")
+    worker = ModelWorker(settings, edit_log, lm=lm)
+    worker.prober = Prober(lm, SMALL, editor.w0, dtype=default_dtype(lm), cache_dir=tmp_path)
+    worker._probe_set = f"{worker.prober.fingerprint()}-{worker.prober.dtype}"
+    fact = {"subject": FACT.subject, "prompt": FACT.prompt, "target_new": FACT.target_new}
+    entry, _ = edit_log.append_edit("e1", [fact])
+    op = Operation(seq=entry.seq, kind="apply", edit_id="e1")
+    report = {"agreement": 0.75, "kl": 0.125, "perplexity_ratio": 1.01, "seconds": 0.9}
+
+    assert worker._reported_probes(op) is None  # queued: nothing reported yet
+    edit_log.transition(
+        "e1",
+        {EditStatus.queued},
+        EditStatus.applied,
+        scores={"probes": {**report, "probe_set": worker._probe_set}},
+    )
+    reused = worker._reported_probes(op)
+    assert reused is not None
+    assert (reused.agreement, reused.kl, reused.perplexity_ratio) == (0.75, 0.125, 1.01)
+    # Another probe set (or dtype) where it was computed: this replica must probe itself.
+    edit_log.transition(
+        "e1", {EditStatus.applied}, None, scores={"probes": {**report, "probe_set": "other"}}
+    )
+    assert worker._reported_probes(op) is None
+    edit_log.close()
