@@ -11,7 +11,10 @@ redis-server of this benchmark's own:
 Run it on a quiet machine: it is a timing. Three replicas share this machine's cores, so each
 server runs torch on one thread (``--threads``); on their own machines replicas would not
 compete, and an edit's z* would be faster, but the convergence lag (installing a stored record:
-a solve and a probe pass) is what this measures.
+a solve, and a probe pass unless the computing replica's report can be reused) is what this
+measures. For the same reason the convergence servers run z* for ``--v-steps`` steps only: the
+lag starts once the record is stored, so z* time does not enter it, and 50 edits at the default
+25 steps on one thread each would take over half an hour here.
 """
 
 from __future__ import annotations
@@ -47,6 +50,7 @@ def main() -> int:
     parser.add_argument("--edits", type=int, default=50)
     parser.add_argument("--late-edits", type=int, default=1000)
     parser.add_argument("--threads", type=int, default=1, help="torch threads per server")
+    parser.add_argument("--v-steps", type=int, default=5, help="z* steps per edit")
     parser.add_argument("--out", type=Path, default=Path("bench/results/replicas.json"))
     args = parser.parse_args()
     port = free_port()
@@ -56,8 +60,12 @@ def main() -> int:
         stdout=subprocess.DEVNULL,
     )
     url = f"redis://127.0.0.1:{port}/0"
-    result: dict[str, Any] = {"hardware": hardware(), "threads_per_server": args.threads}
-    env = {"OMP_NUM_THREADS": str(args.threads)}
+    result: dict[str, Any] = {
+        "hardware": hardware(),
+        "threads_per_server": args.threads,
+        "v_steps": args.v_steps,
+    }
+    env = {"OMP_NUM_THREADS": str(args.threads), "EDITSERVE_V_STEPS": str(args.v_steps)}
     servers: list[subprocess.Popen[bytes]] = []
     try:
         time.sleep(0.5)
@@ -89,7 +97,8 @@ def main() -> int:
             lags.append(done - applied)
             totals.append(done - posted)
             print(f"edit {i + 1}: applied +{lags[-1]:.2f} s later everywhere", file=sys.stderr)
-        digests = {c.get("/info").json()["weights_digest"] for c in clients}
+        infos = [c.get("/info").json() for c in clients]
+        digests = {info["weights_digest"] for info in infos}
         result["convergence"] = {
             "replicas": 3,
             "edits": len(lags),
@@ -99,6 +108,10 @@ def main() -> int:
                 "p99": percentile(totals, 99),
             },
             "identical_digests": len(digests) == 1,
+            "replicas_at": [
+                {k: info[k] for k in ("model_version", "active_edits", "weights_digest")}
+                for info in infos
+            ],
         }
         for server in servers:
             server.terminate()

@@ -50,6 +50,15 @@ class Runtime:
         if min_version is None:
             return
         state = self.worker.state
+        if state.processed < min_version:
+            newest = await asyncio.to_thread(self.log.last_seq)
+            if min_version > newest:  # no edit has that version yet: waiting cannot help
+                raise Problem(
+                    503,
+                    f"the edit log holds no model version {min_version} yet (its newest is "
+                    f"{newest})",
+                    headers={"Retry-After": "1"},
+                )
         deadline = time.monotonic() + self.settings.min_version_wait_seconds
         while state.processed < min_version or not self.worker.ready:
             if time.monotonic() >= deadline:

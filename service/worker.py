@@ -292,6 +292,9 @@ class ModelWorker:
                 break
             if not self.log.claim(op.edit_id, self.replica, self.settings.lease_seconds):
                 break
+            if self.log.get_record(op.edit_id) is not None:  # stored meanwhile: see _await_turn
+                self.log.release(op.edit_id, self.replica)
+                break
             group.append(op)
         if len(group) == 1:  # handled the ordinary way, which takes the lease again
             self.log.release(group[0].edit_id, self.replica)
@@ -345,7 +348,14 @@ class ModelWorker:
             if entry is None or entry.status not in _NEEDS_WORK:
                 return False
             if self.log.claim(op.edit_id, self.replica, self.settings.lease_seconds):
-                return True
+                # Storing a record frees its lease, so the claim may have come just after
+                # another replica stored this record: look again before computing it.
+                blob = self.log.get_record(op.edit_id)
+                if blob is None:
+                    return True
+                self.log.release(op.edit_id, self.replica)
+                self._install_stored(op, blob)
+                return False
             if self._stopping.is_set():
                 raise _Stopping
             time.sleep(0.05)

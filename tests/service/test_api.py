@@ -258,7 +258,7 @@ def test_health_ready_info(live: Live) -> None:
 
 
 def test_queued_edits_share_one_batch_and_stay_separate_edits(live: Live) -> None:
-    cities = ["Rome", "Tokyo", "Cairo", "Lima", "Oslo"]
+    cities = ["Rome", "Tokyo", "Cairo", "Lima"]
     facts = [
         {
             "subject": f"Landmark {i}",
@@ -282,8 +282,10 @@ def test_queued_edits_share_one_batch_and_stay_separate_edits(live: Live) -> Non
     # Each is still its own edit: reverting one leaves the others.
     live.client.post(f"/edits/{ids[1]}/revert")
     wait_status(live.client, ids[1], {"reverted"})
-    assert live.client.get("/info").json()["active_edits"] == info0["active_edits"] + 4
-    for edit_id in ids[:1] + ids[2:]:
+    assert live.client.get("/info").json()["active_edits"] == info0["active_edits"] + 3
+    rest = ids[:1] + ids[2:]
+    for edit_id in rest:
         live.client.post(f"/edits/{edit_id}/revert")
+    for edit_id in rest:
         wait_status(live.client, edit_id, {"reverted"})
     assert live.client.get("/info").json()["weights_digest"] == info0["weights_digest"]
