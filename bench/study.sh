@@ -23,7 +23,7 @@ for file in "$COUNTERFACT" "$ZSRE"; do
     [ -f "$file" ] || { echo "no dataset at $file: set COUNTERFACT / ZSRE" >&2; exit 2; }
 done
 mkdir -p "$OUT"
-checkpoints=$(for n in 10 100 500; do [ "$n" -lt "$N" ] && printf '%s,' "$n"; done)
+checkpoints=$(for n in 10 100 500; do if [ "$n" -lt "$N" ]; then printf '%s,' "$n"; fi; done)
 
 args_for() {
     case $1 in
