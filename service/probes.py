@@ -249,11 +249,18 @@ class Prober:
 
 
 def default_dtype(lm: LoadedModel) -> torch.dtype | None:
-    """bfloat16 for a float32 model on a CPU (a copy, about 3x faster there); else the
-    model's own dtype (no copy: on a GPU the pass is cheap already)."""
-    if lm.device.type == "cpu" and lm.dtype == torch.float32:
+    """bfloat16 for a float32 model on a CPU with native bfloat16 arithmetic (AVX512-BF16 or
+    AMX: a copy, about 3x faster there); else the model's own dtype. Without it bfloat16 is
+    emulated, and slower than float32: 13.3 s against 4.7 s for the default probe set on a
+    2-core Xeon without AVX512-BF16. On a GPU the pass is cheap already."""
+    if lm.device.type == "cpu" and lm.dtype == torch.float32 and native_bfloat16():
         return torch.bfloat16
     return None
+
+
+def native_bfloat16() -> bool:
+    """Whether this CPU computes in bfloat16 natively."""
+    return bool(torch.cpu._is_avx512_bf16_supported() or torch.cpu._is_amx_tile_supported())
 
 
 def _copy(model: PreTrainedModel, dtype: torch.dtype) -> PreTrainedModel:

@@ -11,7 +11,15 @@ from editing.editor import Editor
 from editing.facts import Fact
 from editing.models import LoadedModel
 from service.guardrails import Guardrails, delta_growth
-from service.probes import Probe, Prober, ProbeReport, ProbeSetError, default_dtype, load_probes
+from service.probes import (
+    Probe,
+    Prober,
+    ProbeReport,
+    ProbeSetError,
+    default_dtype,
+    load_probes,
+    native_bfloat16,
+)
 from service.settings import Settings
 
 FACT = Fact(
@@ -58,7 +66,10 @@ def test_probes_score_given_weights_and_leave_the_model_alone(
     lm: LoadedModel, editor: Editor, tmp_path: Path
 ) -> None:
     prober = Prober(lm, SMALL, editor.w0, dtype=default_dtype(lm), cache_dir=tmp_path)
-    assert prober.dtype == torch.bfloat16  # a float32 model on a CPU: a bfloat16 copy
+    # A float32 model on a CPU: a bfloat16 copy where the CPU has bfloat16 arithmetic, else
+    # the model itself (emulated bfloat16 is slower than float32).
+    assert prober.dtype == (torch.bfloat16 if native_bfloat16() else torch.float32)
+    assert (prober.model is lm.model) == (prober.dtype == lm.dtype)
     unedited = prober.measure(editor.w0)
     assert (unedited.agreement, unedited.kl, unedited.perplexity_ratio) == (1.0, 0.0, 1.0)
 
