@@ -143,17 +143,22 @@ class GenerateParameters(StrictModel):
     details: bool = False
 
 
-class GenerateRequest(StrictModel):
-    inputs: str = Field(min_length=1)
-    parameters: GenerateParameters = Field(default_factory=GenerateParameters)
-    stream: bool = False
-    min_version: int | None = Field(
+def min_version_field() -> Any:
+    """The ``min_version`` field (read your own writes) of every request that generates."""
+    return Field(
         default=None,
         ge=0,
         description="read your own writes: answer only from a model that includes the log up "
         "to this version (an edit's `model_version`); a replica behind it waits, then answers "
         "503 with Retry-After",
     )
+
+
+class GenerateRequest(StrictModel):
+    inputs: str = Field(min_length=1)
+    parameters: GenerateParameters = Field(default_factory=GenerateParameters)
+    stream: bool = False
+    min_version: int | None = min_version_field()
 
 
 class TokenOut(BaseModel):

@@ -18,6 +18,7 @@ from service.auth import require
 from service.errors import SSE_EVENT, Problem, problem_responses
 from service.generation import Finished, SamplingParams, Token
 from service.runtime import Runtime, runtime
+from service.schemas import min_version_field
 from service.settings import Role
 
 router = APIRouter(prefix="/v1", tags=["openai"], dependencies=[Depends(require(Role.reader))])
@@ -41,13 +42,7 @@ class _Request(BaseModel):
     seed: int | None = Field(default=None, ge=0, le=2**63 - 1)
     frequency_penalty: float = Field(default=0.0, ge=-2.0, le=2.0)
     presence_penalty: float = Field(default=0.0, ge=-2.0, le=2.0)
-    min_version: int | None = Field(
-        default=None,
-        ge=0,
-        description="read your own writes: answer only from a model that includes the log up "
-        "to this version (an edit's `model_version`); a replica behind it waits, then answers "
-        "503 with Retry-After",
-    )
+    min_version: int | None = min_version_field()
 
     def sampling(self, default_max: int) -> SamplingParams:
         stop = [self.stop] if isinstance(self.stop, str) else list(self.stop or [])
