@@ -9,6 +9,13 @@ Per edited layer keep
     dW = S_RK (lambda * C0 + S_KK)^-1          W_live = W0 + dW
 
 so the update is always recomputed from W0 and never piles onto earlier updates.
+
+The sums are accumulated in fixed blocks of ``BLOCK_RECORDS`` records: each full block adds one
+stacked product ``K_b^T K_b`` to the running sums, and the open (partial) block is multiplied out
+when an update is solved. A server folding one record at a time and a replica rebuilding the same
+records from the log therefore do the same float operations in the same order and get the same
+bits, and a rebuild costs one product per block instead of one 1536 x 1536 float64 sum per record
+(1,000 records: 22 s the per-record way on 2 cores).
 """
 
 from __future__ import annotations
@@ -16,6 +23,10 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
+
+#: Records per accumulation block (see the module docstring). Part of the weights' definition:
+#: changing it changes the last bits of every update, so replicas must agree on it.
+BLOCK_RECORDS = 64
 
 
 @dataclass(frozen=True)
@@ -26,17 +37,15 @@ class LayerSums:
     rk: torch.Tensor  # out x in
 
     @classmethod
-    def zeros(cls, d_out: int, d_in: int, device: torch.device) -> LayerSums:
-        return cls(
-            kk=torch.zeros(d_in, d_in, dtype=torch.float64, device=device),
-            rk=torch.zeros(d_out, d_in, dtype=torch.float64, device=device),
-        )
+    def of(cls, keys: torch.Tensor, residual: torch.Tensor) -> LayerSums:
+        """The sums of one block of rows (keys ``n x in``, residual ``n x out``)."""
+        k = keys.to(torch.float64)
+        r = residual.to(k.device, torch.float64)
+        return cls(kk=k.T @ k, rk=r.T @ k)
 
-    def add(self, keys: torch.Tensor, residual: torch.Tensor) -> LayerSums:
-        """New sums with one edit added (keys ``n x in``, residual ``n x out``)."""
-        k = keys.to(self.kk.device, torch.float64)
-        r = residual.to(self.rk.device, torch.float64)
-        return LayerSums(kk=self.kk + k.T @ k, rk=self.rk + r.T @ k)
+    def __add__(self, other: LayerSums) -> LayerSums:
+        """New sums; neither operand is modified."""
+        return LayerSums(kk=self.kk + other.kk, rk=self.rk + other.rk)
 
 
 def residual_share(residual: torch.Tensor, position: int, n_layers: int) -> torch.Tensor:

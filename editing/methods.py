@@ -19,7 +19,7 @@ from typing import Any, ClassVar
 
 import torch
 
-from editing.d4s import LayerSums, residual_share, solve_update
+from editing.d4s import BLOCK_RECORDS, LayerSums, residual_share, solve_update
 from editing.hparams import EditHparams
 from editing.records import DeltaRecord
 from editing.rect import rect
@@ -78,24 +78,37 @@ class D4S(EditMethod):
     against_original = True
 
     def empty(self) -> State:
-        return {"sums": {}, "count": 0}
+        # sums: the closed blocks' sums per layer; open: the records of the block being filled.
+        return {"sums": {}, "open": (), "count": 0}
 
     def fold(self, state: State, record: DeltaRecord) -> State:
-        sums: dict[int, LayerSums] = dict(state["sums"])
-        for layer, keys, share in self._shares(record):
-            if layer not in sums:
-                d_out, d_in = self.w0[layer].shape
-                sums[layer] = LayerSums.zeros(d_out, d_in, keys.device)
-            sums[layer] = sums[layer].add(keys, share)
-        return {"sums": sums, "count": state["count"] + 1}
+        sums, open_block = state["sums"], (*state["open"], record)
+        if len(open_block) == BLOCK_RECORDS:
+            sums, open_block = self._plus_block(sums, open_block), ()
+        return {"sums": sums, "open": open_block, "count": state["count"] + 1}
 
     def update(self, state: State) -> dict[int, torch.Tensor]:
         if state["count"] == 0:
             return {}
         out = {}
-        for layer, sums in state["sums"].items():
+        for layer, sums in self._plus_block(state["sums"], state["open"]).items():
             dw = solve_update(sums, self.c0[layer], self.hp.mom2_lambda).float()
             out[layer] = rect(dw, self.w0[layer], self.hp.rect_keep)
+        return out
+
+    def _plus_block(
+        self, sums: dict[int, LayerSums], block: tuple[DeltaRecord, ...]
+    ) -> dict[int, LayerSums]:
+        """New per-layer sums: ``sums`` plus one stacked product of ``block``'s rows."""
+        if not block:
+            return sums
+        shares = [self._shares(record) for record in block]
+        out = dict(sums)
+        for i, layer in enumerate(self.hp.layers):
+            added = LayerSums.of(
+                torch.cat([s[i][1] for s in shares]), torch.cat([s[i][2] for s in shares])
+            )
+            out[layer] = out[layer] + added if layer in out else added
         return out
 
 
@@ -170,6 +183,10 @@ def _tensors(obj: Any) -> list[torch.Tensor]:
         return [obj]
     if isinstance(obj, LayerSums):
         return [obj.kk, obj.rk]
+    if isinstance(obj, DeltaRecord):
+        return [*obj.keys.values(), obj.residual]
     if isinstance(obj, dict):
         return [t for v in obj.values() for t in _tensors(v)]
+    if isinstance(obj, tuple | list):
+        return [t for v in obj for t in _tensors(v)]
     return []

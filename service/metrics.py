@@ -155,6 +155,11 @@ class _StateCollector(Collector):
             "log_processed_seq", "Log position of the last operation handled", state.processed
         )
         yield _gauge(
+            "startup_replay_seconds",
+            "Time the start-up rebuild from the log's stored records took (before the probes)",
+            state.replay_seconds,
+        )
+        yield _gauge(
             "edit_queue_limit",
             "Pending edit operations beyond which POST /edits answers 429",
             w.settings.max_queued_edits,

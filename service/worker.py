@@ -58,6 +58,7 @@ class WorkerState:
     processed: int = 0  # seq of the last log operation handled
     model_version: int = 0
     replayed_to: int = 0  # the log's end when the start-up rebuild began
+    replay_seconds: float = 0.0  # the start-up rebuild's time (reading the log, solve, swap)
     active_edits: int = 0
     active_facts: int = 0
     last_edit_seconds: dict[str, float] = field(default_factory=dict)
@@ -210,6 +211,7 @@ class ModelWorker:
         """
         self.state.phase = "replaying"
         assert self.editor is not None
+        started = time.perf_counter()
         self.state.replayed_to = self.log.last_seq()
         active: list[DeltaRecord] = []
         last_change = 0
@@ -219,11 +221,15 @@ class ModelWorker:
             ops = self.log.read(after, limit=500)
             if not ops:
                 break
+            # One round trip per page, the entries first: an entry read as applied had its
+            # record stored before, so the record read after it finds it.
+            entries = self.log.get_many([op.edit_id for op in ops])
+            blobs = self.log.get_records([op.edit_id for op in ops if op.kind == "apply"])
             for op in ops:
+                entry = entries.get(op.edit_id)
                 if op.kind == "apply":
-                    blob = self.log.get_record(op.edit_id)
+                    blob = blobs.get(op.edit_id)
                     if blob is None:
-                        entry = self.log.get(op.edit_id)
                         if entry is not None and entry.status in _NEEDS_WORK:
                             done = True
                             break
@@ -232,19 +238,28 @@ class ModelWorker:
                         kept, superseded, _ = supersede(active, record)
                         active = [*kept, record]
                         last_change = op.seq
-                        self._mark_applied(op, superseded, None)
+                        # Already applied (a restart): nothing to mark.
+                        if superseded or entry is None or entry.status in _NEEDS_WORK:
+                            self._mark_applied(op, superseded, None)
                 elif any(r.id == op.edit_id for r in active):
                     active = [r for r in active if r.id != op.edit_id]
                     last_change = op.seq
-                    self._mark_reverted(op)
+                    if entry is None or entry.status in _NEEDS_WORK | {EditStatus.applied}:
+                        self._mark_reverted(op)
                 after = op.seq
         with self.weights_lock:
             self.editor.replay(active)
             self._sync_served()
             self.state.model_version = last_change
         self.state.processed = after
+        self.state.replay_seconds = time.perf_counter() - started
         self._observe(*self._measure(self.editor.live_weights()))
-        log.info("rebuilt %d active edits from the log up to seq %d", len(active), after)
+        log.info(
+            "rebuilt %d active edits from the log up to seq %d in %.2f s",
+            len(active),
+            after,
+            self.state.replay_seconds,
+        )
 
     # -- following the log -----------------------------------------------------------------
 
@@ -654,9 +669,13 @@ class ModelWorker:
             self.state.model_version = op.seq
         self.metrics.revert_seconds.observe(time.perf_counter() - started)
         self.metrics.edits.labels("reverted").inc()
-        # Published before the status, so a client that sees ``reverted`` sees its metrics.
-        self._observe(*self._measure(change.weights))
+        # The client waits for ``reverted``, so it is set as soon as the served weights no
+        # longer hold the edit, with the (cheap) weight norms; the probe pass takes seconds and
+        # publishes its gauges after it.
+        norms = weight_norms(change.weights, self.editor.w0)
+        self._observe(norms, self.state.probes)
         self._mark_reverted(op)
+        self._observe(*self._measure(change.weights))
 
     def _mark_reverted(self, op: Operation) -> None:
         self.log.transition(

@@ -15,6 +15,7 @@ import hashlib
 import json
 import time
 from abc import ABC, abstractmethod
+from collections.abc import Sequence
 from dataclasses import dataclass
 from enum import StrEnum
 from typing import Any, Literal
@@ -195,6 +196,12 @@ class EditLog(ABC):
     @abstractmethod
     def get(self, edit_id: str) -> EditEntry | None: ...
 
+    def get_many(self, edit_ids: Sequence[str]) -> dict[str, EditEntry]:
+        """The entries of those of ``edit_ids`` that exist (a log over a network overrides
+        this with one round trip)."""
+        found = {edit_id: self.get(edit_id) for edit_id in edit_ids}
+        return {k: v for k, v in found.items() if v is not None}
+
     @abstractmethod
     def list_edits(
         self, status: EditStatus | None = None, limit: int = 50, before: int | None = None
@@ -237,6 +244,11 @@ class EditLog(ABC):
 
     @abstractmethod
     def get_record(self, edit_id: str) -> bytes | None: ...
+
+    def get_records(self, edit_ids: Sequence[str]) -> dict[str, bytes]:
+        """The stored records of those of ``edit_ids`` that have one (see ``get_many``)."""
+        found = {edit_id: self.get_record(edit_id) for edit_id in edit_ids}
+        return {k: v for k, v in found.items() if v is not None}
 
     @abstractmethod
     def ping(self) -> None:

@@ -17,7 +17,7 @@ with ``appendonly yes`` in production.
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from typing import Any, TypeVar
 
 import redis
@@ -228,6 +228,22 @@ class RedisEditLog(EditLog):
         loaded = self._load(edit_id)
         return loaded[0] if loaded else None
 
+    def get_many(self, edit_ids: Sequence[str]) -> dict[str, EditEntry]:
+        def fetch() -> list[Any]:
+            pipe = self._r.pipeline(transaction=False)
+            for edit_id in edit_ids:
+                pipe.hmget(self._key("edit", edit_id), "seq", "doc")
+            return pipe.execute()
+
+        if not edit_ids:
+            return {}
+        found = {}
+        for edit_id, (seq, doc) in zip(edit_ids, self._call(fetch), strict=True):
+            if doc is not None:
+                found[edit_id] = EditEntry.from_json(doc)
+                found[edit_id].seq = int(seq)
+        return found
+
     def list_edits(
         self, status: EditStatus | None = None, limit: int = 50, before: int | None = None
     ) -> list[EditEntry]:
@@ -274,6 +290,13 @@ class RedisEditLog(EditLog):
     def get_record(self, edit_id: str) -> bytes | None:
         value: Any = self._call(lambda: self._r.get(self._key("record", edit_id)))
         return bytes(value) if value is not None else None
+
+    def get_records(self, edit_ids: Sequence[str]) -> dict[str, bytes]:
+        if not edit_ids:
+            return {}
+        keys = [self._key("record", edit_id) for edit_id in edit_ids]
+        values: Any = self._call(lambda: self._r.mget(keys))
+        return {k: bytes(v) for k, v in zip(edit_ids, values, strict=True) if v is not None}
 
     def ping(self) -> None:
         self._call(self._r.ping)

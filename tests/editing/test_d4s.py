@@ -16,27 +16,28 @@ def test_update_matches_batch_memit_formula() -> None:
     g = torch.Generator().manual_seed(1)
     a = torch.randn(d_in, d_in, generator=g, dtype=torch.float64)
     c0 = a @ a.T / d_in + torch.eye(d_in, dtype=torch.float64)
-    sums = LayerSums.zeros(d_out, d_in, torch.device("cpu")).add(keys, resid)
+    sums = LayerSums.of(keys, resid)
     expected = resid.T @ keys @ torch.linalg.inv(lam * c0 + keys.T @ keys)
     assert torch.allclose(solve_update(sums, c0, lam), expected, atol=1e-10)
 
 
 def test_sequential_sums_equal_one_batch() -> None:
-    """n single edits accumulate to exactly the statistics of one batch edit of all n."""
+    """n single edits accumulate to the statistics of one batch edit of all n."""
     keys, resid = _random(6, 10, 4, 2)
-    seq = LayerSums.zeros(4, 10, torch.device("cpu"))
-    for i in range(6):
-        seq = seq.add(keys[i : i + 1], resid[i : i + 1])
-    batch = LayerSums.zeros(4, 10, torch.device("cpu")).add(keys, resid)
+    seq = LayerSums.of(keys[:1], resid[:1])
+    for i in range(1, 6):
+        seq = seq + LayerSums.of(keys[i : i + 1], resid[i : i + 1])
+    batch = LayerSums.of(keys, resid)
     assert torch.allclose(seq.kk, batch.kk) and torch.allclose(seq.rk, batch.rk)
 
 
-def test_add_returns_new_sums_and_leaves_old_untouched() -> None:
+def test_adding_sums_leaves_both_operands_untouched() -> None:
     keys, resid = _random(2, 6, 3, 3)
-    empty = LayerSums.zeros(3, 6, torch.device("cpu"))
-    added = empty.add(keys, resid)
-    assert empty.kk.abs().sum() == 0 and empty.rk.abs().sum() == 0
-    assert added.kk.abs().sum() > 0
+    a, b = LayerSums.of(keys[:1], resid[:1]), LayerSums.of(keys[1:], resid[1:])
+    before = [t.clone() for t in (a.kk, a.rk, b.kk, b.rk)]
+    total = a + b
+    assert all(torch.equal(x, y) for x, y in zip(before, (a.kk, a.rk, b.kk, b.rk), strict=True))
+    assert torch.allclose(total.kk, keys.T @ keys)
 
 
 def test_residual_shares_follow_the_fixed_rule() -> None:

@@ -200,6 +200,27 @@ def test_records_round_trip(edit_log: EditLog) -> None:
     assert edit_log.get_record(edit_id) == blob
 
 
+def test_bulk_reads_match_single_reads(edit_log: EditLog) -> None:
+    ids = [edit_log.append_edit(new_id(), [FACT])[0].id for _ in range(4)]
+    edit_log.transition(ids[1], {EditStatus.queued}, EditStatus.applying)
+    for i in ids[::2]:
+        edit_log.put_record(i, i.encode() * 3)
+    asked = [*ids, "missing"]
+    entries = edit_log.get_many(asked)
+    assert set(entries) == set(ids)
+    for i in ids:
+        single = edit_log.get(i)
+        assert single is not None
+        assert (entries[i].status, entries[i].seq, entries[i].facts) == (
+            single.status,
+            single.seq,
+            single.facts,
+        )
+    assert entries[ids[1]].status == EditStatus.applying
+    assert edit_log.get_records(asked) == {i: i.encode() * 3 for i in ids[::2]}
+    assert edit_log.get_many([]) == {} and edit_log.get_records([]) == {}
+
+
 def test_the_first_record_stored_stays(edit_log: EditLog) -> None:
     edit_id = edit_log.append_edit(new_id(), [FACT])[0].id
     assert edit_log.put_record(edit_id, b"first")
