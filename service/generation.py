@@ -4,12 +4,14 @@ Requests wait in a queue; the batcher takes up to ``max_batch`` of them, left-pa
 prompts and decodes them together, each row with its own sampling parameters, seed, stop
 sequences and token budget. Finished rows leave the batch (and the KV cache) at once.
 
-A batch holds the weights lock from its prefill to its last token: every request is generated
-entirely at one model version, and a new version is swapped in between batches.
+The batch is continuous: between two decoding steps, requests that arrived meanwhile are
+prefilled on their own and joined to the running batch (their KV caches left-padded to a common
+length), up to ``max_batch`` rows, so a request that just misses a batch does not wait for all
+of it. Columns that only padding still uses are dropped as rows leave.
 
-Continuous batching (admitting new requests into a running batch) is not done: transformers'
-own implementation was slower than static batches on CPU (ALGORITHMS.md section 7), and
-requests arriving during a batch wait at most one batch's decoding.
+A batch holds the weights lock from its first prefill to its last token: every request is
+generated entirely at one model version. A swap that is waiting (``swap_waiting``) closes the
+batch to new requests, so it waits for at most the requests already in it.
 """
 
 from __future__ import annotations
@@ -21,10 +23,12 @@ import time
 from collections.abc import Callable
 from contextlib import AbstractContextManager, suppress
 from dataclasses import dataclass, field
+from typing import Any
 
 import torch
 import torch.nn.functional as F
 from transformers import DynamicCache
+from transformers.cache_utils import DynamicLayer
 
 from editing.models import LoadedModel
 
@@ -107,6 +111,7 @@ class Batcher:
         max_queue: int = 256,
         window: float = 0.01,
         on_batch: Callable[[int], None] | None = None,
+        swap_waiting: Callable[[], bool] = lambda: False,
     ) -> None:
         self.lm = lm
         self.weights_lock = weights_lock
@@ -116,8 +121,10 @@ class Batcher:
         self._queue: queue.Queue[Job | None] = queue.Queue(maxsize=max_queue)
         self._thread = threading.Thread(target=self._run, name="generation", daemon=True)
         self._eos = _eos_ids(lm)
-        self._on_batch = on_batch  # told each batch's size
+        self._on_batch = on_batch  # told the batch's size whenever requests join it
+        self._swap_waiting = swap_waiting
         self.batches = 0
+        self.joined = 0  # requests admitted into a batch already running
 
     def start(self) -> None:
         self._thread.start()
@@ -158,19 +165,72 @@ class Batcher:
             jobs = [j for j in jobs if not j.cancelled.is_set()]
             if not jobs:
                 continue
-            if self._on_batch is not None:
-                self._on_batch(len(jobs))
+            everyone = list(jobs)  # whoever takes part, to be told if the batch fails
             try:
                 with self.weights_lock:
-                    self._decode(jobs, self.version())
+                    self._decode(jobs, self.version(), everyone)
                 self.batches += 1
             except Exception as exc:  # a failed batch fails its requests, not the server
                 log.exception("generation batch failed")
-                for job in jobs:
+                for job in everyone:
                     job.sink(exc)
 
+    def _late_arrivals(self, room: int) -> list[Job]:
+        """Requests waiting now, up to ``room``, unless a swap is waiting for the lock."""
+        jobs: list[Job] = []
+        while len(jobs) < room and not self._swap_waiting():
+            try:
+                job = self._queue.get_nowait()
+            except queue.Empty:
+                break
+            if job is None:  # stopping: leave the sentinel for the run loop
+                self._queue.put(None)
+                break
+            if not job.cancelled.is_set():
+                jobs.append(job)
+        return jobs
+
     @torch.inference_mode()
-    def _decode(self, jobs: list[Job], version: int) -> None:
+    def _decode(self, jobs: list[Job], version: int, everyone: list[Job]) -> None:
+        """Decode ``jobs`` and any that join on the way (added to ``everyone``) at ``version``."""
+        batch: _Batch | None = None
+        rows: list[_Row] = []
+        logits = torch.empty(0)
+        while True:
+            if jobs:
+                joining = self._prefill(jobs)
+                if batch is None:
+                    batch = joining
+                else:
+                    batch.join(joining)
+                    self.joined += len(jobs)
+                logits = torch.cat([logits, joining.logits]) if rows else joining.logits
+                rows += [_new_row(job, self.lm.device) for job in jobs]
+                if self._on_batch is not None:
+                    self._on_batch(len(rows))
+            assert batch is not None
+            chosen, logprobs = _choose(logits.float(), rows)
+            keep = [
+                i
+                for i, row in enumerate(rows)
+                if self._advance(row, int(chosen[i]), float(logprobs[i]), version)
+            ]
+            if len(keep) < len(rows):
+                rows = [rows[i] for i in keep]
+                if rows:
+                    batch.select(keep)
+                    chosen = chosen[keep]
+            jobs = self._late_arrivals(self.max_batch - len(rows))
+            everyone += jobs
+            if not rows:
+                if not jobs:
+                    return
+                batch, logits = None, torch.empty(0)
+                continue
+            logits = batch.step(self.lm, chosen)
+
+    def _prefill(self, jobs: list[Job]) -> _Batch:
+        """A batch of ``jobs`` alone, their prompts left-padded and run once."""
         lm, device = self.lm, self.lm.device
         pad = lm.tokenizer.pad_token_id or 0
         width = max(len(j.prompt_ids) for j in jobs)
@@ -180,33 +240,16 @@ class Batcher:
             ids[i, width - len(job.prompt_ids) :] = torch.tensor(job.prompt_ids)
             mask[i, width - len(job.prompt_ids) :] = 1
         ids, mask = ids.to(device), mask.to(device)
-        rows = [_new_row(job, device) for job in jobs]
         cache = DynamicCache()
         positions = (mask.cumsum(-1) - 1).clamp(min=0)
         logits = lm.model(
-            input_ids=ids, attention_mask=mask, position_ids=positions, past_key_values=cache
+            input_ids=ids,
+            attention_mask=mask,
+            position_ids=positions,
+            past_key_values=cache,
+            logits_to_keep=1,
         ).logits[:, -1, :]
-        while rows:
-            chosen, logprobs = _choose(logits.float(), rows)
-            keep: list[int] = []
-            for i, row in enumerate(rows):
-                if self._advance(row, int(chosen[i]), float(logprobs[i]), version):
-                    keep.append(i)
-            if not keep:
-                return
-            if len(keep) < len(rows):
-                index = torch.tensor(keep, device=device)
-                cache.batch_select_indices(index)
-                mask, chosen, positions = mask[index], chosen[index], positions[index]
-                rows = [rows[i] for i in keep]
-            mask = torch.cat([mask, mask.new_ones(len(rows), 1)], dim=1)
-            positions = positions[:, -1:] + 1
-            logits = lm.model(
-                input_ids=chosen[:, None],
-                attention_mask=mask,
-                position_ids=positions,
-                past_key_values=cache,
-            ).logits[:, -1, :]
+        return _Batch(cache=cache, mask=mask, positions=positions[:, -1:], logits=logits)
 
     def _advance(self, row: _Row, token: int, logprob: float, version: int) -> bool:
         """Add ``token`` to ``row`` and send what it adds; False once the row is done."""
@@ -244,6 +287,71 @@ class Batcher:
             )
         )
         return False
+
+
+@dataclass
+class _Batch:
+    """The rows decoding together: their KV cache, attention mask (B x T, 0 on left padding),
+    last positions (B x 1) and, after a prefill, the logits of each row's next token."""
+
+    cache: DynamicCache
+    mask: torch.Tensor
+    positions: torch.Tensor
+    logits: torch.Tensor
+
+    def step(self, lm: LoadedModel, tokens: torch.Tensor) -> torch.Tensor:
+        """Feed each row its next token; the logits that follow it."""
+        self.mask = torch.cat([self.mask, self.mask.new_ones(len(tokens), 1)], dim=1)
+        self.positions = self.positions + 1
+        out = lm.model(
+            input_ids=tokens[:, None],
+            attention_mask=self.mask,
+            position_ids=self.positions,
+            past_key_values=self.cache,
+        )
+        return out.logits[:, -1, :]
+
+    def select(self, keep: list[int]) -> None:
+        """Keep the rows at ``keep``, and drop the leading columns that only padding uses."""
+        index = torch.tensor(keep, device=self.mask.device)
+        self.mask, self.positions = self.mask[index], self.positions[index]
+        self.cache.batch_select_indices(index)
+        used = self.mask.any(dim=0).nonzero()
+        first = int(used[0]) if len(used) else 0
+        if first > 0:
+            self.mask = self.mask[:, first:]
+            for layer in _kv_layers(self.cache):
+                layer.keys = layer.keys[:, :, first:]
+                layer.values = layer.values[:, :, first:]
+
+    def join(self, other: _Batch) -> None:
+        """Append ``other``'s rows, left-padding whichever cache is shorter."""
+        width = max(self.mask.shape[1], other.mask.shape[1])
+        self.mask = torch.cat([_left_pad(self.mask, width, 1), _left_pad(other.mask, width, 1)])
+        self.positions = torch.cat([self.positions, other.positions])
+        for mine, theirs in zip(_kv_layers(self.cache), _kv_layers(other.cache), strict=True):
+            mine.keys = torch.cat(
+                [_left_pad(mine.keys, width, 2), _left_pad(theirs.keys, width, 2)]
+            )
+            mine.values = torch.cat(
+                [_left_pad(mine.values, width, 2), _left_pad(theirs.values, width, 2)]
+            )
+
+
+def _kv_layers(cache: DynamicCache) -> list[Any]:
+    """The cache's layers, each with ``keys`` and ``values`` (B x heads x T x head_dim)."""
+    assert all(isinstance(layer, DynamicLayer) for layer in cache.layers)
+    return list(cache.layers)
+
+
+def _left_pad(t: torch.Tensor, width: int, dim: int) -> torch.Tensor:
+    """``t`` with zeros prepended along ``dim`` up to ``width``."""
+    missing = width - t.shape[dim]
+    if missing == 0:
+        return t
+    shape = list(t.shape)
+    shape[dim] = missing
+    return torch.cat([t.new_zeros(shape), t], dim=dim)
 
 
 def _new_row(job: Job, device: torch.device) -> _Row:

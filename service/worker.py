@@ -93,6 +93,7 @@ class ModelWorker:
         self.metrics.watch(self)
         self._w0_mean: dict[int, float] = {}
         self.weights_lock = threading.RLock()
+        self._swap_waiting = threading.Event()  # closes running generation batches to newcomers
         self._stopping = threading.Event()
         self._thread = threading.Thread(target=self._main, name="applier", daemon=True)
         self._ready = threading.Event()
@@ -174,6 +175,7 @@ class ModelWorker:
             max_queue=s.max_queued_requests,
             window=s.batch_window_ms / 1000,
             on_batch=self.metrics.batch_size.observe,
+            swap_waiting=self._swap_waiting.is_set,
         )
         self.batcher.start()
 
@@ -187,6 +189,17 @@ class ModelWorker:
             return self.lm
         model = copy.deepcopy(self.lm.model).to(getattr(torch, want))
         return LoadedModel(spec=self.lm.spec, model=model, tokenizer=self.lm.tokenizer)
+
+    @contextlib.contextmanager
+    def _exclusive(self) -> Iterator[None]:
+        """The weights lock, for a swap. Meanwhile the generation batch in flight takes no new
+        requests, so the swap waits for no more than the requests already in it."""
+        self._swap_waiting.set()
+        try:
+            with self.weights_lock:
+                yield
+        finally:
+            self._swap_waiting.clear()
 
     def _swap(self, change: Change) -> None:
         """Make ``change`` the served model (the caller holds the weights lock)."""
@@ -247,7 +260,7 @@ class ModelWorker:
                     if entry is None or entry.status in _NEEDS_WORK | {EditStatus.applied}:
                         self._mark_reverted(op)
                 after = op.seq
-        with self.weights_lock:
+        with self._exclusive():
             self.editor.replay(active)
             self._sync_served()
             self.state.model_version = last_change
@@ -529,7 +542,7 @@ class ModelWorker:
         assert blob is not None
         log.warning("edit %s was computed by another replica too; using its record", op.edit_id)
         ours = self.editor.plan_revert(op.edit_id)
-        with self.weights_lock:
+        with self._exclusive():
             self._swap(ours)
         change = self.editor.plan_install(DeltaRecord.from_bytes(blob))
         self._publish(op.seq, change, {}, guarded=False)
@@ -580,7 +593,7 @@ class ModelWorker:
         breaches = self._breaches(self.state.weight_norms, norms, report) if guarded else []
         if breaches and self.guard.rejects:
             return breaches
-        with self.weights_lock:
+        with self._exclusive():
             swapping = time.perf_counter()
             self._swap(change)
             self.state.model_version = seq
@@ -664,7 +677,7 @@ class ModelWorker:
             return  # cancelled before it was applied, or it failed: nothing to undo
         # Swapped before the probes run (unlike an apply, which nothing can reject): a revert
         # takes effect at once.
-        with self.weights_lock:
+        with self._exclusive():
             self._swap(change)
             self.state.model_version = op.seq
         self.metrics.revert_seconds.observe(time.perf_counter() - started)

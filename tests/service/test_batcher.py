@@ -1,0 +1,114 @@
+"""The continuous batcher on the real model: requests that arrive while a batch decodes join it
+and get exactly the text they get alone; a waiting swap closes the batch to newcomers."""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections.abc import Iterator
+
+import pytest
+
+from editing.models import LoadedModel
+from service.generation import Batcher, Event, Finished, Job, SamplingParams, Token
+
+PROMPTS = [
+    "The history of the Roman Empire",
+    "Water boils at a temperature of",
+    "The chemical symbol for gold is",
+]
+
+
+class Request:
+    def __init__(self, lm: LoadedModel, prompt: str, n: int) -> None:
+        self.tokens = 0
+        self.first_token_at = self.finished_at = 0.0
+        self.started = threading.Event()  # two tokens out: the batch is decoding
+        self.done = threading.Event()
+        self.finished: Finished | None = None
+        self.error: BaseException | None = None
+        ids = lm.tokenizer(prompt)["input_ids"]
+        self.job = Job(ids, SamplingParams(max_new_tokens=n), self.sink)
+
+    def sink(self, event: Event) -> None:
+        if isinstance(event, Token):
+            self.tokens += 1
+            self.first_token_at = self.first_token_at or time.monotonic()
+            if self.tokens >= 2:
+                self.started.set()
+        elif isinstance(event, Finished):
+            self.finished, self.finished_at = event, time.monotonic()
+            self.done.set()
+        else:
+            self.error = event
+            self.done.set()
+
+    def text(self) -> str:
+        assert self.done.wait(300)
+        assert self.finished is not None, self.error
+        return self.finished.text
+
+
+@pytest.fixture
+def swap_waiting() -> threading.Event:
+    return threading.Event()
+
+
+@pytest.fixture
+def batcher(lm: LoadedModel, swap_waiting: threading.Event) -> Iterator[Batcher]:
+    b = Batcher(lm, threading.RLock(), lambda: 7, window=0.0, swap_waiting=swap_waiting.is_set)
+    b.start()
+    yield b
+    b.stop()
+
+
+def batches_reach(batcher: Batcher, count: int) -> bool:
+    """Whether ``batcher`` counts ``count`` finished batches within a few seconds (the count
+    rises just after the last request of a batch is told it is finished)."""
+    deadline = time.monotonic() + 10
+    while batcher.batches < count and time.monotonic() < deadline:
+        time.sleep(0.01)
+    return batcher.batches == count
+
+
+def run_alone(lm: LoadedModel, batcher: Batcher, prompt: str, n: int) -> str:
+    request = Request(lm, prompt, n)
+    batcher.submit(request.job)
+    return request.text()
+
+
+def test_late_requests_join_the_running_batch_and_match_single_streams(
+    lm: LoadedModel, batcher: Batcher
+) -> None:
+    lengths = (24, 6, 10)
+    alone = [run_alone(lm, batcher, p, n) for p, n in zip(PROMPTS, lengths, strict=True)]
+    batches, joined = batcher.batches, batcher.joined
+
+    first = Request(lm, PROMPTS[0], lengths[0])
+    batcher.submit(first.job)
+    assert first.started.wait(120)
+    late = [Request(lm, p, n) for p, n in zip(PROMPTS[1:], lengths[1:], strict=True)]
+    for request in late:
+        batcher.submit(request.job)
+    together = [first.text(), *(r.text() for r in late)]
+
+    assert together == alone
+    assert batcher.joined - joined == 2  # both joined the first request's batch
+    assert batches_reach(batcher, batches + 1)
+
+
+def test_a_waiting_swap_closes_the_batch_to_newcomers(
+    lm: LoadedModel, batcher: Batcher, swap_waiting: threading.Event
+) -> None:
+    joined, batches = batcher.joined, batcher.batches
+    swap_waiting.set()
+    first = Request(lm, PROMPTS[0], 16)
+    batcher.submit(first.job)
+    assert first.started.wait(120)
+    second = Request(lm, PROMPTS[1], 4)
+    batcher.submit(second.job)
+    first.text()
+    second.text()
+    assert second.first_token_at > first.finished_at  # it waited for the batch to end
+    assert batcher.joined == joined
+    assert batches_reach(batcher, batches + 2)
