@@ -4,10 +4,12 @@
 - ``edits``: edit latency by phase (single edits, warm) and revert latency;
 - ``generation``: single-stream tokens/s as a ratio to plain transformers ``generate`` (run here,
   with the server idle), aggregate tokens/s with 1, 4 and 8 clients, p50/p99 latency idle;
-- ``burst``: 100 queued edits with batched z* (``--edit-batch 16``) against one at a time
-  (``--edit-batch 1``), with ``/generate`` p50/p99 during each burst;
-- ``replay``: time to ready with 1,000 edits in the log against an empty log, and the
-  in-process rebuild alone; D4S state bytes;
+- ``burst``: 100 queued edits with batched z* (``--edit-batch 16``) against the first 30 of
+  them one at a time (``--edit-batch 1``; edits/s compared), with ``/generate`` p50/p99 during
+  each burst;
+- ``replay``: the server's start-up rebuild from a log of 1,000 edits (its own
+  ``startup_replay_seconds``), time to ready against an empty log, and the in-process rebuild
+  alone; D4S state bytes;
 - ``bf16``: the generation figures with the served weights in bfloat16 (edits still computed in
   float32), and the editing quality the bfloat16 weights keep after 100 edits.
 
@@ -15,7 +17,7 @@ Resident memory is read from each server process. Every figure is labelled with 
 
     .venv/bin/python bench/speed.py [--only edits,burst] [--out bench/results/speed.json]
 
-Run it on a quiet machine: it is a timing. About 20 minutes on a 2-core CPU.
+Run it on a quiet machine: it is a timing. About 35 minutes on a 2-core CPU.
 """
 
 from __future__ import annotations
@@ -107,6 +109,17 @@ def wait_done(client: httpx.Client, ids: list[str], poll: float = 0.05) -> dict[
     return status
 
 
+def wait_idle(client: httpx.Client, timeout: float = 120) -> None:
+    """Until the server has handled every operation in its log (probe passes included)."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        head = metric_sums(client, "editserve_log_head_seq")[""]
+        if metric_sums(client, "editserve_log_processed_seq")[""] >= head:
+            return
+        time.sleep(0.05)
+    raise TimeoutError("the server stayed busy")
+
+
 def concurrent_tokens_per_s(url: str, clients: int, requests: int = 4, n: int = 64) -> float:
     counts: list[int] = []
     lock = threading.Lock()
@@ -188,6 +201,7 @@ def section_edits(args: argparse.Namespace) -> dict[str, Any]:
         phases = {p: (after.get(p, 0.0) - before.get(p, 0.0)) / n for p in PHASES}
         reverts: list[float] = []
         for edit_id in ids[1:]:
+            wait_idle(client)  # the previous revert's probe pass runs after its status is set
             start = time.perf_counter()
             client.post(f"/edits/{edit_id}/revert").raise_for_status()
             wait_done(client, [edit_id], poll=0.01)
@@ -232,8 +246,11 @@ def _sample(url: str, until: threading.Event, into: list[float]) -> None:
 
 
 def section_burst(args: argparse.Namespace) -> dict[str, Any]:
-    out: dict[str, Any] = {"edits": args.burst}
-    for name, batch in (("batched", "16"), ("one_at_a_time", "1")):
+    out: dict[str, Any] = {}
+    for name, batch, count in (
+        ("batched", "16", args.burst),
+        ("one_at_a_time", "1", args.burst_one_at_a_time),
+    ):
         url = f"http://127.0.0.1:{args.port}"
         server = start_server(args.port, "--edit-batch", batch, "--max-queued-edits", "1000")
         try:
@@ -242,7 +259,7 @@ def section_burst(args: argparse.Namespace) -> dict[str, Any]:
             done = threading.Event()
             busy: list[float] = []
             sampler = threading.Thread(target=_sample, args=(url, done, busy))
-            facts = counterfact_facts(args.burst, offset=300)
+            facts = counterfact_facts(count, offset=300)
             sampler.start()
             start = time.perf_counter()
             ids = [client.post("/edits", json=f).json()["id"] for f in facts]
@@ -251,6 +268,7 @@ def section_burst(args: argparse.Namespace) -> dict[str, Any]:
             done.set()
             sampler.join()
             out[name] = {
+                "edits": len(ids),
                 "edit_batch": int(batch),
                 "seconds": seconds,
                 "edits_per_s": len(ids) / seconds,
@@ -383,6 +401,12 @@ def main() -> int:
     parser.add_argument("--only", default=",".join(SECTIONS), help="comma-separated sections")
     parser.add_argument("--port", type=int, default=8767)
     parser.add_argument("--burst", type=int, default=100)
+    parser.add_argument(
+        "--burst-one-at-a-time",
+        type=int,
+        default=30,
+        help="edits in the one-at-a-time baseline (its rate is steady: 30 keep make bench short)",
+    )
     parser.add_argument("--single-edits", type=int, default=3)
     parser.add_argument("--replay-edits", type=int, default=1000)
     parser.add_argument("--quality-edits", type=int, default=100)
