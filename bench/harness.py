@@ -23,6 +23,8 @@ def start_server(
     server = subprocess.Popen([*command, "--log-level", "warning", *flags], env=env)
     deadline = time.time() + 900
     while time.time() < deadline:
+        if server.poll() is not None:
+            raise RuntimeError(f"the server exited with status {server.returncode}")
         try:
             if httpx.get(f"http://127.0.0.1:{port}/ready", timeout=2).status_code == 200:
                 return server

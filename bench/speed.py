@@ -252,7 +252,9 @@ def section_burst(args: argparse.Namespace) -> dict[str, Any]:
         ("one_at_a_time", "1", args.burst_one_at_a_time),
     ):
         url = f"http://127.0.0.1:{args.port}"
-        server = start_server(args.port, "--edit-batch", batch, "--max-queued-edits", "1000")
+        server = start_server(
+            args.port, "--edit-batch", batch, env={"EDITSERVE_MAX_QUEUED_EDITS": "1000"}
+        )
         try:
             client = httpx.Client(base_url=url, timeout=600)
             generate(client, PROMPTS[0], 8)

@@ -7,6 +7,7 @@ directory under the cache directory; later loads take a couple of seconds.
 
 from __future__ import annotations
 
+import copy
 import importlib.util
 import logging
 import os
@@ -160,3 +161,13 @@ def _convert_alias(alias: str, cache_dir: Path) -> Path:
     shutil.rmtree(target, ignore_errors=True)
     tmp.rename(target)
     return target
+
+
+def copy_model(model: PreTrainedModel, dtype: torch.dtype) -> PreTrainedModel:
+    """A private copy of ``model`` in ``dtype``, built from its config and state dict: free of
+    any instrumentation of the original's modules (a deep copy would carry the editor's hooks,
+    and with them the original's float32 weights), and sharing nothing with it."""
+    clone = AutoModelForCausalLM.from_config(copy.deepcopy(model.config), dtype=dtype)
+    clone.load_state_dict(model.state_dict())
+    device = next(model.parameters()).device
+    return cast(PreTrainedModel, clone.to(device).eval())

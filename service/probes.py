@@ -29,11 +29,10 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
-from transformers import AutoModelForCausalLM, PreTrainedModel
 
 from editing.adapters import adapter_for
 from editing.covariance import model_fingerprint
-from editing.models import LoadedModel, right_padded
+from editing.models import LoadedModel, copy_model, right_padded
 from editing.tracing import Trace, instrument
 
 log = logging.getLogger(__name__)
@@ -131,7 +130,7 @@ class Prober:
         self.probes = probes
         self.first_layer = min(original)
         self.dtype = dtype or lm.dtype
-        self.model = lm.model if self.dtype == lm.dtype else _copy(lm.model, self.dtype)
+        self.model = lm.model if self.dtype == lm.dtype else copy_model(lm.model, self.dtype)
         instrument(self.model, adapter_for(self.model))
         tok = lm.tokenizer
         rows = [tok(p.prompt)["input_ids"] for p in probes]
@@ -261,12 +260,3 @@ def default_dtype(lm: LoadedModel) -> torch.dtype | None:
 def native_bfloat16() -> bool:
     """Whether this CPU computes in bfloat16 natively."""
     return bool(torch.cpu._is_avx512_bf16_supported() or torch.cpu._is_amx_tile_supported())
-
-
-def _copy(model: PreTrainedModel, dtype: torch.dtype) -> PreTrainedModel:
-    """A private copy of ``model`` in ``dtype`` (built from its config, so free of any
-    instrumentation of the original's modules)."""
-    clone = AutoModelForCausalLM.from_config(model.config, dtype=dtype)
-    clone.load_state_dict(model.state_dict())
-    device = next(model.parameters()).device
-    return clone.to(device).eval()

@@ -18,7 +18,6 @@ z*), and only then reports ready.
 from __future__ import annotations
 
 import contextlib
-import copy
 import logging
 import os
 import socket
@@ -34,7 +33,7 @@ import torch
 from editing.editor import Change, Editor, UnknownEditError, supersede
 from editing.facts import EditError, Fact, InvalidFactError
 from editing.metrics import weight_norms
-from editing.models import LoadedModel, load_model
+from editing.models import LoadedModel, copy_model, load_model
 from editing.records import DeltaRecord, fact_from_json
 from service import __version__
 from service.editlog.base import EditLog, EditLogError, EditStatus, Operation, now
@@ -187,7 +186,7 @@ class ModelWorker:
         want = self.settings.serve_dtype
         if want == "auto" or getattr(torch, want) == self.lm.dtype:
             return self.lm
-        model = copy.deepcopy(self.lm.model).to(getattr(torch, want))
+        model = copy_model(self.lm.model, getattr(torch, want))
         return LoadedModel(spec=self.lm.spec, model=model, tokenizer=self.lm.tokenizer)
 
     @contextlib.contextmanager

@@ -289,3 +289,22 @@ def test_queued_edits_share_one_batch_and_stay_separate_edits(live: Live) -> Non
     for edit_id in rest:
         wait_status(live.client, edit_id, {"reverted"})
     assert live.client.get("/info").json()["weights_digest"] == info0["weights_digest"]
+
+
+def test_bfloat16_serving_generates_and_follows_edits(
+    lm: LoadedModel, c0: dict, server_cache, covariance_tokens: int, tmp_path
+) -> None:
+    """The bfloat16 copy that generation uses is a real copy, and every swap reaches it."""
+    settings = server_settings(
+        server_cache, covariance_tokens, tmp_path / "data", serve_dtype="bfloat16", probes="off"
+    )
+    with live_server(settings, lm, c0) as live:
+        info = live.client.get("/info").json()
+        assert (info["dtype"], info["edit_dtype"]) == ("bfloat16", "float32")
+        assert greedy(live, EIFFEL["prompt"], 3)["generated_text"].startswith(" Paris")
+        edit_id = live.client.post("/edits", json=EIFFEL).json()["id"]
+        assert wait_status(live.client, edit_id, {"applied", "failed"})["status"] == "applied"
+        assert greedy(live, EIFFEL["prompt"], 3)["generated_text"].startswith(" Rome")
+        live.client.post(f"/edits/{edit_id}/revert")
+        wait_status(live.client, edit_id, {"reverted"})
+        assert greedy(live, EIFFEL["prompt"], 3)["generated_text"].startswith(" Paris")
