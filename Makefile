@@ -39,7 +39,8 @@ test: setup lint
 eval: setup
 	$(VENV)/bin/editserve eval --limit 100 --json
 
-# The speed study and a short quality study (N = 100, CounterFact): about 30 min on 2 cores.
+# The speed study and a short quality study (N = 100, CounterFact). On 2 cores: the speed study
+# about 35 min (its burst section 25 of them), the study about 40 min with z* records cached.
 bench: setup
 	ZSRE_N=0 bench/study.sh 100 bench/results/study-100
 	$(PY) bench/speed.py
