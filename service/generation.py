@@ -198,13 +198,13 @@ class Batcher:
         logits = torch.empty(0)
         while True:
             if jobs:
-                joining = self._prefill(jobs)
+                joining, first = self._prefill(jobs)
                 if batch is None:
                     batch = joining
                 else:
                     batch.join(joining)
                     self.joined += len(jobs)
-                logits = torch.cat([logits, joining.logits]) if rows else joining.logits
+                logits = torch.cat([logits, first]) if rows else first
                 rows += [_new_row(job, self.lm.device) for job in jobs]
                 if self._on_batch is not None:
                     self._on_batch(len(rows))
@@ -229,8 +229,9 @@ class Batcher:
                 continue
             logits = batch.step(self.lm, chosen)
 
-    def _prefill(self, jobs: list[Job]) -> _Batch:
-        """A batch of ``jobs`` alone, their prompts left-padded and run once."""
+    def _prefill(self, jobs: list[Job]) -> tuple[_Batch, torch.Tensor]:
+        """A batch of ``jobs`` alone, their prompts left-padded and run once; and the logits
+        of each row's first new token."""
         lm, device = self.lm, self.lm.device
         pad = lm.tokenizer.pad_token_id or 0
         width = max(len(j.prompt_ids) for j in jobs)
@@ -249,7 +250,7 @@ class Batcher:
             past_key_values=cache,
             logits_to_keep=1,
         ).logits[:, -1, :]
-        return _Batch(cache=cache, mask=mask, positions=positions[:, -1:], logits=logits)
+        return _Batch(cache=cache, mask=mask, positions=positions[:, -1:]), logits
 
     def _advance(self, row: _Row, token: int, logprob: float, version: int) -> bool:
         """Add ``token`` to ``row`` and send what it adds; False once the row is done."""
@@ -291,13 +292,12 @@ class Batcher:
 
 @dataclass
 class _Batch:
-    """The rows decoding together: their KV cache, attention mask (B x T, 0 on left padding),
-    last positions (B x 1) and, after a prefill, the logits of each row's next token."""
+    """The rows decoding together: their KV cache, attention mask (B x T, 0 on left padding)
+    and last positions (B x 1)."""
 
     cache: DynamicCache
     mask: torch.Tensor
     positions: torch.Tensor
-    logits: torch.Tensor
 
     def step(self, lm: LoadedModel, tokens: torch.Tensor) -> torch.Tensor:
         """Feed each row its next token; the logits that follow it."""
