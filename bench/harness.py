@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 import sys
 import tempfile
 import time
 from pathlib import Path
+from typing import Any
 
 import httpx
 
@@ -33,3 +35,10 @@ def start_server(
         time.sleep(0.2)
     server.kill()
     raise TimeoutError("the server did not become ready")
+
+
+def write_result(path: Path, result: dict[str, Any], shown: dict[str, Any] | None = None) -> None:
+    """Write ``result`` as JSON to ``path`` and print ``shown`` (default: all of it)."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(result, indent=2) + "\n")
+    print(json.dumps(result if shown is None else shown, indent=2))

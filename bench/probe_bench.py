@@ -22,7 +22,7 @@ from pathlib import Path
 from typing import Any
 
 import httpx
-from harness import start_server
+from harness import start_server, write_result
 from prometheus_client.parser import text_string_to_metric_families
 
 from editing.evaluate import find_dataset
@@ -158,9 +158,7 @@ def main() -> int:
     finally:
         server.terminate()
         server.wait(60)
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps(result, indent=2) + "\n")
-    print(json.dumps({k: v for k, v in result.items()}, indent=2)[:4000])
+    write_result(args.out, result)
     return 0
 
 

@@ -20,7 +20,6 @@ lag starts once the record is stored, so z* time does not enter it, and 50 edits
 from __future__ import annotations
 
 import argparse
-import json
 import socket
 import subprocess
 import sys
@@ -30,7 +29,7 @@ from pathlib import Path
 from typing import Any
 
 import httpx
-from harness import start_server
+from harness import start_server, write_result
 from serve_bench import percentile
 from speed import _records, counterfact_facts, fill_log, hardware
 
@@ -142,9 +141,7 @@ def main() -> int:
         for server in servers:
             server.terminate()
         redis.terminate()
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps(result, indent=2) + "\n")
-    print(json.dumps(result, indent=2))
+    write_result(args.out, result)
     return 0
 
 

@@ -13,7 +13,6 @@ Run it on a quiet machine: it is a timing.
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 import threading
 import time
@@ -21,7 +20,7 @@ from pathlib import Path
 
 import httpx
 import torch
-from harness import start_server
+from harness import start_server, write_result
 
 from editing.models import load_model
 
@@ -190,9 +189,7 @@ def main() -> int:
     finally:
         server.terminate()
         server.wait(30)
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps(result, indent=2) + "\n")
-    print(json.dumps(result, indent=2))
+    write_result(args.out, result)
     return 0
 
 

@@ -36,7 +36,7 @@ from typing import Any
 
 import httpx
 import torch
-from harness import start_server
+from harness import start_server, write_result
 from serve_bench import PROMPTS, baseline_tokens_per_s, generate, latencies, percentile
 
 from editing.covariance import covariance
@@ -74,16 +74,22 @@ def rss_bytes(pid: int) -> int:
     return 0
 
 
-def metric_sums(client: httpx.Client, name: str) -> dict[str, float]:
-    """``name``'s samples by their first label's value (or '' without labels)."""
+def scrape(client: httpx.Client) -> dict[str, dict[str, float]]:
+    """Every sample of one ``/metrics`` scrape: name -> first label's value ('' if none) ->
+    value."""
     from prometheus_client.parser import text_string_to_metric_families
 
-    out: dict[str, float] = {}
+    out: dict[str, dict[str, float]] = {}
     for family in text_string_to_metric_families(client.get("/metrics").text):
         for sample in family.samples:
-            if sample.name == name:
-                out[next(iter(sample.labels.values()), "")] = sample.value
+            label = next(iter(sample.labels.values()), "")
+            out.setdefault(sample.name, {})[label] = sample.value
     return out
+
+
+def metric_sums(client: httpx.Client, name: str) -> dict[str, float]:
+    """``name``'s samples by their first label's value (or '' without labels)."""
+    return scrape(client).get(name, {})
 
 
 def counterfact_facts(n: int, offset: int = 0) -> list[dict[str, Any]]:
@@ -113,8 +119,10 @@ def wait_idle(client: httpx.Client, timeout: float = 120) -> None:
     """Until the server has handled every operation in its log (probe passes included)."""
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
-        head = metric_sums(client, "editserve_log_head_seq")[""]
-        if metric_sums(client, "editserve_log_processed_seq")[""] >= head:
+        # One scrape is enough: both gauges only grow, so whichever is read first, processed
+        # at or past head means every operation up to head has been handled.
+        seqs = scrape(client)
+        if seqs["editserve_log_processed_seq"][""] >= seqs["editserve_log_head_seq"][""]:
             return
         time.sleep(0.05)
     raise TimeoutError("the server stayed busy")
@@ -424,9 +432,7 @@ def main() -> int:
         result[name] = globals()[f"section_{name}"](args)
         result[name]["hardware"] = result["hardware"]
         result[name]["section_seconds"] = time.perf_counter() - started
-        args.out.parent.mkdir(parents=True, exist_ok=True)
-        args.out.write_text(json.dumps(result, indent=2) + "\n")
-        print(json.dumps({name: result[name]}, indent=2))
+        write_result(args.out, result, shown={name: result[name]})
     return 0
 
 
