@@ -22,7 +22,7 @@ import httpx
 import torch
 from harness import start_server, write_result
 
-from editing.models import load_model
+from editing.models import LoadedModel, load_model
 
 PROMPTS = [
     "The history of the Roman Empire",
@@ -89,13 +89,29 @@ def latencies(client: httpx.Client, count: int, n: int, until: threading.Event |
     return out
 
 
-def baseline_tokens_per_s(n: int) -> float:
-    lm = load_model("smollm2-135m", device="cpu", dtype="float32")
-    tok, total_tokens, total_s = lm.tokenizer, 0, 0.0
-    with torch.inference_mode():  # warm-up, as the server gets one
-        lm.generate(**tok(PROMPTS[0], return_tensors="pt"), max_new_tokens=8, do_sample=False)
+def single_stream_tokens_per_s(client: httpx.Client, n: int) -> float:
+    """The server's tokens/s over the prompts one after another, ``n`` new tokens each."""
+    total_s = total_tokens = 0.0
     for prompt in PROMPTS:
-        enc = tok(prompt, return_tensors="pt")
+        s, t = generate(client, prompt, n)
+        total_s, total_tokens = total_s + s, total_tokens + t
+    return total_tokens / total_s
+
+
+def baseline_model() -> LoadedModel:
+    """The default model for plain transformers ``generate``, warmed up as the server is."""
+    lm = load_model("smollm2-135m", device="cpu", dtype="float32")
+    with torch.inference_mode():
+        enc = lm.tokenizer(PROMPTS[0], return_tensors="pt")
+        lm.generate(**enc, max_new_tokens=8, do_sample=False)
+    return lm
+
+
+def baseline_tokens_per_s(lm: LoadedModel, n: int) -> float:
+    """Plain transformers ``generate`` on the same prompts, greedy, one at a time."""
+    total_tokens, total_s = 0, 0.0
+    for prompt in PROMPTS:
+        enc = lm.tokenizer(prompt, return_tensors="pt")
         start = time.perf_counter()
         with torch.inference_mode():
             out = lm.generate(**enc, max_new_tokens=n, do_sample=False)
@@ -121,12 +137,8 @@ def main() -> int:
         generate(client, PROMPTS[0], 8)  # warm-up
 
         # 1. single stream, 64 tokens, through the server and through plain transformers
-        total_s = total_tokens = 0.0
-        for prompt in PROMPTS:
-            s, t = generate(client, prompt, 64)
-            total_s, total_tokens = total_s + s, total_tokens + t
-        result["single_stream_tokens_per_s"] = total_tokens / total_s
-        result["transformers_generate_tokens_per_s"] = baseline_tokens_per_s(64)
+        result["single_stream_tokens_per_s"] = single_stream_tokens_per_s(client, 64)
+        result["transformers_generate_tokens_per_s"] = baseline_tokens_per_s(baseline_model(), 64)
         result["single_stream_ratio"] = (
             result["single_stream_tokens_per_s"] / result["transformers_generate_tokens_per_s"]
         )
