@@ -327,21 +327,23 @@ class _Batch:
     def join(self, other: _Batch) -> None:
         """Append ``other``'s rows, left-padding whichever cache is shorter."""
         width = max(self.mask.shape[1], other.mask.shape[1])
-        self.mask = torch.cat([_left_pad(self.mask, width, 1), _left_pad(other.mask, width, 1)])
+        self.mask = _stacked(self.mask, other.mask, width, 1)
         self.positions = torch.cat([self.positions, other.positions])
         for mine, theirs in zip(_kv_layers(self.cache), _kv_layers(other.cache), strict=True):
-            mine.keys = torch.cat(
-                [_left_pad(mine.keys, width, 2), _left_pad(theirs.keys, width, 2)]
-            )
-            mine.values = torch.cat(
-                [_left_pad(mine.values, width, 2), _left_pad(theirs.values, width, 2)]
-            )
+            mine.keys = _stacked(mine.keys, theirs.keys, width, 2)
+            mine.values = _stacked(mine.values, theirs.values, width, 2)
 
 
 def _kv_layers(cache: DynamicCache) -> list[Any]:
     """The cache's layers, each with ``keys`` and ``values`` (B x heads x T x head_dim)."""
     assert all(isinstance(layer, DynamicLayer) for layer in cache.layers)
     return list(cache.layers)
+
+
+def _stacked(top: torch.Tensor, bottom: torch.Tensor, width: int, dim: int) -> torch.Tensor:
+    """``top``'s rows above ``bottom``'s, each left-padded with zeros along ``dim`` to
+    ``width``."""
+    return torch.cat([_left_pad(top, width, dim), _left_pad(bottom, width, dim)])
 
 
 def _left_pad(t: torch.Tensor, width: int, dim: int) -> torch.Tensor:
