@@ -23,6 +23,7 @@ Run it on a quiet machine: it is a timing. About 35 minutes on a 2-core CPU.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import platform
@@ -57,6 +58,7 @@ from editing.models import LoadedModel, default_cache_dir, load_model
 from editing.records import DeltaRecord
 from service.editlog.base import EditLog
 from service.editlog.sqlite import SqliteEditLog
+from service.generation import Batcher, Event, Finished, Job, SamplingParams
 
 SECTIONS = ("covariance", "edits", "generation", "burst", "replay", "bf16")
 PHASES = ("keys", "zstar", "solve", "probes", "swap", "scores", "total")
@@ -263,15 +265,73 @@ def section_edits(args: argparse.Namespace) -> dict[str, Any]:
         server.wait(30)
 
 
+def in_process_figures(lm: LoadedModel, n: int = 64) -> dict[str, float]:
+    """The server's batcher without the server: tokens/s of the prompts one at a time and of
+    all eight submitted together, beside transformers ``generate`` on the same eight as one
+    left-padded static batch. Separates the decode loop's cost from the HTTP path's."""
+    batcher = Batcher(lm, contextlib.nullcontext(), lambda: 0)
+    batcher.start()
+
+    def run(prompts: list[str]) -> tuple[int, float]:
+        """Submit ``prompts`` together; their tokens and the seconds until the last finished."""
+        done = threading.Semaphore(0)
+        tokens: list[int] = []
+
+        def sink(event: Event) -> None:
+            if isinstance(event, Finished):
+                tokens.append(event.generated_tokens)
+                done.release()
+
+        start = time.perf_counter()
+        for prompt in prompts:
+            ids = lm.tokenizer(prompt)["input_ids"]
+            batcher.submit(Job(ids, SamplingParams(max_new_tokens=n), sink))
+        for _ in prompts:
+            done.acquire()
+        return sum(tokens), time.perf_counter() - start
+
+    def rate(runs: list[tuple[int, float]]) -> float:
+        return sum(t for t, _ in runs) / sum(s for _, s in runs)
+
+    try:
+        run(PROMPTS[:1])  # warm-up
+        single = statistics.median(rate([run([p]) for p in PROMPTS]) for _ in range(2))
+        together = statistics.median(rate([run(PROMPTS)]) for _ in range(3))
+    finally:
+        batcher.stop()
+    lm.tokenizer.padding_side = "left"
+    enc = lm.tokenizer(PROMPTS, return_tensors="pt", padding=True)
+    static: list[float] = []
+    for _ in range(3):
+        start = time.perf_counter()
+        with torch.inference_mode():
+            out = lm.generate(**enc, max_new_tokens=n, do_sample=False)
+        new = out[:, enc["input_ids"].shape[1] :]
+        static.append(int((new != lm.tokenizer.pad_token_id).sum()) / (time.perf_counter() - start))
+    return {
+        "batcher_single_stream_tokens_per_s": single,
+        "batcher_eight_at_once_tokens_per_s": together,
+        "batcher_eight_at_once_ratio": together / single,
+        "transformers_static_batch_of_8_tokens_per_s": statistics.median(static),
+    }
+
+
 def section_generation(args: argparse.Namespace) -> dict[str, Any]:
     url = f"http://127.0.0.1:{args.port}"
     server = start_server(args.port)
+    baseline = baseline_model()
     try:
-        out = generation_figures(url, baseline=baseline_model())
+        out = generation_figures(url, baseline=baseline)
         out["server_rss_bytes"] = rss_bytes(server.pid)
     finally:
         server.terminate()
         server.wait(30)
+    inside = in_process_figures(baseline)
+    inside["transformers_static_batch_of_8_ratio"] = (
+        inside["transformers_static_batch_of_8_tokens_per_s"]
+        / out["transformers_generate_tokens_per_s"]
+    )
+    out["in_process"] = inside
     return out
 
 
