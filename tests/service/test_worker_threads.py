@@ -1,0 +1,67 @@
+"""Heavy work off the generation thread runs on a short-lived thread (``_on_own_thread``), so
+that the OpenMP pool it creates goes away with it instead of slowing decoding for good."""
+
+from __future__ import annotations
+
+import os
+import threading
+import time
+
+import pytest
+import torch
+
+from service.worker import _on_own_thread
+
+
+def _os_threads() -> int:
+    return len(os.listdir("/proc/self/task"))
+
+
+def _parallel_op() -> None:
+    """An op large enough that torch runs it as an OpenMP parallel region."""
+    torch.ones(4096, 4096).mul_(2.0)
+
+
+def _settled(expected: int, timeout: float = 5.0) -> int:
+    """The OS thread count once it reaches ``expected`` (or whatever it is at ``timeout``):
+    pool threads leave a moment after their thread does."""
+    deadline = time.monotonic() + timeout
+    while _os_threads() != expected and time.monotonic() < deadline:
+        time.sleep(0.01)
+    return _os_threads()
+
+
+def test_work_runs_on_another_thread_and_its_exception_reaches_the_caller() -> None:
+    seen: list[int] = []
+    _on_own_thread(lambda out: out.append(threading.get_ident()), seen)
+    assert seen and seen[0] != threading.get_ident()
+
+    def fail() -> None:
+        raise KeyError("from the work thread")
+
+    with pytest.raises(KeyError, match="from the work thread"):
+        _on_own_thread(fail)
+
+
+@pytest.mark.skipif(torch.get_num_threads() < 2, reason="needs torch with 2+ intra-op threads")
+def test_the_openmp_pool_of_the_work_leaves_with_it() -> None:
+    before = _os_threads()
+    # The mechanism: a thread that lives on after a parallel op keeps a pool of OpenMP threads.
+    done, release = threading.Event(), threading.Event()
+
+    def long_lived() -> None:
+        _parallel_op()
+        done.set()
+        release.wait()
+
+    keeper = threading.Thread(target=long_lived)
+    keeper.start()
+    done.wait()
+    assert _os_threads() > before + 1, "a parallel op left no pool behind: nothing to test"
+    release.set()
+    keeper.join()
+    baseline = _settled(before)
+
+    _on_own_thread(_parallel_op)
+
+    assert _settled(baseline) == baseline, "the work's OpenMP pool outlived it"
