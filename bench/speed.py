@@ -37,7 +37,7 @@ from typing import Any
 
 import httpx
 import torch
-from harness import start_server, write_result
+from harness import on_own_thread, start_server, write_result
 from serve_bench import (
     PROMPTS,
     baseline_model,
@@ -177,7 +177,7 @@ def generation_figures(
     for _ in range(rounds):
         singles.append(single_stream_tokens_per_s(client, 64))
         if baseline is not None:
-            baselines.append(baseline_tokens_per_s(baseline, 64))
+            baselines.append(on_own_thread(baseline_tokens_per_s, baseline, 64))
     single = statistics.median(singles)
     out: dict[str, Any] = {"single_stream_tokens_per_s": single, "single_stream_rounds": singles}
     if baseline is not None:
@@ -301,13 +301,15 @@ def in_process_figures(lm: LoadedModel, n: int = 64) -> dict[str, float]:
         batcher.stop()
     lm.tokenizer.padding_side = "left"
     enc = lm.tokenizer(PROMPTS, return_tensors="pt", padding=True)
-    static: list[float] = []
-    for _ in range(3):
+
+    def static_batch() -> float:
         start = time.perf_counter()
         with torch.inference_mode():
             out = lm.generate(**enc, max_new_tokens=n, do_sample=False)
         new = out[:, enc["input_ids"].shape[1] :]
-        static.append(int((new != lm.tokenizer.pad_token_id).sum()) / (time.perf_counter() - start))
+        return int((new != lm.tokenizer.pad_token_id).sum()) / (time.perf_counter() - start)
+
+    static = [on_own_thread(static_batch) for _ in range(3)]
     return {
         "batcher_single_stream_tokens_per_s": single,
         "batcher_eight_at_once_tokens_per_s": together,
@@ -319,7 +321,7 @@ def in_process_figures(lm: LoadedModel, n: int = 64) -> dict[str, float]:
 def section_generation(args: argparse.Namespace) -> dict[str, Any]:
     url = f"http://127.0.0.1:{args.port}"
     server = start_server(args.port)
-    baseline = baseline_model()
+    baseline = on_own_thread(baseline_model)
     try:
         out = generation_figures(url, baseline=baseline)
         out["server_rss_bytes"] = rss_bytes(server.pid)
@@ -517,7 +519,9 @@ def main() -> int:
     for name in args.only.split(","):
         print(f"== {name}", file=sys.stderr)
         started = time.perf_counter()
-        result[name] = globals()[f"section_{name}"](args)
+        # Each section on a thread of its own: a section's torch work must not leave this
+        # process an OpenMP pool that slows the next section's in-process figures.
+        result[name] = on_own_thread(globals()[f"section_{name}"], args)
         result[name]["hardware"] = result["hardware"]
         result[name]["section_seconds"] = time.perf_counter() - started
         write_result(args.out, result, shown={name: result[name]})
