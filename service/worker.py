@@ -754,7 +754,8 @@ def _on_own_thread(work: Callable[..., object], *args: object) -> None:
 
     Why: libgomp keeps a pool of OpenMP threads for every thread that has run a parallel torch
     op, for as long as that thread lives, and once a process holds more of them than it has
-    cores, every pool sleeps between parallel regions instead of spinning. On 2 cores a worker
+    CPUs, every pool spins 100 times between parallel regions instead of 300,000 before it
+    sleeps (libgomp manual, GOMP_SPINCOUNT), so each region pays a wake-up. On 2 cores a worker
     thread that had loaded the model or applied an edit made batch-8 decoding about 25% slower
     for good. A thread that ends takes its pool with it, so heavy work off the generation
     thread runs here; decoding is slowed only while an edit is actually running.
