@@ -7,15 +7,11 @@ import os
 import subprocess
 import sys
 import tempfile
-import threading
 import time
-from collections.abc import Callable
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any
 
 import httpx
-
-T = TypeVar("T")
 
 
 def start_server(
@@ -46,24 +42,3 @@ def write_result(path: Path, result: dict[str, Any], shown: dict[str, Any] | Non
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps(result, indent=2) + "\n")
     print(json.dumps(result if shown is None else shown, indent=2))
-
-
-def on_own_thread(work: Callable[..., T], *args: Any) -> T:
-    """``work(*args)`` run on a thread that ends with it. Torch work in this process goes
-    through here, so that no thread of the benchmark keeps an OpenMP pool that would put the
-    batcher's pool into libgomp's throttled mode (see ``service.worker._on_own_thread``)."""
-    out: list[T] = []
-    failure: list[BaseException] = []
-
-    def run() -> None:
-        try:
-            out.append(work(*args))
-        except BaseException as exc:
-            failure.append(exc)
-
-    thread = threading.Thread(target=run)
-    thread.start()
-    thread.join()
-    if failure:
-        raise failure[0]
-    return out[0]

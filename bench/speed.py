@@ -37,7 +37,7 @@ from typing import Any
 
 import httpx
 import torch
-from harness import on_own_thread, start_server, write_result
+from harness import start_server, write_result
 from serve_bench import (
     PROMPTS,
     baseline_model,
@@ -59,6 +59,7 @@ from editing.records import DeltaRecord
 from service.editlog.base import EditLog
 from service.editlog.sqlite import SqliteEditLog
 from service.generation import Batcher, Event, Finished, Job, SamplingParams
+from service.threads import on_own_thread
 
 SECTIONS = ("covariance", "edits", "generation", "burst", "replay", "bf16")
 PHASES = ("keys", "zstar", "solve", "probes", "swap", "scores", "total")

@@ -24,7 +24,7 @@ import socket
 import threading
 import time
 import traceback
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -44,6 +44,7 @@ from service.metrics import Metrics
 from service.probes import Prober, ProbeReport, default_dtype, load_probes
 from service.scores import Snapshot, compare, snapshot
 from service.settings import Settings
+from service.threads import on_own_thread
 
 log = logging.getLogger(__name__)
 
@@ -117,7 +118,7 @@ class ModelWorker:
 
     def _main(self) -> None:
         try:
-            _on_own_thread(self._start_up)
+            on_own_thread(self._start_up)
         except Exception as exc:
             log.exception("the model worker could not start")
             self.state.phase, self.state.error = "failed", f"{type(exc).__name__}: {exc}"
@@ -291,10 +292,10 @@ class ModelWorker:
                     group = self._batchable(ops)
                     if group:
                         with self._leases([op.edit_id for op in group]):
-                            _on_own_thread(self._apply_batch, group)
+                            on_own_thread(self._apply_batch, group)
                     else:
                         group = ops[:1]
-                        _on_own_thread(self._handle, group[0])
+                        on_own_thread(self._handle, group[0])
                 except _Stopping:
                     return
                 except EditLogError as exc:
@@ -746,33 +747,6 @@ def _target_probability(scores: dict[str, Any]) -> tuple[float, float]:
     before = sum(p["p_target_before"] for p in prompts) / len(prompts)
     after = sum(p["p_target_after"] for p in prompts) / len(prompts)
     return before, after
-
-
-def _on_own_thread(work: Callable[..., object], *args: object) -> None:
-    """Run ``work(*args)`` on a short-lived thread of its own and wait for it; its exception,
-    if any, is raised here.
-
-    Why: libgomp keeps a pool of OpenMP threads for every thread that has run a parallel torch
-    op, for as long as that thread lives, and once a process holds more of them than it has
-    CPUs, every pool spins 100 times between parallel regions instead of 300,000 before it
-    sleeps (libgomp manual, GOMP_SPINCOUNT), so each region pays a wake-up. On 2 cores a worker
-    thread that had loaded the model or applied an edit made batch-8 decoding about 25% slower
-    for good. A thread that ends takes its pool with it, so heavy work off the generation
-    thread runs here; decoding is slowed only while an edit is actually running.
-    """
-    failure: list[BaseException] = []
-
-    def run() -> None:
-        try:
-            work(*args)
-        except BaseException as exc:  # handed to the waiting thread
-            failure.append(exc)
-
-    thread = threading.Thread(target=run, name="applier-work", daemon=True)
-    thread.start()
-    thread.join()
-    if failure:
-        raise failure[0]
 
 
 class _Stopping(Exception):

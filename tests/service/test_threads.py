@@ -1,4 +1,4 @@
-"""Heavy work off the generation thread runs on a short-lived thread (``_on_own_thread``), so
+"""Heavy work off the generation thread runs on a short-lived thread (``on_own_thread``), so
 that the OpenMP pool it creates goes away with it instead of slowing decoding for good."""
 
 from __future__ import annotations
@@ -10,7 +10,7 @@ import time
 import pytest
 import torch
 
-from service.worker import _on_own_thread
+from service.threads import on_own_thread
 
 
 def _os_threads() -> int:
@@ -33,14 +33,14 @@ def _settled(expected: int, timeout: float = 5.0) -> int:
 
 def test_work_runs_on_another_thread_and_its_exception_reaches_the_caller() -> None:
     seen: list[int] = []
-    _on_own_thread(lambda out: out.append(threading.get_ident()), seen)
+    on_own_thread(lambda out: out.append(threading.get_ident()), seen)
     assert seen and seen[0] != threading.get_ident()
 
     def fail() -> None:
         raise KeyError("from the work thread")
 
     with pytest.raises(KeyError, match="from the work thread"):
-        _on_own_thread(fail)
+        on_own_thread(fail)
 
 
 @pytest.mark.skipif(torch.get_num_threads() < 2, reason="needs torch with 2+ intra-op threads")
@@ -62,6 +62,6 @@ def test_the_openmp_pool_of_the_work_leaves_with_it() -> None:
     keeper.join()
     baseline = _settled(before)
 
-    _on_own_thread(_parallel_op)
+    on_own_thread(_parallel_op)
 
     assert _settled(baseline) == baseline, "the work's OpenMP pool outlived it"
