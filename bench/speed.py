@@ -3,7 +3,9 @@
 - ``covariance``: computing C0 from scratch (200k tokens, the server's default);
 - ``edits``: edit latency by phase (single edits, warm) and revert latency;
 - ``generation``: single-stream tokens/s as a ratio to plain transformers ``generate`` (run here,
-  with the server idle), aggregate tokens/s with 1, 4 and 8 clients, p50/p99 latency idle;
+  with the server idle, in rounds interleaved with the server's), aggregate tokens/s with 1, 4
+  and 8 closed-loop clients and with 8 requests sent at once, p50/p99 latency idle; and the
+  batcher in this process (no HTTP) beside transformers' static batch of 8;
 - ``burst``: 100 queued edits with batched z* (``--edit-batch 16``) against the first 30 of
   them one at a time (``--edit-batch 1``; edits/s compared), with ``/generate`` p50/p99 during
   each burst;
@@ -300,8 +302,7 @@ def in_process_figures(lm: LoadedModel, n: int = 64) -> dict[str, float]:
         together = statistics.median(rate([run(PROMPTS)]) for _ in range(3))
     finally:
         batcher.stop()
-    lm.tokenizer.padding_side = "left"
-    enc = lm.tokenizer(PROMPTS, return_tensors="pt", padding=True)
+    enc = lm.tokenizer(PROMPTS, return_tensors="pt", padding=True, padding_side="left")
 
     def static_batch() -> float:
         start = time.perf_counter()
