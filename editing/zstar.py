@@ -4,15 +4,27 @@ One pass without grad, on the weights the method edits against (W0 for D4S), rec
 every edited layer and the last edited block's output. The optimisation of the residual delta
 then starts from that cached output: the blocks up to the last edited one never run again, and
 the gradient flows only through the blocks above it, which editing never changes.
+
+Two more savings keep each step small, and neither changes the result:
+- delta enters at the subject's last token, so no earlier position of a row depends on it. The
+  blocks above the edited range run once, without grad, over each row's tokens before that
+  point, and keep their keys and values; every step then runs only the rows' remaining tokens
+  (about 40% of them on CounterFact) against those cached keys and values.
+- A batch of facts shrinks as it converges: once a fact's target NLL is below the threshold its
+  rows leave the batch, so a batch costs about the sum of its facts' own steps rather than its
+  slowest fact's steps times its size.
 """
 
 from __future__ import annotations
 
 import time
 from dataclasses import dataclass
+from typing import cast
 
 import torch
 import torch.nn.functional as F
+from transformers import DynamicCache
+from transformers.cache_utils import DynamicLayer
 from transformers.tokenization_utils_base import PreTrainedTokenizerBase
 
 from editing.adapters import adapter_for
@@ -48,17 +60,47 @@ class _Batch:
     kl_rows: torch.Tensor  # n: rows of "{subject} is a"
     kl_last: torch.Tensor  # n: last position of those rows
 
+    def select(self, keep: torch.Tensor) -> tuple[_Batch, torch.Tensor]:
+        """The rows of the facts where ``keep`` (bool, n) is set, cut to their longest row.
+
+        Facts keep their numbers in ``fact_of_row``; the per-fact fields hold the kept facts
+        only, in order. Returns the smaller batch and the indices of its rows in this one.
+        """
+        row_kept = keep[self.fact_of_row]
+        rows = row_kept.nonzero()[:, 0]
+        renumber = torch.cumsum(row_kept, 0) - 1  # a kept row's index in the smaller batch
+        width = int(self.attention_mask[rows].sum(dim=1).max())
+        nll_kept = row_kept[self.nll_rows]
+        smaller = _Batch(
+            input_ids=self.input_ids[rows, :width],
+            attention_mask=self.attention_mask[rows, :width],
+            fact_of_row=self.fact_of_row[rows],
+            lookup=self.lookup[rows],
+            nll_rows=renumber[self.nll_rows[nll_kept]],
+            target_pos=self.target_pos[nll_kept],
+            target_ids=self.target_ids[nll_kept],
+            target_mask=self.target_mask[nll_kept],
+            bare_rows=renumber[self.bare_rows[keep]],
+            kl_rows=renumber[self.kl_rows[keep]],
+            kl_last=self.kl_last[keep],
+        )
+        return smaller, rows
+
 
 def compute_zstar(
     lm: LoadedModel,
     facts: list[Fact],
     hp: EditHparams,
     weights: dict[int, torch.Tensor] | None = None,
+    *,
+    reuse_prefix: bool = True,
 ) -> ZStarResult:
     """Keys and residuals for ``facts``, optimised together.
 
     ``weights`` maps edited layers to the weights to edit against (``out x in``); layers not in
-    it use the model's own. Deterministic for given inputs and ``hp.seed``.
+    it use the model's own. Deterministic for given inputs and ``hp.seed``. ``reuse_prefix=False``
+    runs every step over the whole rows instead of caching their prefixes: the plain definition,
+    slower, kept to check the fast path against.
     """
     started = time.perf_counter()
     torch.manual_seed(hp.seed)
@@ -76,45 +118,56 @@ def compute_zstar(
     assert trace.block_output is not None
     cached = trace.block_output.detach().float()
     keys = {layer: _mean_keys(trace.inputs[layer], batch, len(facts)) for layer in hp.layers}
-    rows_all = torch.arange(len(batch.input_ids), device=lm.device)
     h = cached[batch.bare_rows, batch.lookup[batch.bare_rows]]  # n x hidden
     keyed = time.perf_counter()
 
+    n = len(facts)
     delta = torch.zeros_like(h, requires_grad=True)
     optimizer = torch.optim.Adam([delta], lr=hp.v_lr)
     max_norm = hp.clamp_norm_factor * h.norm(dim=1)  # n
-    done = torch.zeros(len(facts), dtype=torch.bool, device=lm.device)
-    model_dtype = lm.dtype
+    done = torch.zeros(n, dtype=torch.bool, device=lm.device)
+    # The rows still optimised: rebuilt, smaller, whenever a fact converges.
+    live, live_facts = batch, torch.arange(n, device=lm.device)
+    if reuse_prefix:
+        prefix = _prefix_cache(lm, batch, cached, last)
+        step_input = _Suffixes.of(lm, batch, cached, prefix)
+    else:
+        step_input = _Suffixes.whole(lm, batch, cached)
 
-    def injected() -> torch.Tensor:
-        shift = delta[batch.fact_of_row].to(model_dtype)
-        return cached.to(model_dtype).index_put((rows_all, batch.lookup), shift, accumulate=True)
-
-    base, head = lm.model.base_model, lm.model.get_output_embeddings()
-    kl_ref: torch.Tensor | None = None
+    head = lm.model.get_output_embeddings()
+    kl_ref = torch.empty(0)
     nll_before: list[float] = []
-    nll = torch.zeros(len(facts))
+    nll_last = torch.zeros(n, device=lm.device)
     steps = 0
     for step in range(hp.v_steps):
-        with Trace(start_after=last, replace_output=injected):
-            hidden = base(
-                input_ids=batch.input_ids, attention_mask=batch.attention_mask, use_cache=False
-            ).last_hidden_state
+        if len(live_facts) > int((~done).sum()):
+            live, rows = batch.select(~done)
+            live_facts = (~done).nonzero()[:, 0]
+            step_input = (
+                _Suffixes.of(lm, live, cached[rows], [_rows_of(kv, rows) for kv in prefix])
+                if reuse_prefix
+                else _Suffixes.whole(lm, live, cached[rows])
+            )
+        hidden = step_input.run(lm, last, delta[live.fact_of_row])
         # The vocabulary projection only where a loss reads it: a large share of the step's cost.
-        target_logits = head(hidden[batch.nll_rows[:, None], batch.target_pos]).float()
-        nll = _target_nll(target_logits, batch, len(facts))
-        kl_logp = F.log_softmax(head(hidden[batch.kl_rows, batch.kl_last]).float(), dim=-1)
-        if kl_ref is None:  # the first pass has delta = 0: the unedited distribution
+        target_logits = head(hidden[live.nll_rows[:, None], step_input.target_pos]).float()
+        nll = _target_nll(target_logits, live, n)[live_facts]
+        kl_logp = F.log_softmax(head(hidden[live.kl_rows, step_input.kl_last]).float(), dim=-1)
+        if step == 0:  # delta = 0 and every fact present: the unedited distribution
             kl_ref = kl_logp.detach()
             nll_before = nll.detach().cpu().tolist()
-        done = done | (nll.detach() < hp.v_loss_threshold)
+        nll_last[live_facts] = nll.detach()
+        converged = nll.detach() < hp.v_loss_threshold
+        done[live_facts] |= converged
         if bool(done.all()) or step == hp.v_steps - 1:
             break
-        kl = (kl_ref.exp() * (kl_ref - kl_logp)).sum(dim=-1)  # n
-        decay = hp.v_weight_decay * delta.pow(2).sum(dim=1) / h.pow(2).sum(dim=1)
+        ref = kl_ref[live_facts]
+        kl = (ref.exp() * (ref - kl_logp)).sum(dim=-1)
+        part = delta[live_facts]
+        decay = hp.v_weight_decay * part.pow(2).sum(dim=1) / h[live_facts].pow(2).sum(dim=1)
         # Summed over facts: each fact's delta only sees its own rows, so a batch optimises each
         # fact exactly as if it were alone.
-        loss = (nll + hp.kl_factor * kl + decay)[~done].sum()
+        loss = (nll + hp.kl_factor * kl + decay)[~converged].sum()
         optimizer.zero_grad()
         loss.backward()
         frozen = delta.detach().clone()
@@ -124,16 +177,156 @@ def compute_zstar(
             norms = delta.norm(dim=1).clamp_min(1e-12)
             scale = torch.where(norms > max_norm, max_norm / norms, torch.ones_like(norms))
             delta.mul_(scale[:, None])
-            delta[done] = frozen[done]
+            delta[done] = frozen[done]  # Adam's momentum would move them on
 
     return ZStarResult(
         keys={layer: k.float().cpu() for layer, k in keys.items()},
         residual=delta.detach().float().cpu(),
         nll_before=nll_before,
-        nll_after=nll.detach().cpu().tolist(),
+        nll_after=nll_last.cpu().tolist(),
         steps=steps,
         seconds={"keys": keyed - started, "zstar": time.perf_counter() - keyed},
     )
+
+
+def _prefix_cache(
+    lm: LoadedModel, batch: _Batch, cached: torch.Tensor, last: int
+) -> list[torch.Tensor | None]:
+    """Keys and values of the blocks above ``last`` at every row's tokens before its subject's
+    last token, which delta cannot reach: per block, None for the blocks up to ``last``, else
+    the keys and values stacked as ``2 x B x heads x P x head_dim`` (P: the longest prefix).
+
+    Positions from a row's own prefix on are computed too (the rows are right-padded, so only
+    the causal mask applies) and masked out by the steps.
+    """
+    width = int(batch.lookup.max())
+    n_blocks = len(adapter_for(lm.model).blocks(lm.model))
+    if width == 0:
+        return [None] * n_blocks
+    cache = DynamicCache(config=lm.model.config)
+    rows = len(batch.input_ids)
+    positions = torch.arange(width, device=lm.device).expand(rows, width)
+    allowed = torch.ones(width, width, dtype=torch.bool, device=lm.device).tril()
+    hidden = cached[:, :width].to(lm.dtype)
+    with torch.no_grad(), Trace(start_after=last, replace_output=lambda: hidden):
+        lm.model.base_model(
+            input_ids=batch.input_ids[:, :width],
+            attention_mask=_additive(allowed.expand(rows, width, width), lm.dtype),
+            position_ids=positions,
+            past_key_values=cache,
+            use_cache=True,
+        )
+    prefix: list[torch.Tensor | None] = []
+    for index, layer in enumerate(_layers(cache)):
+        if index <= last:  # skipped: never read
+            prefix.append(None)
+            continue
+        assert layer.keys is not None and layer.values is not None
+        prefix.append(torch.stack([layer.keys, layer.values]))
+    return prefix
+
+
+def _layers(cache: DynamicCache) -> list[DynamicLayer]:
+    """The cache's per-block layers: plain key/value stores for the models editing supports."""
+    layers = list(cache.layers)
+    assert all(isinstance(layer, DynamicLayer) for layer in layers)
+    return cast(list[DynamicLayer], layers)
+
+
+def _rows_of(kv: torch.Tensor | None, rows: torch.Tensor) -> torch.Tensor | None:
+    return None if kv is None else kv[:, rows]
+
+
+def _additive(allowed: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """A 4-D additive attention mask (B x 1 x Q x K) from a B x Q x K boolean one."""
+    mask = torch.zeros(allowed.shape, dtype=dtype, device=allowed.device)
+    return mask.masked_fill(~allowed, torch.finfo(dtype).min)[:, None]
+
+
+@dataclass
+class _Suffixes:
+    """What one optimisation step runs: each row from its subject's last token on (column 0,
+    where delta enters), attending to its own cached prefix, or (``whole``) the whole rows."""
+
+    input_ids: torch.Tensor  # B x S
+    position_ids: torch.Tensor  # B x S
+    attention_mask: torch.Tensor  # B x 1 x S x (P + S), additive
+    hidden: torch.Tensor  # B x S x hidden: the last edited block's output
+    start: torch.Tensor  # B: the column where delta enters
+    prefix: list[torch.Tensor | None]  # per block: 2 x B x heads x P x head_dim, or None
+    target_pos: torch.Tensor  # R x Tt: positions, in these columns, that predict the targets
+    kl_last: torch.Tensor  # n: the last position of each "{subject} is a" row
+
+    @classmethod
+    def of(
+        cls,
+        lm: LoadedModel,
+        batch: _Batch,
+        cached: torch.Tensor,
+        prefix: list[torch.Tensor | None],
+    ) -> _Suffixes:
+        device, lookup = lm.device, batch.lookup
+        lengths = batch.attention_mask.sum(dim=1)
+        width = int((lengths - lookup).max())
+        column = torch.arange(width, device=device)
+        source = lookup[:, None] + column  # B x S: the row position each column holds
+        valid = source < lengths[:, None]
+        source = source.clamp(max=batch.input_ids.shape[1] - 1)
+        p = int(lookup.max())
+        prefix = [kv[:, :, :, :p] if kv is not None else None for kv in prefix]
+        own_prefix = torch.arange(p, device=device)[None, :] < lookup[:, None]  # B x P
+        causal = torch.ones(width, width, dtype=torch.bool, device=device).tril()
+        allowed = torch.cat(
+            [own_prefix[:, None, :].expand(-1, width, -1), causal & valid[:, None, :]], dim=2
+        )
+        return cls(
+            input_ids=batch.input_ids.gather(1, source),
+            position_ids=source,
+            attention_mask=_additive(allowed, lm.dtype),
+            hidden=cached.gather(1, source[..., None].expand(-1, -1, cached.shape[2])),
+            start=torch.zeros_like(lookup),
+            prefix=prefix,
+            # (clamped: the padding of short targets holds position 0, masked out anyway)
+            target_pos=(batch.target_pos - lookup[batch.nll_rows, None]).clamp(min=0),
+            kl_last=batch.kl_last - lookup[batch.kl_rows],
+        )
+
+    @classmethod
+    def whole(cls, lm: LoadedModel, batch: _Batch, cached: torch.Tensor) -> _Suffixes:
+        rows, width = batch.input_ids.shape
+        causal = torch.ones(width, width, dtype=torch.bool, device=lm.device).tril()
+        allowed = causal & batch.attention_mask.bool()[:, None, :]
+        return cls(
+            input_ids=batch.input_ids,
+            position_ids=torch.arange(width, device=lm.device).expand(rows, width),
+            attention_mask=_additive(allowed, lm.dtype),
+            hidden=cached[:, :width],
+            start=batch.lookup,
+            prefix=[],
+            target_pos=batch.target_pos,
+            kl_last=batch.kl_last,
+        )
+
+    def run(self, lm: LoadedModel, last: int, shift: torch.Tensor) -> torch.Tensor:
+        """The final hidden states (B x S x hidden) with ``shift`` (B x hidden) added to the
+        last edited block's output at each row's ``start`` column."""
+        at = (torch.arange(len(self.hidden), device=self.hidden.device), self.start)
+        hidden = self.hidden.to(lm.dtype).index_put(at, shift.to(lm.dtype), accumulate=True)
+        cache = None
+        if any(kv is not None for kv in self.prefix):
+            cache = DynamicCache(config=lm.model.config)
+            for layer, kv in zip(_layers(cache), self.prefix, strict=True):
+                if kv is not None:
+                    layer.update(kv[0], kv[1])
+        with Trace(start_after=last, replace_output=lambda: hidden):
+            out = lm.model.base_model(
+                input_ids=self.input_ids,
+                attention_mask=self.attention_mask,
+                position_ids=self.position_ids,
+                past_key_values=cache,
+                use_cache=cache is not None,
+            )
+        return out.last_hidden_state
 
 
 def _mean_keys(inputs: torch.Tensor, batch: _Batch, n: int) -> torch.Tensor:

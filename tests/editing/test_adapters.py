@@ -22,6 +22,7 @@ from editing.facts import Fact
 from editing.hparams import EditHparams
 from editing.models import LoadedModel
 from editing.tracing import Trace, instrument
+from editing.zstar import compute_zstar
 
 VOCAB = 49152  # the real tokenizer's, so that the tiny models can run a real edit
 HIDDEN, INNER = 32, 64
@@ -129,6 +130,26 @@ def test_edit_and_revert_on_a_tiny_model(family: str, lm: LoadedModel) -> None:
     assert result.record.keys[0].shape == (1, INNER)
     editor.revert(result.record.id)
     assert editor.digest() == before
+
+
+@pytest.mark.parametrize("family", sorted(CONFIGS))
+def test_zstar_from_cached_prefixes_equals_zstar_over_whole_rows(
+    family: str, lm: LoadedModel
+) -> None:
+    """The fast z* path (prefix keys and values cached, only the rows' remaining tokens run per
+    step) gives what running the whole rows gives, on every family's attention and positions."""
+    tiny = LoadedModel(spec=family, model=_tiny(family), tokenizer=lm.tokenizer)
+    hp = EditHparams(layers=(0, 1), v_steps=6)
+    facts = [
+        Fact("Eiffel Tower", "The Eiffel Tower is in", "Rome"),
+        Fact("Danielle Darrieux", "The mother tongue of Danielle Darrieux is", "English"),
+    ]
+    fast = compute_zstar(tiny, facts, hp)
+    whole = compute_zstar(tiny, facts, hp, reuse_prefix=False)
+    assert fast.steps == whole.steps > 0
+    assert torch.allclose(fast.residual, whole.residual, rtol=1e-4, atol=1e-6)
+    assert fast.nll_before == pytest.approx(whole.nll_before, rel=1e-5)
+    assert fast.nll_after == pytest.approx(whole.nll_after, rel=1e-4)
 
 
 def test_unsupported_architecture_is_named() -> None:
