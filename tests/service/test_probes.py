@@ -16,9 +16,9 @@ from service.probes import (
     Prober,
     ProbeReport,
     ProbeSetError,
+    bfloat16_faster,
     default_dtype,
     load_probes,
-    native_bfloat16,
 )
 from service.settings import Settings
 
@@ -68,7 +68,7 @@ def test_probes_score_given_weights_and_leave_the_model_alone(
     prober = Prober(lm, SMALL, editor.w0, dtype=default_dtype(lm), cache_dir=tmp_path)
     # A float32 model on a CPU: a bfloat16 copy where the CPU has bfloat16 arithmetic, else
     # the model itself (emulated bfloat16 is slower than float32).
-    assert prober.dtype == (torch.bfloat16 if native_bfloat16() else torch.float32)
+    assert prober.dtype == (torch.bfloat16 if bfloat16_faster() else torch.float32)
     assert (prober.model is lm.model) == (prober.dtype == lm.dtype)
     unedited = prober.measure(editor.w0)
     assert (unedited.agreement, unedited.kl, unedited.perplexity_ratio) == (1.0, 0.0, 1.0)
