@@ -2,6 +2,8 @@
 
 - ``covariance``: computing C0 from scratch (200k tokens, the server's default);
 - ``edits``: edit latency by phase (single edits, warm) and revert latency;
+- ``zstar``: z* in this process for 16 CounterFact facts, batched and one at a time, on the fast
+  path (cached prefix keys and values) against the whole-row reference path;
 - ``generation``: single-stream tokens/s as a ratio to plain transformers ``generate`` (run here,
   with the server idle, in rounds interleaved with the server's), aggregate tokens/s with 1, 4
   and 8 closed-loop clients and with 8 requests sent at once, p50/p99 latency idle; and the
@@ -58,12 +60,13 @@ from editing.hparams import EditHparams
 from editing.metrics import counterfact_scores
 from editing.models import LoadedModel, default_cache_dir, load_model
 from editing.records import DeltaRecord
+from editing.zstar import compute_zstar
 from service.editlog.base import EditLog
 from service.editlog.sqlite import SqliteEditLog
 from service.generation import Batcher, Event, Finished, Job, SamplingParams
 from service.threads import on_own_thread
 
-SECTIONS = ("covariance", "edits", "generation", "burst", "replay", "bf16")
+SECTIONS = ("covariance", "edits", "zstar", "generation", "burst", "replay", "bf16")
 PHASES = ("keys", "zstar", "solve", "probes", "swap", "scores", "total")
 
 
@@ -318,6 +321,33 @@ def in_process_figures(lm: LoadedModel, n: int = 64) -> dict[str, float]:
         "batcher_eight_at_once_ratio": together / single,
         "transformers_static_batch_of_8_tokens_per_s": statistics.median(static),
     }
+
+
+def section_zstar(args: argparse.Namespace) -> dict[str, Any]:
+    """z* alone: the fast path against whole rows, batched and one at a time (same facts)."""
+    lm, hp = load_model(), EditHparams()
+    facts = load_facts(find_dataset("counterfact", "counterfact-train.json"), 2016)[2000:]
+    compute_zstar(lm, facts[:1], hp)  # warm
+    out: dict[str, Any] = {"facts": len(facts)}
+    for path, reuse in (("fast", True), ("whole_rows", False)):
+        for mode, groups in (("batched", [facts]), ("one_at_a_time", [[f] for f in facts])):
+            started = time.perf_counter()
+            results = [compute_zstar(lm, g, hp, reuse_prefix=reuse) for g in groups]
+            seconds = time.perf_counter() - started
+            out[f"{path}_{mode}"] = {
+                "seconds_per_fact": seconds / len(facts),
+                "steps": [r.steps for r in results],
+            }
+    per_fact = {k: v["seconds_per_fact"] for k, v in out.items() if isinstance(v, dict)}
+    out["speedup_fast_over_whole_rows"] = {
+        mode: per_fact[f"whole_rows_{mode}"] / per_fact[f"fast_{mode}"]
+        for mode in ("batched", "one_at_a_time")
+    }
+    out["speedup_batched_over_one_at_a_time"] = {
+        path: per_fact[f"{path}_one_at_a_time"] / per_fact[f"{path}_batched"]
+        for path in ("fast", "whole_rows")
+    }
+    return out
 
 
 def section_generation(args: argparse.Namespace) -> dict[str, Any]:
