@@ -5,9 +5,9 @@
 # 100 edits of a 1,000-edit run is the state of a 100-edit run).
 #
 # Usage: bench/study.sh [N] [OUT]            bench/study.sh 1000   (the full study)
-# Expected time on a 2-core CPU: N=100 about 25 min; N=1000 about 8 h (memit-seq and alphaedit
-# recompute z* on the live weights, ~6 s per edit; the d4s runs share W0-only z* records,
-# computed once, 16 facts per batched optimisation).
+# Expected time on a 2-core CPU: N=1000 about 5 h (memit-seq and alphaedit recompute z* on the
+# live weights, ~3 s per edit; the d4s runs share W0-only z* records, computed once, 16 facts per
+# batched optimisation, ~1.2 s per fact).
 # Environment: COUNTERFACT, ZSRE (dataset paths), METHODS (a subset of the run names below),
 # ZSRE_N (0 skips zsRE).
 set -euo pipefail
