@@ -39,8 +39,9 @@ test: setup lint
 eval: setup
 	$(VENV)/bin/editserve eval --limit 100 --json
 
-# The speed study and a short quality study (N = 100, CounterFact). On 2 cores: the speed study
-# about 35 min (its burst section 25 of them), the study about 40 min with z* records cached.
+# The speed study and a short quality study (N = 100, CounterFact). On 2 cores, before the faster
+# z* of this round: the speed study about 35 min (its burst section 25 of them; 16 min since), the
+# six-method study 40-60 min. Neither total has been re-measured since.
 bench: setup
 	ZSRE_N=0 bench/study.sh 100 bench/results/study-100
 	$(PY) bench/speed.py

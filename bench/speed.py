@@ -21,7 +21,7 @@ Resident memory is read from each server process. Every figure is labelled with 
 
     .venv/bin/python bench/speed.py [--only edits,burst] [--out bench/results/speed.json]
 
-Run it on a quiet machine: it is a timing. About 35 minutes on a 2-core CPU.
+Run it on a quiet machine: it is a timing. About 35 minutes on a 2-core CPU (before the faster z*).
 """
 
 from __future__ import annotations
