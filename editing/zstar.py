@@ -126,13 +126,17 @@ def compute_zstar(
     optimizer = torch.optim.Adam([delta], lr=hp.v_lr)
     max_norm = hp.clamp_norm_factor * h.norm(dim=1)  # n
     done = torch.zeros(n, dtype=torch.bool, device=lm.device)
+    prefix = _prefix_cache(lm, batch, cached, last) if reuse_prefix else None
+
+    def inputs_for(rows_batch: _Batch, rows: torch.Tensor) -> _Suffixes:
+        """What a step runs for ``rows`` (indices into ``batch``), regrouped as ``rows_batch``."""
+        if prefix is None:
+            return _Suffixes.whole(lm, rows_batch, cached[rows])
+        return _Suffixes.of(lm, rows_batch, cached[rows], [_rows_of(kv, rows) for kv in prefix])
+
     # The rows still optimised: rebuilt, smaller, whenever a fact converges.
     live, live_facts = batch, torch.arange(n, device=lm.device)
-    if reuse_prefix:
-        prefix = _prefix_cache(lm, batch, cached, last)
-        step_input = _Suffixes.of(lm, batch, cached, prefix)
-    else:
-        step_input = _Suffixes.whole(lm, batch, cached)
+    step_input = inputs_for(batch, torch.arange(len(batch.input_ids), device=lm.device))
 
     head = lm.model.get_output_embeddings()
     kl_ref = torch.empty(0)
@@ -143,11 +147,7 @@ def compute_zstar(
         if len(live_facts) > int((~done).sum()):
             live, rows = batch.select(~done)
             live_facts = (~done).nonzero()[:, 0]
-            step_input = (
-                _Suffixes.of(lm, live, cached[rows], [_rows_of(kv, rows) for kv in prefix])
-                if reuse_prefix
-                else _Suffixes.whole(lm, live, cached[rows])
-            )
+            step_input = inputs_for(live, rows)
         hidden = step_input.run(lm, last, delta[live.fact_of_row])
         # The vocabulary projection only where a loss reads it: a large share of the step's cost.
         target_logits = head(hidden[live.nll_rows[:, None], step_input.target_pos]).float()
@@ -200,9 +200,8 @@ def _prefix_cache(
     the causal mask applies) and masked out by the steps.
     """
     width = int(batch.lookup.max())
-    n_blocks = len(adapter_for(lm.model).blocks(lm.model))
     if width == 0:
-        return [None] * n_blocks
+        return [None] * len(adapter_for(lm.model).blocks(lm.model))
     cache = DynamicCache(config=lm.model.config)
     rows = len(batch.input_ids)
     positions = torch.arange(width, device=lm.device).expand(rows, width)

@@ -44,7 +44,7 @@ def test_selecting_every_fact_changes_nothing(lm: LoadedModel, facts: list[Fact]
 
 
 def test_cached_prefixes_give_the_zstar_of_whole_rows(lm: LoadedModel, facts: list[Fact]) -> None:
-    """On the real model, with facts that converge at different steps (so the batch shrinks)."""
+    """On the real model, three facts in one batch (which shrinks if they converge apart)."""
     hp = EditHparams()
     fast = compute_zstar(lm, facts[:3], hp)
     whole = compute_zstar(lm, facts[:3], hp, reuse_prefix=False)

@@ -66,8 +66,8 @@ def test_probes_score_given_weights_and_leave_the_model_alone(
     lm: LoadedModel, editor: Editor, tmp_path: Path
 ) -> None:
     prober = Prober(lm, SMALL, editor.w0, dtype=default_dtype(lm), cache_dir=tmp_path)
-    # A float32 model on a CPU: a bfloat16 copy where the CPU has bfloat16 arithmetic, else
-    # the model itself (emulated bfloat16 is slower than float32).
+    # A float32 model on a CPU: a bfloat16 copy where bfloat16 products measure faster, else
+    # the model itself.
     assert prober.dtype == (torch.bfloat16 if bfloat16_faster() else torch.float32)
     assert (prober.model is lm.model) == (prober.dtype == lm.dtype)
     unedited = prober.measure(editor.w0)
