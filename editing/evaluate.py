@@ -94,7 +94,7 @@ def run_sequential(
     marks = sorted({n for n in (checkpoints or []) if 0 < n < len(facts)} | {len(facts)})
     steps = [facts[i : i + batch_size] for i in range(0, len(facts), batch_size)]
     if cache is not None and zstar_batch > 1:
-        _fill_cache(editor, cache, steps, zstar_batch, progress)
+        fill_cache(editor, cache, steps, zstar_batch, progress)
 
     fluency_texts = [f.prompt for f in facts[:fluency_prompts]]
     before = {
@@ -131,7 +131,9 @@ def run_sequential(
             )
         if done in before or index == len(steps):
             was = before[done] if done in before else before[len(facts)]
-            result = _evaluate(editor, facts[:done], was, heldout, heldout_tokens, fluency_texts)
+            result = evaluate_state(
+                editor, facts[:done], was, heldout, heldout_tokens, fluency_texts
+            )
             result.update(
                 perplexity_before=ppl_before,
                 fluency_before=fluency_before,
@@ -146,7 +148,7 @@ def run_sequential(
     return {**results[-1], "checkpoints": results}
 
 
-def _evaluate(
+def evaluate_state(
     editor: Editor,
     facts: list[Fact],
     before: dict[str, Any],
@@ -183,7 +185,7 @@ def _evaluate(
     }
 
 
-def _fill_cache(
+def fill_cache(
     editor: Editor,
     cache: RecordCache,
     steps: list[list[Fact]],

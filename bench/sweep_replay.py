@@ -1,0 +1,166 @@
+"""Sweep lambda and RECT for d4s at large N, by replay instead of N sequential installs.
+
+A d4s state is a pure function of its records (they hold W0-only keys and z*), folded in blocks
+of a fixed size; so the weights after N sequential single edits are exactly, bit for bit, what
+``Editor.replay`` builds from the same N records in one go. A setting then costs one replay and
+one evaluation instead of N solves, and the unedited model's scores are measured once for all
+settings. The sweep first checks that claim on the first ``--check`` records (two blocks and a
+part, by default).
+
+Usage:
+  python bench/sweep_replay.py --limit 1000 --lambdas 1000,2000,4000 --keeps 0.2,0.4,1.0 \
+      [--checkpoints 100,500] [--check 130] \
+      [--out bench/results/sweep-1000]
+Each setting is written to OUT/lambdaL_rectK.json, in ``editserve eval``'s shape, so
+``bench/table.py`` reads it. Records missing from ``--record-cache`` are computed first, 16 facts
+per batched z* optimisation (about 20 min for 1,000 on 2 cores).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from editing import corpus, metrics
+from editing.editor import Editor
+from editing.evaluate import RecordCache, evaluate_state, fill_cache, find_dataset
+from editing.facts import Fact, load_facts
+from editing.hparams import EditHparams
+from editing.models import DEFAULT_MODEL, LoadedModel, load_model
+from editing.records import DeltaRecord
+
+# Mean |W| and mean |W - W0| are recorded every this many edits, as ``editserve eval`` does.
+NORMS_EVERY = 50
+# The figures printed for each setting.
+SHOWN = ("efficacy", "paraphrase", "neighborhood", "score", "perplexity_after")
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--facts", type=Path, default=None)
+    parser.add_argument("--limit", type=int, default=1000)
+    parser.add_argument("--checkpoints", default="", help="also evaluate after these N")
+    parser.add_argument("--lambdas", default="2000")
+    parser.add_argument("--keeps", default="0.4")
+    parser.add_argument("--record-cache", type=Path, default=Path(".cache/records"))
+    parser.add_argument(
+        "--check", type=int, default=130, help="first check replay = installs on this many"
+    )
+    parser.add_argument("--out", type=Path, default=Path("bench/results/sweep-replay"))
+    args = parser.parse_args()
+
+    facts_file = args.facts or find_dataset("counterfact", "counterfact-train.json")
+    facts = load_facts(facts_file, args.limit)
+    marks = sorted({int(n) for n in args.checkpoints.split(",") if n.strip()} | {len(facts)})
+    settings = [
+        (float(lam), float(keep))
+        for lam in args.lambdas.split(",")
+        for keep in args.keeps.split(",")
+    ]
+    lm = load_model(DEFAULT_MODEL)
+    editor = Editor(lm, EditHparams(), "d4s")
+    c0 = editor.method.c0
+    cache = RecordCache(args.record_cache, editor)
+    steps = [[fact] for fact in facts]
+    fill_cache(editor, cache, steps, zstar_batch=16, progress=True)
+    records = [record for step in steps if (record := cache.get(step)) is not None]
+    if len(records) != len(steps):
+        raise RuntimeError("a record is missing from the cache after filling it")
+
+    started = time.perf_counter()
+    _, heldout = corpus.split(corpus.load_texts(corpus.WIKI))
+    fluency_texts = [f.prompt for f in facts[:20]]
+    before = {
+        n: {
+            "scores": metrics.counterfact_scores(lm, facts[:n]),
+            "locality": metrics.locality_argmax(lm, facts[:n]),
+        }
+        for n in marks
+    }
+    unedited = {
+        "perplexity_before": metrics.perplexity(lm, heldout, 8192),
+        "fluency_before": metrics.fluency(lm, fluency_texts),
+    }
+    print(f"[sweep] unedited model measured in {time.perf_counter() - started:.0f} s", flush=True)
+    pristine = editor.digest()
+
+    if args.check:
+        # The claim this sweep rests on: replay gives the weights of one-at-a-time installs.
+        hp = EditHparams()
+        one_by_one = Editor(lm, hp, "d4s", c0=c0)
+        for record in records[: args.check]:
+            one_by_one.install(record)
+        installed = one_by_one.digest()
+        one_by_one.replay([])
+        replayed = Editor(lm, hp, "d4s", c0=c0)
+        replayed.replay(records[: args.check])
+        same = replayed.digest() == installed
+        replayed.replay([])
+        if not same:
+            print(f"[sweep] replay of {args.check} records differs from installs", file=sys.stderr)
+            return 1
+        print(f"[sweep] replay of {args.check} records = one-at-a-time installs, bit for bit")
+
+    args.out.mkdir(parents=True, exist_ok=True)
+    for lam, keep in settings:
+        hp = EditHparams().with_(mom2_lambda=lam, rect_keep=keep)
+        results = []
+        for n in marks:
+            result = _measure(lm, hp, c0, records[:n], facts[:n], before[n], heldout, fluency_texts)
+            results.append({**result, **unedited, "facts_file": str(facts_file), "replayed": True})
+            print(
+                f"[sweep] lambda {lam:g} RECT {keep:g} N {n}: "
+                + ", ".join(f"{k} {result[k]:.3f}" for k in SHOWN),
+                flush=True,
+            )
+        path = args.out / f"lambda{lam:g}_rect{keep:g}.json"
+        path.write_text(json.dumps({**results[-1], "checkpoints": results}, indent=1) + "\n")
+        if editor.digest() != pristine:
+            raise RuntimeError("the model's weights were left edited between settings")
+    return 0
+
+
+def _measure(
+    lm: LoadedModel,
+    hp: EditHparams,
+    c0: dict[int, torch.Tensor],
+    records: list[DeltaRecord],
+    facts: list[Fact],
+    before: dict[str, Any],
+    heldout: list[str],
+    fluency_texts: list[str],
+) -> dict[str, Any]:
+    """Replay ``records`` with ``hp`` (and every ``NORMS_EVERY`` of them for the weight norms),
+    evaluate, and put W0 back."""
+    editor = Editor(lm, hp, "d4s", c0=c0)
+    try:
+        trajectory = []
+        for n in range(NORMS_EVERY, len(records), NORMS_EVERY):
+            editor.replay(records[:n])
+            norms = metrics.weight_norms(editor.live_weights(), editor.w0)
+            trajectory.append({"n_edits": n, **norms})
+        started = time.perf_counter()
+        editor.replay(records)
+        replay_seconds = time.perf_counter() - started
+        norms = metrics.weight_norms(editor.live_weights(), editor.w0)
+        trajectory.append({"n_edits": len(records), **norms})
+        result = evaluate_state(editor, facts, before, heldout, 8192, fluency_texts)
+    finally:
+        editor.replay([])
+    # No per-edit time: nothing was installed one at a time (see replay_seconds instead).
+    return {
+        **result,
+        "trajectory": trajectory,
+        "replay_seconds": replay_seconds,
+        "seconds_per_edit": None,
+    }
+
+
+if __name__ == "__main__":
+    sys.exit(main())
