@@ -8,7 +8,7 @@ settings. The sweep first checks that claim on the first ``--check`` records (tw
 part, by default).
 
 Usage:
-  python bench/sweep_replay.py --limit 1000 --lambdas 1000,2000,4000 --keeps 0.2,0.4,1.0 \
+  python bench/sweep_replay.py --limit 1000 --settings 2000:0.4,1000:0.4,2000:1.0 \
       [--checkpoints 100,500] [--check 130] \
       [--out bench/results/sweep-1000]
 Each setting is written to OUT/lambdaL_rectK.json, in ``editserve eval``'s shape, so
@@ -32,7 +32,7 @@ from editing.editor import Editor
 from editing.evaluate import RecordCache, evaluate_state, fill_cache, find_dataset
 from editing.facts import Fact, load_facts
 from editing.hparams import EditHparams
-from editing.models import DEFAULT_MODEL, LoadedModel, load_model
+from editing.models import DEFAULT_MODEL, LoadedModel, default_cache_dir, load_model
 from editing.records import DeltaRecord
 
 # Mean |W| and mean |W - W0| are recorded every this many edits, as ``editserve eval`` does.
@@ -46,8 +46,9 @@ def main() -> int:
     parser.add_argument("--facts", type=Path, default=None)
     parser.add_argument("--limit", type=int, default=1000)
     parser.add_argument("--checkpoints", default="", help="also evaluate after these N")
-    parser.add_argument("--lambdas", default="2000")
-    parser.add_argument("--keeps", default="0.4")
+    parser.add_argument(
+        "--settings", default="2000:0.4", help="lambda:RECT keep pairs, e.g. 2000:0.4,1000:0.2"
+    )
     parser.add_argument("--record-cache", type=Path, default=Path(".cache/records"))
     parser.add_argument(
         "--check", type=int, default=130, help="first check replay = installs on this many"
@@ -58,13 +59,9 @@ def main() -> int:
     facts_file = args.facts or find_dataset("counterfact", "counterfact-train.json")
     facts = load_facts(facts_file, args.limit)
     marks = sorted({int(n) for n in args.checkpoints.split(",") if n.strip()} | {len(facts)})
-    settings = [
-        (float(lam), float(keep))
-        for lam in args.lambdas.split(",")
-        for keep in args.keeps.split(",")
-    ]
+    settings = [tuple(float(x) for x in pair.split(":")) for pair in args.settings.split(",")]
     lm = load_model(DEFAULT_MODEL)
-    editor = Editor(lm, EditHparams(), "d4s")
+    editor = Editor(lm, EditHparams(), "d4s", cache_dir=default_cache_dir())
     c0 = editor.method.c0
     cache = RecordCache(args.record_cache, editor)
     steps = [[fact] for fact in facts]
