@@ -59,8 +59,10 @@ def counterfact_table(runs: dict[str, Any]) -> list[str]:
         for point in run["checkpoints"]:
             w, dw = point["mean_abs_w_by_layer"], point["l1_delta_by_layer"]
             relative = _mean({k: dw[k] / (w[k] or 1.0) for k in dw})
+            # A replayed run (bench/sweep_replay.py) has the same weights, but no per-edit time.
+            label = f"{name} (replayed)" if point.get("replayed") else name
             lines.append(
-                f"| {name} | {point['n_edits']} | {_f(point['efficacy'])} | "
+                f"| {label} | {point['n_edits']} | {_f(point['efficacy'])} | "
                 f"{_f(point['paraphrase'])} | {_f(point['neighborhood'])} "
                 f"({_f(point['neighborhood_before'])}) | {_f(point['score'])} | "
                 f"{_f(point['fluency_after'], 2)} ({_f(point['fluency_before'], 2)}) | "
@@ -78,8 +80,10 @@ def zsre_table(runs: dict[str, Any]) -> list[str]:
     for name, run in runs.items():
         for point in run["checkpoints"]:
             acc = point["easyedit"]
+            # A replayed run (bench/sweep_replay.py) has the same weights, but no per-edit time.
+            label = f"{name} (replayed)" if point.get("replayed") else name
             lines.append(
-                f"| {name} | {point['n_edits']} | {_f(acc.get('reliability'))} | "
+                f"| {label} | {point['n_edits']} | {_f(acc.get('reliability'))} | "
                 f"{_f(acc.get('generalization'))} | {_f(acc.get('locality'))} | "
                 f"{point['perplexity_after'] / point['perplexity_before']:.3f} |"
             )
@@ -92,14 +96,8 @@ def plot_scores(runs: dict[str, Any], path: Path) -> None:
         points = run["checkpoints"]
         ax.plot([p["n_edits"] for p in points], [p["score"] for p in points], "o-", label=name)
     ax.set_xscale("log")
-    ax.set_xlabel("sequential single edits (N)")
     ax.set_ylabel("Score (harmonic mean of efficacy, paraphrase, neighbourhood)")
-    ax.set_title("CounterFact Score after N edits, SmolLM2-135M")
-    ax.grid(alpha=0.3)
-    ax.legend()
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
+    _save(fig, ax, "CounterFact Score after N edits, SmolLM2-135M", path)
 
 
 def plot_deltas(runs: dict[str, Any], path: Path) -> None:
@@ -109,9 +107,14 @@ def plot_deltas(runs: dict[str, Any], path: Path) -> None:
         xs = [p["n_edits"] for p in trajectory]
         ys = [_mean(p["mean_abs_delta"]) for p in trajectory]
         ax.plot(xs, ys, "-", label=name)
-    ax.set_xlabel("sequential single edits (N)")
     ax.set_ylabel("mean |W - W0| over the edited layers")
-    ax.set_title("Growth of the edit (D4S paper, fig. 1's picture)")
+    _save(fig, ax, "Growth of the edit (D4S paper, fig. 1's picture)", path)
+
+
+def _save(fig: Any, ax: Any, title: str, path: Path) -> None:
+    """The parts both plots share: the x label, title, grid and legend; write the PNG."""
+    ax.set_xlabel("sequential single edits (N)")
+    ax.set_title(title)
     ax.grid(alpha=0.3)
     ax.legend()
     fig.tight_layout()
