@@ -45,6 +45,12 @@ def _mean(values: dict[str, float]) -> float:
     return sum(values.values()) / len(values)
 
 
+def _label(name: str, point: dict[str, Any]) -> str:
+    """The run's name, marked where it was replayed (bench/sweep_replay.py): the same weights as
+    its edits one at a time, but no per-edit time."""
+    return f"{name} (replayed)" if point.get("replayed") else name
+
+
 def _f(value: float | None, digits: int = 3) -> str:
     return "-" if value is None else f"{value:.{digits}f}"
 
@@ -59,10 +65,8 @@ def counterfact_table(runs: dict[str, Any]) -> list[str]:
         for point in run["checkpoints"]:
             w, dw = point["mean_abs_w_by_layer"], point["l1_delta_by_layer"]
             relative = _mean({k: dw[k] / (w[k] or 1.0) for k in dw})
-            # A replayed run (bench/sweep_replay.py) has the same weights, but no per-edit time.
-            label = f"{name} (replayed)" if point.get("replayed") else name
             lines.append(
-                f"| {label} | {point['n_edits']} | {_f(point['efficacy'])} | "
+                f"| {_label(name, point)} | {point['n_edits']} | {_f(point['efficacy'])} | "
                 f"{_f(point['paraphrase'])} | {_f(point['neighborhood'])} "
                 f"({_f(point['neighborhood_before'])}) | {_f(point['score'])} | "
                 f"{_f(point['fluency_after'], 2)} ({_f(point['fluency_before'], 2)}) | "
@@ -80,10 +84,8 @@ def zsre_table(runs: dict[str, Any]) -> list[str]:
     for name, run in runs.items():
         for point in run["checkpoints"]:
             acc = point["easyedit"]
-            # A replayed run (bench/sweep_replay.py) has the same weights, but no per-edit time.
-            label = f"{name} (replayed)" if point.get("replayed") else name
             lines.append(
-                f"| {label} | {point['n_edits']} | {_f(acc.get('reliability'))} | "
+                f"| {_label(name, point)} | {point['n_edits']} | {_f(acc.get('reliability'))} | "
                 f"{_f(acc.get('generalization'))} | {_f(acc.get('locality'))} | "
                 f"{point['perplexity_after'] / point['perplexity_before']:.3f} |"
             )

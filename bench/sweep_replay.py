@@ -29,12 +29,20 @@ import torch
 
 from editing import corpus, metrics
 from editing.editor import Editor
-from editing.evaluate import RecordCache, evaluate_state, fill_cache, find_dataset
+from editing.evaluate import (
+    RecordCache,
+    evaluate_state,
+    fill_cache,
+    find_dataset,
+    measure_unedited,
+)
 from editing.facts import Fact, load_facts
 from editing.hparams import EditHparams
 from editing.models import DEFAULT_MODEL, LoadedModel, default_cache_dir, load_model
 from editing.records import DeltaRecord
 
+# As ``editserve eval``'s defaults: held-out perplexity tokens, fluency prompts.
+HELDOUT_TOKENS, FLUENCY_PROMPTS = 8192, 20
 # Mean |W| and mean |W - W0| are recorded every this many edits, as ``editserve eval`` does.
 NORMS_EVERY = 50
 # The figures printed for each setting.
@@ -72,18 +80,8 @@ def main() -> int:
 
     started = time.perf_counter()
     _, heldout = corpus.split(corpus.load_texts(corpus.WIKI))
-    fluency_texts = [f.prompt for f in facts[:20]]
-    before = {
-        n: {
-            "scores": metrics.counterfact_scores(lm, facts[:n]),
-            "locality": metrics.locality_argmax(lm, facts[:n]),
-        }
-        for n in marks
-    }
-    unedited = {
-        "perplexity_before": metrics.perplexity(lm, heldout, 8192),
-        "fluency_before": metrics.fluency(lm, fluency_texts),
-    }
+    fluency_texts = [f.prompt for f in facts[:FLUENCY_PROMPTS]]
+    before, unedited = measure_unedited(lm, facts, marks, heldout, HELDOUT_TOKENS, fluency_texts)
     print(f"[sweep] unedited model measured in {time.perf_counter() - started:.0f} s", flush=True)
     pristine = editor.digest()
 
@@ -147,7 +145,7 @@ def _measure(
         replay_seconds = time.perf_counter() - started
         norms = metrics.weight_norms(editor.live_weights(), editor.w0)
         trajectory.append({"n_edits": len(records), **norms})
-        result = evaluate_state(editor, facts, before, heldout, 8192, fluency_texts)
+        result = evaluate_state(editor, facts, before, heldout, HELDOUT_TOKENS, fluency_texts)
     finally:
         editor.replay([])
     # No per-edit time: nothing was installed one at a time (see replay_seconds instead).

@@ -22,6 +22,7 @@ from editing import corpus, metrics
 from editing.covariance import model_fingerprint
 from editing.editor import Editor
 from editing.facts import Fact
+from editing.models import LoadedModel
 from editing.records import DeltaRecord
 
 log = logging.getLogger(__name__)
@@ -97,15 +98,7 @@ def run_sequential(
         fill_cache(editor, cache, steps, zstar_batch, progress)
 
     fluency_texts = [f.prompt for f in facts[:fluency_prompts]]
-    before = {
-        n: {
-            "scores": metrics.counterfact_scores(lm, facts[:n]),
-            "locality": metrics.locality_argmax(lm, facts[:n]),
-        }
-        for n in marks
-    }
-    ppl_before = metrics.perplexity(lm, heldout, heldout_tokens)
-    fluency_before = metrics.fluency(lm, fluency_texts)
+    before, unedited = measure_unedited(lm, facts, marks, heldout, heldout_tokens, fluency_texts)
 
     edit_seconds: list[float] = []
     trajectory: list[dict[str, Any]] = []
@@ -135,8 +128,7 @@ def run_sequential(
                 editor, facts[:done], was, heldout, heldout_tokens, fluency_texts
             )
             result.update(
-                perplexity_before=ppl_before,
-                fluency_before=fluency_before,
+                **unedited,
                 batch_size=batch_size,
                 trajectory=list(trajectory),
                 seconds_per_edit=statistics.median(edit_seconds),
@@ -146,6 +138,31 @@ def run_sequential(
             if on_checkpoint is not None:
                 on_checkpoint(result)
     return {**results[-1], "checkpoints": results}
+
+
+def measure_unedited(
+    lm: LoadedModel,
+    facts: list[Fact],
+    marks: list[int],
+    heldout: list[str],
+    heldout_tokens: int,
+    fluency_texts: list[str],
+) -> tuple[dict[int, dict[str, Any]], dict[str, float]]:
+    """The model as it stands (before any edit): for each N in ``marks``, the scores of the
+    first N facts and their locality answers (``evaluate_state``'s ``before``); and its held-out
+    perplexity and fluency (``perplexity_before``, ``fluency_before``)."""
+    before = {
+        n: {
+            "scores": metrics.counterfact_scores(lm, facts[:n]),
+            "locality": metrics.locality_argmax(lm, facts[:n]),
+        }
+        for n in marks
+    }
+    unedited = {
+        "perplexity_before": metrics.perplexity(lm, heldout, heldout_tokens),
+        "fluency_before": metrics.fluency(lm, fluency_texts),
+    }
+    return before, unedited
 
 
 def evaluate_state(
