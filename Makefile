@@ -39,17 +39,23 @@ test: setup lint
 eval: setup
 	$(VENV)/bin/editserve eval --limit 100 --json
 
-# The speed study and a short quality study (N = 100, CounterFact). On 2 cores, before the faster
-# z* of this round: the speed study about 35 min (its burst section 25 of them; 16 min since), the
-# six-method study 40-60 min. Neither total has been re-measured since.
+# The speed study and a short quality study (N = 100, CounterFact, the three methods the
+# 1,000-edit study contrasts). Both re-measure: the quick study's folder is cleared first.
+# Measured 32 min on a 2-core Xeon with the model, C0 and 100 z* records cached (README, Speed).
+QUICK_METHODS ?= d4s-rect0.4 d4s memit-seq
+QUICK_OUT ?= bench/results/quick-100
 bench: setup
-	ZSRE_N=0 bench/study.sh 100 bench/results/study-100
-	$(PY) bench/speed.py
+	rm -rf $(QUICK_OUT)
+	METHODS="$(QUICK_METHODS)" ZSRE_N=0 bench/study.sh 100 $(QUICK_OUT)
+	$(PY) bench/speed.py --only covariance,edits,generation,burst,replay,bf16 \
+		--burst-one-at-a-time 16
 
-# The full sequential-editing study (N = 1000, CounterFact and zsRE): about 5 h on 2 cores
-# (estimated from the three methods run to 1,000; never run in full).
+# The full sequential-editing study (six methods, N = 1000, CounterFact and zsRE) and every
+# speed section (the z* fast-path comparison included): about 5 h on 2 cores (estimated from the
+# three methods run to 1,000; never run in full).
 bench-full: setup
 	bench/study.sh 1000 bench/results/study-1000
+	$(PY) bench/speed.py
 
 clean:
 	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache

@@ -98,7 +98,7 @@ def plot_scores(runs: dict[str, Any], path: Path) -> None:
         points = run["checkpoints"]
         ax.plot([p["n_edits"] for p in points], [p["score"] for p in points], "o-", label=name)
     ax.set_xscale("log")
-    ax.set_ylabel("Score (harmonic mean of efficacy, paraphrase, neighbourhood)")
+    ax.set_ylabel("Score (harmonic mean of efficacy,\nparaphrase and neighbourhood)")
     _save(fig, ax, "CounterFact Score after N edits, SmolLM2-135M", path)
 
 
