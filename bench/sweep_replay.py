@@ -106,8 +106,11 @@ def main() -> int:
     for lam, keep in settings:
         hp = EditHparams().with_(mom2_lambda=lam, rect_keep=keep)
         results = []
+        norms_at: dict[int, dict[str, Any]] = {}  # shared by the checkpoints of this setting
         for n in marks:
-            result = _measure(lm, hp, c0, records[:n], facts[:n], before[n], heldout, fluency_texts)
+            result = _measure(
+                lm, hp, c0, records[:n], facts[:n], before[n], heldout, fluency_texts, norms_at
+            )
             results.append({**result, **unedited, "facts_file": str(facts_file), "replayed": True})
             print(
                 f"[sweep] lambda {lam:g} RECT {keep:g} N {n}: "
@@ -130,21 +133,30 @@ def _measure(
     before: dict[str, Any],
     heldout: list[str],
     fluency_texts: list[str],
+    norms_at: dict[int, dict[str, Any]],
 ) -> dict[str, Any]:
     """Replay ``records`` with ``hp`` (and every ``NORMS_EVERY`` of them for the weight norms),
-    evaluate, and put W0 back."""
+    evaluate, and put W0 back. ``norms_at`` keeps the weight norms after each prefix replayed,
+    so a later checkpoint of the same setting replays only the prefixes an earlier one did not.
+    """
     editor = Editor(lm, hp, "d4s", c0=c0)
+
+    def norms() -> dict[str, Any]:
+        return metrics.weight_norms(editor.live_weights(), editor.w0)
+
     try:
-        trajectory = []
         for n in range(NORMS_EVERY, len(records), NORMS_EVERY):
-            editor.replay(records[:n])
-            norms = metrics.weight_norms(editor.live_weights(), editor.w0)
-            trajectory.append({"n_edits": n, **norms})
+            if n not in norms_at:
+                editor.replay(records[:n])
+                norms_at[n] = norms()
         started = time.perf_counter()
         editor.replay(records)
         replay_seconds = time.perf_counter() - started
-        norms = metrics.weight_norms(editor.live_weights(), editor.w0)
-        trajectory.append({"n_edits": len(records), **norms})
+        norms_at[len(records)] = norms()
+        trajectory = [
+            {"n_edits": n, **norms_at[n]}
+            for n in [*range(NORMS_EVERY, len(records), NORMS_EVERY), len(records)]
+        ]
         result = evaluate_state(editor, facts, before, heldout, HELDOUT_TOKENS, fluency_texts)
     finally:
         editor.replay([])
