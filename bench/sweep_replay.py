@@ -81,7 +81,9 @@ def main() -> int:
     started = time.perf_counter()
     _, heldout = corpus.split(corpus.load_texts(corpus.WIKI))
     fluency_texts = [f.prompt for f in facts[:FLUENCY_PROMPTS]]
-    before, unedited = measure_unedited(lm, facts, marks, heldout, HELDOUT_TOKENS, fluency_texts)
+    before, unedited = measure_unedited(
+        lm, facts, marks, heldout, HELDOUT_TOKENS, fluency_texts, cache=args.record_cache
+    )
     print(f"[sweep] unedited model measured in {time.perf_counter() - started:.0f} s", flush=True)
     pristine = editor.digest()
 

@@ -51,7 +51,12 @@ def build_parser() -> tuple[argparse.ArgumentParser, argparse._SubParsersAction]
     )
     ev.add_argument("--limit", type=int, default=100)
     ev.add_argument("--batch-size", type=int, default=1, help="facts per edit step")
-    ev.add_argument("--record-cache", type=Path, default=None, help="reuse W0-only z* records")
+    ev.add_argument(
+        "--record-cache",
+        type=Path,
+        default=None,
+        help="a folder to reuse W0-only z* records and the unedited model's measurements from",
+    )
     ev.add_argument("--heldout-tokens", type=int, default=8192, help="tokens for perplexity")
     ev.add_argument("--fluency-prompts", type=int, default=20)
     ev.add_argument(

@@ -2,7 +2,7 @@
 
 Used by ``editserve eval`` and the benchmarks. Records whose keys and z* depend only on W0 (D4S)
 can be cached on disk, so that runs which share them (lambda or RECT sweeps) skip the z*
-optimisation.
+optimisation; so can the unedited model's measurements, which every method of a study shares.
 """
 
 from __future__ import annotations
@@ -83,7 +83,8 @@ def run_sequential(
     first N facts are evaluated, exactly as a run of N edits would leave them, and the result is
     passed to ``on_checkpoint`` and kept under ``checkpoints``. The top level holds the last one.
     With a record cache, ``zstar_batch`` steps share one batched z* optimisation when their
-    records are missing (records that depend only on W0 come out the same either way).
+    records are missing (records that depend only on W0 come out the same either way); the
+    unedited model's measurements are kept there too, for every method (``measure_unedited``).
     """
     lm = editor.lm
     _, heldout = corpus.split(corpus.load_texts(corpus.WIKI))
@@ -98,7 +99,9 @@ def run_sequential(
         fill_cache(editor, cache, steps, zstar_batch, progress)
 
     fluency_texts = [f.prompt for f in facts[:fluency_prompts]]
-    before, unedited = measure_unedited(lm, facts, marks, heldout, heldout_tokens, fluency_texts)
+    before, unedited = measure_unedited(
+        lm, facts, marks, heldout, heldout_tokens, fluency_texts, cache=record_cache
+    )
 
     edit_seconds: list[float] = []
     trajectory: list[dict[str, Any]] = []
@@ -140,6 +143,10 @@ def run_sequential(
     return {**results[-1], "checkpoints": results}
 
 
+# Bumped whenever what measure_unedited stores (or how it measures) changes.
+_UNEDITED_FORMAT = 1
+
+
 def measure_unedited(
     lm: LoadedModel,
     facts: list[Fact],
@@ -147,14 +154,52 @@ def measure_unedited(
     heldout: list[str],
     heldout_tokens: int,
     fluency_texts: list[str],
+    cache: Path | None = None,
 ) -> tuple[dict[int, dict[str, Any]], dict[str, float]]:
     """The model as it stands (before any edit): for each N in ``marks``, the scores of the
     first N facts and their locality answers (``evaluate_state``'s ``before``); and its held-out
-    perplexity and fluency (``perplexity_before``, ``fluency_before``)."""
+    perplexity and fluency (``perplexity_before``, ``fluency_before``).
+
+    The facts are scored once and each prefix summarised from them. With ``cache`` (a folder)
+    the measurements are kept there, keyed by the model and every input, so that the methods of
+    a study, which all start from the same model, measure it once.
+    """
+    path = None
+    if cache is not None:
+        key = json.dumps(
+            [
+                _UNEDITED_FORMAT,
+                model_fingerprint(lm),
+                str(lm.model.dtype),
+                [asdict(f) for f in facts[: max(marks)]],
+                marks,
+                hashlib.sha256("\n\n".join(heldout).encode()).hexdigest(),
+                heldout_tokens,
+                fluency_texts,
+            ],
+            sort_keys=True,
+            default=str,
+        )
+        path = cache / "unedited" / f"{hashlib.sha256(key.encode()).hexdigest()[:24]}.json"
+        if path.exists():
+            stored = json.loads(path.read_text())
+            before = {
+                int(n): {
+                    "scores": found["scores"],
+                    "locality": [tuple(answer) for answer in found["locality"]],
+                }
+                for n, found in stored["before"].items()
+            }
+            return before, stored["unedited"]
+
+    scored = facts[: max(marks)]
+    outcomes = metrics.counterfact_outcomes(lm, scored)
+    locality = metrics.locality_argmax(lm, scored)
+    answers = [sum(loc.answer is not None for loc in f.locality) for f in scored]
     before = {
         n: {
-            "scores": metrics.counterfact_scores(lm, facts[:n]),
-            "locality": metrics.locality_argmax(lm, facts[:n]),
+            "scores": metrics.summarise_outcomes(outcomes[:n]),
+            "locality": locality[: sum(answers[:n])],
         }
         for n in marks
     }
@@ -162,6 +207,11 @@ def measure_unedited(
         "perplexity_before": metrics.perplexity(lm, heldout, heldout_tokens),
         "fluency_before": metrics.fluency(lm, fluency_texts),
     }
+    if path is not None:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_suffix(".partial")
+        tmp.write_text(json.dumps({"before": before, "unedited": unedited}))
+        tmp.rename(path)
     return before, unedited
 
 

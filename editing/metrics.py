@@ -69,46 +69,61 @@ def _harmonic(values: list[float]) -> float:
     return len(values) / sum(1.0 / v for v in values)
 
 
-def counterfact_scores(lm: LoadedModel, facts: list[Fact]) -> dict[str, float]:
-    """Efficacy, paraphrase and neighbourhood scores and magnitudes, and their harmonic Score.
+# One fact's comparisons: for each group, (counts for the edit, probability margin) per prompt.
+Outcomes = dict[str, list[tuple[bool, float]]]
+GROUPS = ("efficacy", "paraphrase", "neighborhood")
+
+
+def counterfact_outcomes(lm: LoadedModel, facts: list[Fact]) -> list[Outcomes]:
+    """Each fact's CounterFact comparisons, one entry per fact (empty for a fact without a
+    ground truth). ``summarise_outcomes`` of any prefix of them gives that prefix's scores.
 
     A prompt counts for an edit when P(target_new) > P(ground_truth); a neighbourhood prompt
     counts when P(its true answer) > P(target_new) still holds.
     """
-    groups: dict[str, list[tuple[int, int]]] = {
-        "efficacy": [],
-        "paraphrase": [],
-        "neighborhood": [],
-    }
     pairs: list[tuple[str, str]] = []
+    slots: list[tuple[int, str]] = []  # (fact, group) of each compared pair
 
-    def add(group: str, prompt: str, good: str, bad: str) -> None:
-        groups[group].append((len(pairs), len(pairs) + 1))
+    def add(index: int, group: str, prompt: str, good: str, bad: str) -> None:
+        slots.append((index, group))
         pairs.append((prompt, continuation(prompt, good)))
         pairs.append((prompt, continuation(prompt, bad)))
 
-    for fact in facts:
+    for index, fact in enumerate(facts):
         if fact.ground_truth is None:
             continue
-        add("efficacy", fact.prompt, fact.target_new, fact.ground_truth)
+        add(index, "efficacy", fact.prompt, fact.target_new, fact.ground_truth)
         for text in fact.paraphrases:
-            add("paraphrase", text, fact.target_new, fact.ground_truth)
+            add(index, "paraphrase", text, fact.target_new, fact.ground_truth)
         for loc in fact.locality:
             if loc.answer is not None:
-                add("neighborhood", loc.prompt, loc.answer, fact.target_new)
+                add(index, "neighborhood", loc.prompt, loc.answer, fact.target_new)
     scores = score_answers(lm, pairs)
+    out: list[Outcomes] = [{} for _ in facts]
+    for k, (index, group) in enumerate(slots):
+        good, bad = scores[2 * k], scores[2 * k + 1]
+        out[index].setdefault(group, []).append((good.nll < bad.nll, good.prob - bad.prob))
+    return out
+
+
+def summarise_outcomes(outcomes: list[Outcomes]) -> dict[str, float]:
+    """Efficacy, paraphrase and neighbourhood scores and magnitudes (means over prompts), and
+    their harmonic Score."""
     result: dict[str, float] = {}
-    for group, index_pairs in groups.items():
-        if not index_pairs:
+    for group in GROUPS:
+        found = [pair for fact in outcomes for pair in fact.get(group, [])]
+        if not found:
             continue
-        wins = [scores[g].nll < scores[b].nll for g, b in index_pairs]
-        margins = [scores[g].prob - scores[b].prob for g, b in index_pairs]
-        result[group] = sum(wins) / len(wins)
-        result[f"{group}_magnitude"] = sum(margins) / len(margins)
-    result["score"] = _harmonic(
-        [result[g] for g in ("efficacy", "paraphrase", "neighborhood") if g in result]
-    )
+        result[group] = sum(won for won, _ in found) / len(found)
+        result[f"{group}_magnitude"] = sum(margin for _, margin in found) / len(found)
+    result["score"] = _harmonic([result[g] for g in GROUPS if g in result])
     return result
+
+
+def counterfact_scores(lm: LoadedModel, facts: list[Fact]) -> dict[str, float]:
+    """Efficacy, paraphrase and neighbourhood scores and magnitudes, and their harmonic Score
+    (``counterfact_outcomes``, summarised)."""
+    return summarise_outcomes(counterfact_outcomes(lm, facts))
 
 
 def locality_argmax(lm: LoadedModel, facts: list[Fact]) -> list[tuple[int, ...]]:
