@@ -52,7 +52,7 @@ from serve_bench import (
     single_stream_tokens_per_s,
 )
 
-from editing.covariance import covariance, model_fingerprint
+from editing.covariance import cache_folder, covariance
 from editing.editor import Editor
 from editing.evaluate import RecordCache, find_dataset
 from editing.facts import load_facts
@@ -222,8 +222,7 @@ def section_covariance(args: argparse.Namespace) -> dict[str, Any]:
     cache: Path | None = default_cache_dir()
     # Reading the cache's layers instead of computing them would time nothing: with any layer
     # already there, compute without it.
-    stored = cache / "covariance" / model_fingerprint(lm) / f"wiki-{args.covariance_tokens}"
-    if any(stored.glob("layer*.safetensors")):
+    if any(cache_folder(lm, cache, n_tokens=args.covariance_tokens).glob("layer*.safetensors")):
         cache = None
     start = time.perf_counter()
     covariance(lm, hp.layers, n_tokens=args.covariance_tokens, cache_dir=cache, progress=False)

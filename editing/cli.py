@@ -13,7 +13,7 @@ import sys
 from pathlib import Path
 
 from editing.editor import Editor
-from editing.evaluate import find_dataset, run_sequential
+from editing.evaluate import find_dataset, run_sequential, write_atomically
 from editing.facts import Fact, load_facts
 from editing.hparams import EditHparams
 from editing.methods import METHODS
@@ -124,9 +124,7 @@ def _eval(args: argparse.Namespace) -> int:
     def save(result: dict) -> None:
         done.append({**result, "facts_file": str(path)})
         if args.out is not None:
-            tmp = args.out.with_suffix(".partial")
-            tmp.write_text(json.dumps({**done[-1], "checkpoints": done}))
-            tmp.rename(args.out)
+            write_atomically(args.out, json.dumps({**done[-1], "checkpoints": done}).encode())
 
     result = run_sequential(
         editor,

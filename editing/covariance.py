@@ -38,6 +38,14 @@ def model_fingerprint(lm: LoadedModel) -> str:
     return h.hexdigest()[:16]
 
 
+def cache_folder(
+    lm: LoadedModel, cache_dir: Path, source: str = corpus.WIKI, n_tokens: int = DEFAULT_TOKENS
+) -> Path:
+    """Where ``covariance`` keeps C0 of ``lm`` over ``source`` (one file per layer)."""
+    slug = source if source == corpus.WIKI else hashlib.sha256(source.encode()).hexdigest()[:12]
+    return cache_dir / "covariance" / model_fingerprint(lm) / f"{slug}-{n_tokens}"
+
+
 def covariance(
     lm: LoadedModel,
     layers: list[int] | tuple[int, ...],
@@ -53,10 +61,7 @@ def covariance(
     ``weights`` (layer -> W0, ``out x in``) makes the pass run on the original weights even when
     the model already carries edits. Layers found in the cache are loaded, the rest computed.
     """
-    folder = None
-    if cache_dir is not None:
-        slug = source if source == corpus.WIKI else hashlib.sha256(source.encode()).hexdigest()[:12]
-        folder = cache_dir / "covariance" / model_fingerprint(lm) / f"{slug}-{n_tokens}"
+    folder = cache_folder(lm, cache_dir, source, n_tokens) if cache_dir is not None else None
     result: dict[int, torch.Tensor] = {}
     missing = []
     for layer in layers:

@@ -41,6 +41,14 @@ def find_dataset(name: str, filename: str) -> Path:
     )
 
 
+def write_atomically(path: Path, data: bytes) -> None:
+    """Write ``data`` to ``path`` through a ``.partial`` file, so that a killed run never
+    leaves a half-written file under the real name."""
+    tmp = path.with_suffix(".partial")
+    tmp.write_bytes(data)
+    tmp.rename(path)
+
+
 class RecordCache:
     """Delta records on disk, keyed by model, z* settings and fact."""
 
@@ -57,10 +65,7 @@ class RecordCache:
         return DeltaRecord.from_bytes(path.read_bytes()) if path.exists() else None
 
     def put(self, facts: list[Fact], record: DeltaRecord) -> None:
-        path = self._path(facts)
-        tmp = path.with_suffix(".partial")
-        tmp.write_bytes(record.to_bytes())
-        tmp.rename(path)
+        write_atomically(self._path(facts), record.to_bytes())
 
 
 def run_sequential(
@@ -164,6 +169,7 @@ def measure_unedited(
     the measurements are kept there, keyed by the model and every input, so that the methods of
     a study, which all start from the same model, measure it once.
     """
+    scored = facts[: max(marks)]
     path = None
     if cache is not None:
         key = json.dumps(
@@ -171,7 +177,7 @@ def measure_unedited(
                 _UNEDITED_FORMAT,
                 model_fingerprint(lm),
                 str(lm.model.dtype),
-                [asdict(f) for f in facts[: max(marks)]],
+                [asdict(f) for f in scored],
                 marks,
                 hashlib.sha256("\n\n".join(heldout).encode()).hexdigest(),
                 heldout_tokens,
@@ -192,7 +198,6 @@ def measure_unedited(
             }
             return before, stored["unedited"]
 
-    scored = facts[: max(marks)]
     outcomes = metrics.counterfact_outcomes(lm, scored)
     locality = metrics.locality_argmax(lm, scored)
     answers = [sum(loc.answer is not None for loc in f.locality) for f in scored]
@@ -209,9 +214,7 @@ def measure_unedited(
     }
     if path is not None:
         path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_suffix(".partial")
-        tmp.write_text(json.dumps({"before": before, "unedited": unedited}))
-        tmp.rename(path)
+        write_atomically(path, json.dumps({"before": before, "unedited": unedited}).encode())
     return before, unedited
 
 
