@@ -9,11 +9,16 @@ part, by default).
 
 Usage:
   python bench/sweep_replay.py --limit 1000 --settings 2000:0.4,1000:0.4,2000:1.0 \
-      [--checkpoints 100,500] [--check 130] \
+      [--checkpoints 100,500] [--check 130] [--layers 1-7] \
       [--out bench/results/sweep-1000]
 Each setting is written to OUT/lambdaL_rectK.json, in ``editserve eval``'s shape, so
 ``bench/table.py`` reads it. Records missing from ``--record-cache`` are computed first, 16 facts
 per batched z* optimisation (about 20 min for 1,000 on 2 cores).
+
+``--layers`` edits more blocks below the default last one with the same records: z* is optimised
+at the last edited block alone, so it does not change; the added blocks' keys are computed on W0
+(one forward pass) and C0 for them is computed or loaded from the cache. Files are then named
+OUT/layersA-B_lambdaL_rectK.json.
 """
 
 from __future__ import annotations
@@ -22,6 +27,7 @@ import argparse
 import json
 import sys
 import time
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -40,6 +46,7 @@ from editing.facts import Fact, load_facts
 from editing.hparams import EditHparams
 from editing.models import DEFAULT_MODEL, LoadedModel, default_cache_dir, load_model
 from editing.records import DeltaRecord
+from editing.zstar import compute_keys
 
 # As ``editserve eval``'s defaults: held-out perplexity tokens, fluency prompts.
 HELDOUT_TOKENS, FLUENCY_PROMPTS = 8192, 20
@@ -61,22 +68,36 @@ def main() -> int:
     parser.add_argument(
         "--check", type=int, default=130, help="first check replay = installs on this many"
     )
+    parser.add_argument(
+        "--layers", default=None, help="edited blocks FIRST-LAST, ending at the default last one"
+    )
     parser.add_argument("--out", type=Path, default=Path("bench/results/sweep-replay"))
     args = parser.parse_args()
+    base = EditHparams()
+    layers = base.layers
+    if args.layers:
+        first, _, last = args.layers.partition("-")
+        layers = tuple(range(int(first), int(last or first) + 1))
+        if layers[-1] != base.last_layer:
+            parser.error(f"--layers must end at block {base.last_layer}, where the records' z* is")
+    hp0 = base.with_(layers=layers)
 
     facts_file = args.facts or find_dataset("counterfact", "counterfact-train.json")
     facts = load_facts(facts_file, args.limit)
     marks = sorted({int(n) for n in args.checkpoints.split(",") if n.strip()} | {len(facts)})
     settings = [tuple(float(x) for x in pair.split(":")) for pair in args.settings.split(",")]
     lm = load_model(DEFAULT_MODEL)
-    editor = Editor(lm, EditHparams(), "d4s", cache_dir=default_cache_dir())
-    c0 = editor.method.c0
+    editor = Editor(lm, base, "d4s", cache_dir=default_cache_dir())
     cache = RecordCache(args.record_cache, editor)
     steps = [[fact] for fact in facts]
     fill_cache(editor, cache, steps, zstar_batch=16, progress=True)
     records = [record for step in steps if (record := cache.get(step)) is not None]
     if len(records) != len(steps):
         raise RuntimeError("a record is missing from the cache after filling it")
+    if layers != base.layers:
+        editor = Editor(lm, hp0, "d4s", cache_dir=default_cache_dir())
+        records = _with_keys(lm, hp0, records)
+    c0 = editor.method.c0
 
     started = time.perf_counter()
     _, heldout = corpus.split(corpus.load_texts(corpus.WIKI))
@@ -89,7 +110,7 @@ def main() -> int:
 
     if args.check:
         # The claim this sweep rests on: replay gives the weights of one-at-a-time installs.
-        hp = EditHparams()
+        hp = hp0
         one_by_one = Editor(lm, hp, "d4s", c0=c0)
         for record in records[: args.check]:
             one_by_one.install(record)
@@ -106,7 +127,7 @@ def main() -> int:
 
     args.out.mkdir(parents=True, exist_ok=True)
     for lam, keep in settings:
-        hp = EditHparams().with_(mom2_lambda=lam, rect_keep=keep)
+        hp = hp0.with_(mom2_lambda=lam, rect_keep=keep)
         results = []
         norms_at: dict[int, dict[str, Any]] = {}  # shared by the checkpoints of this setting
         for n in marks:
@@ -115,15 +136,34 @@ def main() -> int:
             )
             results.append({**result, **unedited, "facts_file": str(facts_file), "replayed": True})
             print(
-                f"[sweep] lambda {lam:g} RECT {keep:g} N {n}: "
+                f"[sweep] layers {layers[0]}-{layers[-1]} lambda {lam:g} RECT {keep:g} N {n}: "
                 + ", ".join(f"{k} {result[k]:.3f}" for k in SHOWN),
                 flush=True,
             )
-        path = args.out / f"lambda{lam:g}_rect{keep:g}.json"
+        named = "" if layers == base.layers else f"layers{layers[0]}-{layers[-1]}_"
+        path = args.out / f"{named}lambda{lam:g}_rect{keep:g}.json"
         path.write_text(json.dumps({**results[-1], "checkpoints": results}, indent=1) + "\n")
         if editor.digest() != pristine:
             raise RuntimeError("the model's weights were left edited between settings")
     return 0
+
+
+def _with_keys(lm: LoadedModel, hp: EditHparams, records: list[DeltaRecord]) -> list[DeltaRecord]:
+    """``records`` with keys at every block of ``hp.layers``: the missing ones computed on the
+    model as it is (W0: nothing is installed yet), 64 facts to a forward pass."""
+    missing = tuple(layer for layer in hp.layers if layer not in records[0].keys)
+    out: list[DeltaRecord] = []
+    for i in range(0, len(records), 64):
+        chunk = records[i : i + 64]
+        facts = [fact for record in chunk for fact in record.facts]
+        keys = compute_keys(lm, facts, hp, missing)
+        row = 0
+        for record in chunk:
+            rows = slice(row, row + len(record.facts))
+            added = {layer: keys[layer][rows] for layer in missing}
+            out.append(replace(record, keys={**record.keys, **added}))
+            row = rows.stop
+    return out
 
 
 def _measure(

@@ -107,14 +107,7 @@ def compute_zstar(
     instrument(lm.model, adapter_for(lm.model))
     batch = _build_batch(lm.tokenizer, facts, hp.context_prefixes, lm.device)
     last = hp.last_layer
-    trace = Trace(
-        capture_inputs=frozenset(hp.layers),
-        weights=dict(weights or {}),
-        capture_block=last,
-        stop_after=last,
-    )
-    with torch.no_grad(), trace:
-        lm.model(input_ids=batch.input_ids, attention_mask=batch.attention_mask, use_cache=False)
+    trace = _first_pass(lm, batch, hp.layers, weights, capture_block=last)
     assert trace.block_output is not None
     cached = trace.block_output.detach().float()
     keys = {layer: _mean_keys(trace.inputs[layer], batch, len(facts)) for layer in hp.layers}
@@ -187,6 +180,40 @@ def compute_zstar(
         steps=steps,
         seconds={"keys": keyed - started, "zstar": time.perf_counter() - keyed},
     )
+
+
+def compute_keys(
+    lm: LoadedModel, facts: list[Fact], hp: EditHparams, layers: tuple[int, ...]
+) -> dict[int, torch.Tensor]:
+    """The keys of ``facts`` at ``layers`` (layer -> n x in), as :func:`compute_zstar` records
+    them, on the model's own weights: no z*. Extends records to more layers below the last
+    edited one, whose z* (computed at the last layer alone) is unchanged by them."""
+    instrument(lm.model, adapter_for(lm.model))
+    batch = _build_batch(lm.tokenizer, facts, hp.context_prefixes, lm.device)
+    trace = _first_pass(lm, batch, layers, None, capture_block=None)
+    return {
+        layer: _mean_keys(trace.inputs[layer], batch, len(facts)).float().cpu() for layer in layers
+    }
+
+
+def _first_pass(
+    lm: LoadedModel,
+    batch: _Batch,
+    layers: tuple[int, ...],
+    weights: dict[int, torch.Tensor] | None,
+    capture_block: int | None,
+) -> Trace:
+    """One pass without grad up to the highest of ``layers`` (or ``capture_block``), recording
+    the edited matrices' inputs at ``layers``; ``weights`` replaces those layers' weights."""
+    trace = Trace(
+        capture_inputs=frozenset(layers),
+        weights=dict(weights or {}),
+        capture_block=capture_block,
+        stop_after=max(layers) if capture_block is None else capture_block,
+    )
+    with torch.no_grad(), trace:
+        lm.model(input_ids=batch.input_ids, attention_mask=batch.attention_mask, use_cache=False)
+    return trace
 
 
 def _prefix_cache(
