@@ -15,9 +15,10 @@ Each setting is written to OUT/lambdaL_rectK.json, in ``editserve eval``'s shape
 ``bench/table.py`` reads it. Records missing from ``--record-cache`` are computed first, 16 facts
 per batched z* optimisation (about 20 min for 1,000 on 2 cores).
 
-``--layers`` edits more blocks below the default last one with the same records: z* is optimised
-at the last edited block alone, so it does not change; the added blocks' keys are computed on W0
-(one forward pass) and C0 for them is computed or loaded from the cache. Files are then named
+``--layers A-B`` edits other blocks. Ending at the default last block, the default records serve:
+z* is optimised at the last edited block alone, so it does not change, and the added blocks' keys
+are computed on W0 (one forward pass). Ending elsewhere, records of their own are computed (z* at
+block B). C0 for new blocks is computed or loaded from the cache. Files are then named
 OUT/layersA-B_lambdaL_rectK.json.
 """
 
@@ -68,9 +69,7 @@ def main() -> int:
     parser.add_argument(
         "--check", type=int, default=130, help="first check replay = installs on this many"
     )
-    parser.add_argument(
-        "--layers", default=None, help="edited blocks FIRST-LAST, ending at the default last one"
-    )
+    parser.add_argument("--layers", default=None, help="edited blocks FIRST-LAST")
     parser.add_argument("--out", type=Path, default=Path("bench/results/sweep-replay"))
     args = parser.parse_args()
     base = EditHparams()
@@ -78,23 +77,23 @@ def main() -> int:
     if args.layers:
         first, _, last = args.layers.partition("-")
         layers = tuple(range(int(first), int(last or first) + 1))
-        if layers[-1] != base.last_layer:
-            parser.error(f"--layers must end at block {base.last_layer}, where the records' z* is")
     hp0 = base.with_(layers=layers)
+    # The records' own settings: the default ones wherever their z* (at the last block) serves.
+    recorded = base if layers[-1] == base.last_layer else hp0
 
     facts_file = args.facts or find_dataset("counterfact", "counterfact-train.json")
     facts = load_facts(facts_file, args.limit)
     marks = sorted({int(n) for n in args.checkpoints.split(",") if n.strip()} | {len(facts)})
     settings = [tuple(float(x) for x in pair.split(":")) for pair in args.settings.split(",")]
     lm = load_model(DEFAULT_MODEL)
-    editor = Editor(lm, base, "d4s", cache_dir=default_cache_dir())
+    editor = Editor(lm, recorded, "d4s", cache_dir=default_cache_dir())
     cache = RecordCache(args.record_cache, editor)
     steps = [[fact] for fact in facts]
     fill_cache(editor, cache, steps, zstar_batch=16, progress=True)
     records = [record for step in steps if (record := cache.get(step)) is not None]
     if len(records) != len(steps):
         raise RuntimeError("a record is missing from the cache after filling it")
-    if layers != base.layers:
+    if layers != recorded.layers:
         editor = Editor(lm, hp0, "d4s", cache_dir=default_cache_dir())
         records = _with_keys(lm, hp0, records)
     c0 = editor.method.c0

@@ -13,8 +13,9 @@ import sys
 from pathlib import Path
 
 from editing.editor import Editor
-from editing.evaluate import find_dataset, run_sequential, write_atomically
+from editing.evaluate import find_dataset, run_sequential
 from editing.facts import Fact, load_facts
+from editing.files import write_atomically
 from editing.hparams import EditHparams
 from editing.methods import METHODS
 from editing.models import DEFAULT_MODEL, default_cache_dir, load_model

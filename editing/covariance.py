@@ -11,11 +11,12 @@ import logging
 from pathlib import Path
 
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file, save
 from tqdm import tqdm
 
 from editing import corpus
 from editing.adapters import adapter_for
+from editing.files import write_atomically
 from editing.models import LoadedModel
 from editing.tracing import Trace, instrument
 
@@ -76,9 +77,8 @@ def covariance(
             result[layer] = c0
             if folder is not None:
                 folder.mkdir(parents=True, exist_ok=True)
-                tmp = folder / f"layer{layer}.partial"
-                save_file({"c0": c0.cpu().contiguous()}, str(tmp))
-                tmp.rename(folder / f"layer{layer}.safetensors")
+                blob = save({"c0": c0.cpu().contiguous()})
+                write_atomically(folder / f"layer{layer}.safetensors", blob)
     return result
 
 

@@ -22,6 +22,7 @@ from editing import corpus, metrics
 from editing.covariance import model_fingerprint
 from editing.editor import Editor
 from editing.facts import Fact
+from editing.files import write_atomically
 from editing.models import LoadedModel
 from editing.records import DeltaRecord
 
@@ -39,14 +40,6 @@ def find_dataset(name: str, filename: str) -> Path:
         f"no {name} dataset found at ../shared/data/{name}/{filename}; "
         f"pass the file's path with --facts"
     )
-
-
-def write_atomically(path: Path, data: bytes) -> None:
-    """Write ``data`` to ``path`` through a ``.partial`` file, so that a killed run never
-    leaves a half-written file under the real name."""
-    tmp = path.with_suffix(".partial")
-    tmp.write_bytes(data)
-    tmp.rename(path)
 
 
 class RecordCache:
