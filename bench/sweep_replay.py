@@ -151,6 +151,8 @@ def _with_keys(lm: LoadedModel, hp: EditHparams, records: list[DeltaRecord]) -> 
     """``records`` with keys at every block of ``hp.layers``: the missing ones computed on the
     model as it is (W0: nothing is installed yet), 64 facts to a forward pass."""
     missing = tuple(layer for layer in hp.layers if layer not in records[0].keys)
+    if not missing:  # fewer blocks than the records': their keys are all there
+        return records
     out: list[DeltaRecord] = []
     for i in range(0, len(records), 64):
         chunk = records[i : i + 64]
