@@ -18,14 +18,14 @@ from pathlib import Path
 import torch
 
 from editing.covariance import covariance
+from editing.hparams import parse_layers
 from editing.models import default_cache_dir, load_model
 from editing.records import DeltaRecord
 
 
 def main() -> None:
     folder = Path(sys.argv[1])
-    first, _, last = (sys.argv[2] if len(sys.argv) > 2 else "3-7").partition("-")
-    layers = list(range(int(first), int(last) + 1))
+    layers = list(parse_layers(sys.argv[2] if len(sys.argv) > 2 else "3-7"))
     lm = load_model()
     c0 = covariance(lm, layers, cache_dir=default_cache_dir(), progress=False)
     records = [DeltaRecord.from_bytes(p.read_bytes()) for p in folder.rglob("*.safetensors")]

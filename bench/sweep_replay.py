@@ -44,7 +44,7 @@ from editing.evaluate import (
     measure_unedited,
 )
 from editing.facts import Fact, load_facts
-from editing.hparams import EditHparams
+from editing.hparams import EditHparams, parse_layers
 from editing.models import DEFAULT_MODEL, LoadedModel, default_cache_dir, load_model
 from editing.records import DeltaRecord
 from editing.zstar import compute_keys
@@ -73,10 +73,7 @@ def main() -> int:
     parser.add_argument("--out", type=Path, default=Path("bench/results/sweep-replay"))
     args = parser.parse_args()
     base = EditHparams()
-    layers = base.layers
-    if args.layers:
-        first, _, last = args.layers.partition("-")
-        layers = tuple(range(int(first), int(last or first) + 1))
+    layers = parse_layers(args.layers) if args.layers else base.layers
     hp0 = base.with_(layers=layers)
     # The records' own settings: the default ones wherever their z* (at the last block) serves.
     recorded = base if layers[-1] == base.last_layer else hp0
@@ -109,13 +106,12 @@ def main() -> int:
 
     if args.check:
         # The claim this sweep rests on: replay gives the weights of one-at-a-time installs.
-        hp = hp0
-        one_by_one = Editor(lm, hp, "d4s", c0=c0)
+        one_by_one = Editor(lm, hp0, "d4s", c0=c0)
         for record in records[: args.check]:
             one_by_one.install(record)
         installed = one_by_one.digest()
         one_by_one.replay([])
-        replayed = Editor(lm, hp, "d4s", c0=c0)
+        replayed = Editor(lm, hp0, "d4s", c0=c0)
         replayed.replay(records[: args.check])
         same = replayed.digest() == installed
         replayed.replay([])

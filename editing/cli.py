@@ -16,7 +16,7 @@ from editing.editor import Editor
 from editing.evaluate import find_dataset, run_sequential
 from editing.facts import Fact, load_facts
 from editing.files import write_atomically
-from editing.hparams import EditHparams
+from editing.hparams import EditHparams, parse_layers
 from editing.methods import METHODS
 from editing.models import DEFAULT_MODEL, default_cache_dir, load_model
 
@@ -89,8 +89,7 @@ def _hparams(args: argparse.Namespace) -> EditHparams:
         "v_steps": args.steps,
     }
     if args.layers:
-        first, _, last = args.layers.partition("-")
-        changes["layers"] = tuple(range(int(first), int(last or first) + 1))
+        changes["layers"] = parse_layers(args.layers)
     return EditHparams().with_(**changes)
 
 

@@ -14,6 +14,12 @@ from dataclasses import asdict, dataclass, replace
 DEFAULT_PREFIXES = ("", "Here is a fact. ", "I read this today. ", "Notes: ")
 
 
+def parse_layers(text: str) -> tuple[int, ...]:
+    """Blocks written ``FIRST-LAST`` (or one block, ``N``) as the consecutive run they name."""
+    first, _, last = text.partition("-")
+    return tuple(range(int(first), int(last or first) + 1))
+
+
 @dataclass(frozen=True)
 class EditHparams:
     """How edits are computed and installed.

@@ -107,7 +107,7 @@ def compute_zstar(
     instrument(lm.model, adapter_for(lm.model))
     batch = _build_batch(lm.tokenizer, facts, hp.context_prefixes, lm.device)
     last = hp.last_layer
-    trace = _first_pass(lm, batch, hp.layers, weights, capture_block=last)
+    trace = _first_pass(lm, batch, hp.layers, weights, capture_last=True)
     assert trace.block_output is not None
     cached = trace.block_output.detach().float()
     keys = {layer: _mean_keys(trace.inputs[layer], batch, len(facts)) for layer in hp.layers}
@@ -190,7 +190,7 @@ def compute_keys(
     edited one, whose z* (computed at the last layer alone) is unchanged by them."""
     instrument(lm.model, adapter_for(lm.model))
     batch = _build_batch(lm.tokenizer, facts, hp.context_prefixes, lm.device)
-    trace = _first_pass(lm, batch, layers, None, capture_block=None)
+    trace = _first_pass(lm, batch, layers, None, capture_last=False)
     return {
         layer: _mean_keys(trace.inputs[layer], batch, len(facts)).float().cpu() for layer in layers
     }
@@ -201,15 +201,17 @@ def _first_pass(
     batch: _Batch,
     layers: tuple[int, ...],
     weights: dict[int, torch.Tensor] | None,
-    capture_block: int | None,
+    capture_last: bool,
 ) -> Trace:
-    """One pass without grad up to the highest of ``layers`` (or ``capture_block``), recording
-    the edited matrices' inputs at ``layers``; ``weights`` replaces those layers' weights."""
+    """One pass without grad up to the highest of ``layers``, recording the edited matrices'
+    inputs at ``layers`` and (``capture_last``) that block's output; ``weights`` replaces those
+    layers' weights."""
+    last = max(layers)
     trace = Trace(
         capture_inputs=frozenset(layers),
         weights=dict(weights or {}),
-        capture_block=capture_block,
-        stop_after=max(layers) if capture_block is None else capture_block,
+        capture_block=last if capture_last else None,
+        stop_after=last,
     )
     with torch.no_grad(), trace:
         lm.model(input_ids=batch.input_ids, attention_mask=batch.attention_mask, use_cache=False)
