@@ -89,10 +89,10 @@ def latencies(client: httpx.Client, count: int, n: int, until: threading.Event |
     return out
 
 
-def single_stream_tokens_per_s(client: httpx.Client, n: int) -> float:
-    """The server's tokens/s over the prompts one after another, ``n`` new tokens each."""
+def single_stream_tokens_per_s(client: httpx.Client, n: int, prompts: list[str] = PROMPTS) -> float:
+    """The server's tokens/s over ``prompts`` one after another, ``n`` new tokens each."""
     total_s = total_tokens = 0.0
-    for prompt in PROMPTS:
+    for prompt in prompts:
         s, t = generate(client, prompt, n)
         total_s, total_tokens = total_s + s, total_tokens + t
     return total_tokens / total_s
@@ -107,10 +107,10 @@ def baseline_model() -> LoadedModel:
     return lm
 
 
-def baseline_tokens_per_s(lm: LoadedModel, n: int) -> float:
-    """Plain transformers ``generate`` on the same prompts, greedy, one at a time."""
+def baseline_tokens_per_s(lm: LoadedModel, n: int, prompts: list[str] = PROMPTS) -> float:
+    """Plain transformers ``generate`` on ``prompts``, greedy, one at a time."""
     total_tokens, total_s = 0, 0.0
-    for prompt in PROMPTS:
+    for prompt in prompts:
         enc = lm.tokenizer(prompt, return_tensors="pt")
         start = time.perf_counter()
         with torch.inference_mode():

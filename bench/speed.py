@@ -6,8 +6,10 @@
   path (cached prefix keys and values) against the whole-row reference path;
 - ``generation``: single-stream tokens/s as a ratio to plain transformers ``generate`` (run here,
   with the server idle, in rounds interleaved with the server's), aggregate tokens/s with 1, 4
-  and 8 closed-loop clients and with 8 requests sent at once, p50/p99 latency idle; and the
-  batcher in this process (no HTTP) beside transformers' static batch of 8;
+  and 8 closed-loop clients, p50/p99 latency idle;
+- ``batcher``: where the batching gain goes: 8 requests sent at once to the server, the batcher
+  in this process (no HTTP), and transformers' own static batch of 8, each against its single
+  stream (diagnostics for the 8-client figure: ``make bench-full`` only);
 - ``burst``: 100 queued edits with batched z* (``--edit-batch 16``) against the first 30 of
   them one at a time (``--edit-batch 1``; edits/s compared), with ``/generate`` p50/p99 during
   each burst;
@@ -66,7 +68,7 @@ from service.editlog.sqlite import SqliteEditLog
 from service.generation import Batcher, Event, Finished, Job, SamplingParams
 from service.threads import on_own_thread
 
-SECTIONS = ("covariance", "edits", "zstar", "generation", "burst", "replay", "bf16")
+SECTIONS = ("covariance", "edits", "zstar", "generation", "batcher", "burst", "replay", "bf16")
 PHASES = ("keys", "zstar", "solve", "probes", "swap", "scores", "total")
 
 
@@ -166,6 +168,10 @@ def concurrent_tokens_per_s(url: str, clients: int, requests: int = 4, n: int = 
     return sum(counts) / (time.perf_counter() - start)
 
 
+# A single-stream round: these prompts one after another, 64 new tokens each (about 15 s here).
+ROUND_PROMPTS = PROMPTS[:4]
+
+
 def generation_figures(
     url: str, baseline: LoadedModel | None = None, rounds: int = 3
 ) -> dict[str, Any]:
@@ -181,9 +187,9 @@ def generation_figures(
     singles: list[float] = []
     baselines: list[float] = []
     for _ in range(rounds):
-        singles.append(single_stream_tokens_per_s(client, 64))
+        singles.append(single_stream_tokens_per_s(client, 64, ROUND_PROMPTS))
         if baseline is not None:
-            baselines.append(on_own_thread(baseline_tokens_per_s, baseline, 64))
+            baselines.append(on_own_thread(baseline_tokens_per_s, baseline, 64, ROUND_PROMPTS))
     single = statistics.median(singles)
     out: dict[str, Any] = {"single_stream_tokens_per_s": single, "single_stream_rounds": singles}
     if baseline is not None:
@@ -201,13 +207,6 @@ def generation_figures(
             "tokens_per_s": rate,
             "ratio_to_single_stream": rate / single,
         }
-    # The static-batch case: 8 requests sent together, one each, three times.
-    rates = [concurrent_tokens_per_s(url, 8, requests=1) for _ in range(3)]
-    out["eight_at_once"] = {
-        "tokens_per_s": statistics.median(rates),
-        "rounds": rates,
-        "ratio_to_single_stream": statistics.median(rates) / single,
-    }
     return out
 
 
@@ -368,13 +367,40 @@ def section_generation(args: argparse.Namespace) -> dict[str, Any]:
     finally:
         server.terminate()
         server.wait(30)
+    return out
+
+
+def section_batcher(args: argparse.Namespace) -> dict[str, Any]:
+    """The static-batch case through the server (8 requests sent together, one each, three
+    times), then the batcher without the server beside transformers' static batch of 8."""
+    url = f"http://127.0.0.1:{args.port}"
+    server = start_server(args.port)
+    try:
+        client = httpx.Client(base_url=url, timeout=600)
+        generate(client, PROMPTS[0], 8)  # warm-up
+        single = single_stream_tokens_per_s(client, 64)
+        rates = [concurrent_tokens_per_s(url, 8, requests=1) for _ in range(3)]
+    finally:
+        server.terminate()
+        server.wait(30)
+    baseline = on_own_thread(baseline_model)
     inside = in_process_figures(baseline)
+    inside["transformers_generate_tokens_per_s"] = on_own_thread(
+        baseline_tokens_per_s, baseline, 64
+    )
     inside["transformers_static_batch_of_8_ratio"] = (
         inside["transformers_static_batch_of_8_tokens_per_s"]
-        / out["transformers_generate_tokens_per_s"]
+        / inside["transformers_generate_tokens_per_s"]
     )
-    out["in_process"] = inside
-    return out
+    return {
+        "server_single_stream_tokens_per_s": single,
+        "eight_at_once": {
+            "tokens_per_s": statistics.median(rates),
+            "rounds": rates,
+            "ratio_to_single_stream": statistics.median(rates) / single,
+        },
+        "in_process": inside,
+    }
 
 
 def _sample(url: str, until: threading.Event, into: list[float]) -> None:

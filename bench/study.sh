@@ -9,7 +9,8 @@
 # live weights, ~3 s per edit; the d4s runs share W0-only z* records, computed once, 16 facts per
 # batched optimisation, ~1.2 s per fact).
 # Environment: COUNTERFACT, ZSRE (dataset paths), METHODS (a subset of the run names below),
-# ZSRE_N (0 skips zsRE).
+# ZSRE_N (0 skips zsRE), CHECKPOINTS (the N evaluated before the last, comma-separated; by
+# default those of 10, 100 and 500 below N; empty for the last N alone).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 N=${1:-1000}
@@ -23,7 +24,7 @@ for file in "$COUNTERFACT" "$ZSRE"; do
     [ -f "$file" ] || { echo "no dataset at $file: set COUNTERFACT / ZSRE" >&2; exit 2; }
 done
 mkdir -p "$OUT"
-checkpoints=$(for n in 10 100 500; do if [ "$n" -lt "$N" ]; then printf '%s,' "$n"; fi; done)
+checkpoints=${CHECKPOINTS-$(for n in 10 100 500; do if [ "$n" -lt "$N" ]; then printf '%s,' "$n"; fi; done)}
 
 args_for() {
     case $1 in
