@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -35,6 +37,19 @@ def start_server(
         time.sleep(0.2)
     server.kill()
     raise TimeoutError("the server did not become ready")
+
+
+@contextlib.contextmanager
+def running_server(
+    port: int, *flags: str, data_dir: Path | None = None, env: dict[str, str] | None = None
+) -> Iterator[subprocess.Popen[bytes]]:
+    """``start_server``'s process for the ``with`` block, terminated when the block ends."""
+    server = start_server(port, *flags, data_dir=data_dir, env=env)
+    try:
+        yield server
+    finally:
+        server.terminate()
+        server.wait(30)
 
 
 def write_result(path: Path, result: dict[str, Any], shown: dict[str, Any] | None = None) -> None:

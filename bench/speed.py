@@ -45,7 +45,7 @@ from typing import Any
 
 import httpx
 import torch
-from harness import start_server, write_result
+from harness import running_server, write_result
 from serve_bench import (
     PROMPTS,
     baseline_model,
@@ -239,8 +239,7 @@ def section_covariance(args: argparse.Namespace) -> dict[str, Any]:
 
 def section_edits(args: argparse.Namespace) -> dict[str, Any]:
     url = f"http://127.0.0.1:{args.port}"
-    server = start_server(args.port)
-    try:
+    with running_server(args.port) as server:
         client = httpx.Client(base_url=url, timeout=600)
         facts = counterfact_facts(args.single_edits + 1, offset=200)
         ids = [client.post("/edits", json=facts[0]).json()["id"]]
@@ -275,9 +274,6 @@ def section_edits(args: argparse.Namespace) -> dict[str, Any]:
             "revert_server_seconds_mean": revert_server / len(reverts),
             "server_rss_bytes": rss_bytes(server.pid),
         }
-    finally:
-        server.terminate()
-        server.wait(30)
 
 
 def in_process_figures(lm: LoadedModel, n: int = 64) -> dict[str, float]:
@@ -361,14 +357,10 @@ def section_zstar(args: argparse.Namespace) -> dict[str, Any]:
 
 def section_generation(args: argparse.Namespace) -> dict[str, Any]:
     url = f"http://127.0.0.1:{args.port}"
-    server = start_server(args.port)
-    baseline = on_own_thread(baseline_model)
-    try:
+    with running_server(args.port) as server:
+        baseline = on_own_thread(baseline_model)
         out = generation_figures(url, baseline=baseline)
         out["server_rss_bytes"] = rss_bytes(server.pid)
-    finally:
-        server.terminate()
-        server.wait(30)
     return out
 
 
@@ -376,15 +368,11 @@ def section_batcher(args: argparse.Namespace) -> dict[str, Any]:
     """The static-batch case through the server (8 requests sent together, one each, three
     times), then the batcher without the server beside transformers' static batch of 8."""
     url = f"http://127.0.0.1:{args.port}"
-    server = start_server(args.port)
-    try:
+    with running_server(args.port):
         client = httpx.Client(base_url=url, timeout=600)
         generate(client, PROMPTS[0], 8)  # warm-up
         single = single_stream_tokens_per_s(client, 64)
         rates = [concurrent_tokens_per_s(url, 8, requests=1) for _ in range(3)]
-    finally:
-        server.terminate()
-        server.wait(30)
     baseline = on_own_thread(baseline_model)
     inside = in_process_figures(baseline)
     inside["transformers_generate_tokens_per_s"] = on_own_thread(
@@ -418,10 +406,9 @@ def section_burst(args: argparse.Namespace) -> dict[str, Any]:
         ("one_at_a_time", "1", args.burst_one_at_a_time),
     ):
         url = f"http://127.0.0.1:{args.port}"
-        server = start_server(
+        with running_server(
             args.port, "--edit-batch", batch, env={"EDITSERVE_MAX_QUEUED_EDITS": "1000"}
-        )
-        try:
+        ) as server:
             client = httpx.Client(base_url=url, timeout=600)
             generate(client, PROMPTS[0], 8)
             done = threading.Event()
@@ -448,9 +435,6 @@ def section_burst(args: argparse.Namespace) -> dict[str, Any]:
                 },
                 "server_rss_bytes": rss_bytes(server.pid),
             }
-        finally:
-            server.terminate()
-            server.wait(30)
     out["speedup"] = out["batched"]["edits_per_s"] / out["one_at_a_time"]["edits_per_s"]
     return out
 
@@ -501,14 +485,10 @@ def section_replay(args: argparse.Namespace) -> dict[str, Any]:
     def time_to_ready(data: Path | None) -> tuple[float, float]:
         """Seconds to /ready, and the server's own start-up rebuild time."""
         start = time.perf_counter()
-        server = start_server(args.port, data_dir=data)
-        seconds = time.perf_counter() - start
-        try:
+        with running_server(args.port, data_dir=data):
+            seconds = time.perf_counter() - start
             client = httpx.Client(base_url=f"http://127.0.0.1:{args.port}", timeout=60)
             rebuild = metric_sums(client, "editserve_startup_replay_seconds")[""]
-        finally:
-            server.terminate()
-            server.wait(30)
         return seconds, rebuild
 
     time_to_ready(None)  # the first start records the probes' reference: not part of either
@@ -528,15 +508,11 @@ def section_replay(args: argparse.Namespace) -> dict[str, Any]:
 
 def section_bf16(args: argparse.Namespace) -> dict[str, Any]:
     url = f"http://127.0.0.1:{args.port}"
-    server = start_server(args.port, "--serve-dtype", "bfloat16")
-    try:
+    with running_server(args.port, "--serve-dtype", "bfloat16") as server:
         out = generation_figures(url)
         out["server_rss_bytes"] = rss_bytes(server.pid)
         client = httpx.Client(base_url=url, timeout=600)
         out["info"] = {k: client.get("/info").json()[k] for k in ("dtype", "edit_dtype")}
-    finally:
-        server.terminate()
-        server.wait(30)
 
     # Editing quality: the same 100 d4s edits, scored on the float32 weights and on a bfloat16
     # copy of them.
