@@ -5,7 +5,8 @@ DIR holds one ``editserve eval --out`` JSON per run (``bench/study.sh`` writes t
 - ``study.json``: every run's checkpoints, side by side;
 - ``table.md``: CounterFact at each N, and zsRE token accuracies;
 - ``score_vs_n.png``: Score against the number of edits, one line per method;
-- ``delta_vs_n.png``: mean |W - W0| (over the edited layers) against the number of edits.
+- ``delta_vs_n.png``: mean |W - W0| (over the edited layers) against the number of edits;
+- ``zsre_vs_n.png`` (where there are zsRE runs): reliability and locality against N.
 """
 
 from __future__ import annotations
@@ -99,7 +100,8 @@ def plot_scores(runs: dict[str, Any], path: Path) -> None:
         ax.plot([p["n_edits"] for p in points], [p["score"] for p in points], "o-", label=name)
     ax.set_xscale("log")
     ax.set_ylabel("Score (harmonic mean of efficacy,\nparaphrase and neighbourhood)")
-    _save(fig, ax, "CounterFact Score after N edits, SmolLM2-135M", path)
+    _style(ax, "CounterFact Score after N edits, SmolLM2-135M")
+    _save(fig, path)
 
 
 def plot_deltas(runs: dict[str, Any], path: Path) -> None:
@@ -110,15 +112,32 @@ def plot_deltas(runs: dict[str, Any], path: Path) -> None:
         ys = [_mean(p["mean_abs_delta"]) for p in trajectory]
         ax.plot(xs, ys, "-", label=name)
     ax.set_ylabel("mean |W - W0| over the edited layers")
-    _save(fig, ax, "Growth of the edit (D4S paper, fig. 1's picture)", path)
+    _style(ax, "Growth of the edit (D4S paper, fig. 1's picture)")
+    _save(fig, path)
 
 
-def _save(fig: Any, ax: Any, title: str, path: Path) -> None:
-    """The parts both plots share: the x label, title, grid and legend; write the PNG."""
+def plot_zsre(runs: dict[str, Any], path: Path) -> None:
+    fig, axes = plt.subplots(1, 2, figsize=(10, 4.2), sharey=True)
+    for ax, key in zip(axes, ("reliability", "locality"), strict=True):
+        for name, run in runs.items():
+            points = run["checkpoints"]
+            xs = [p["n_edits"] for p in points]
+            ax.plot(xs, [p["easyedit"].get(key) for p in points], "o-", label=name)
+        ax.set_xscale("log")
+        ax.set_ylabel(f"{key} (token accuracy)")
+        _style(ax, f"zsRE {key} after N edits")
+    _save(fig, path)
+
+
+def _style(ax: Any, title: str) -> None:
+    """What every plot's axes share: the x label, title, grid and legend."""
     ax.set_xlabel("sequential single edits (N)")
     ax.set_title(title)
     ax.grid(alpha=0.3)
     ax.legend()
+
+
+def _save(fig: Any, path: Path) -> None:
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)
@@ -139,6 +158,8 @@ def main() -> None:
     if counterfact:
         plot_scores(counterfact, folder / "score_vs_n.png")
         plot_deltas(counterfact, folder / "delta_vs_n.png")
+    if zsre:
+        plot_zsre(zsre, folder / "zsre_vs_n.png")
     print("\n".join(lines))
 
 
