@@ -2,6 +2,8 @@
 
 - ``covariance``: computing C0 from scratch (200k tokens, the server's default);
 - ``edits``: edit latency by phase (single edits, warm) and revert latency;
+- ``solve``: the update's five float64 solves in this process, by Cholesky (what the service
+  runs) against LU (``make bench-full`` only);
 - ``zstar``: z* in this process for 16 CounterFact facts, batched and one at a time, on the fast
   path (cached prefix keys and values) against the whole-row reference path;
 - ``generation``: single-stream tokens/s as a ratio to plain transformers ``generate`` (run here,
@@ -19,7 +21,8 @@
 - ``bf16``: the generation figures with the served weights in bfloat16 (edits still computed in
   float32), and the editing quality the bfloat16 weights keep after 100 edits.
 
-Resident memory is read from each server process. Every figure is labelled with the hardware.
+Resident memory is read from each server process. Every section is labelled with the hardware
+and with a calibration taken just before it (matrix-product GFLOP/s and matrix-vector GB/s).
 
     .venv/bin/python bench/speed.py [--only edits,burst] [--out bench/results/speed.json]
 
@@ -40,6 +43,7 @@ import sys
 import tempfile
 import threading
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -57,6 +61,7 @@ from serve_bench import (
 )
 
 from editing.covariance import cache_folder, covariance
+from editing.d4s import LayerSums, solve_update
 from editing.editor import Editor
 from editing.evaluate import RecordCache, find_dataset
 from editing.facts import load_facts
@@ -64,13 +69,23 @@ from editing.hparams import EditHparams
 from editing.metrics import counterfact_scores
 from editing.models import LoadedModel, default_cache_dir, load_model
 from editing.records import DeltaRecord
-from editing.zstar import compute_zstar
+from editing.zstar import compute_keys, compute_zstar
 from service.editlog.base import EditLog
 from service.editlog.sqlite import SqliteEditLog
 from service.generation import Batcher, Event, Finished, Job, SamplingParams
 from service.threads import on_own_thread
 
-SECTIONS = ("covariance", "edits", "zstar", "generation", "batcher", "burst", "replay", "bf16")
+SECTIONS = (
+    "covariance",
+    "edits",
+    "solve",
+    "zstar",
+    "generation",
+    "batcher",
+    "burst",
+    "replay",
+    "bf16",
+)
 PHASES = ("keys", "zstar", "solve", "probes", "swap", "scores", "total")
 
 
@@ -85,6 +100,28 @@ def hardware() -> str:
         pass
     gpu = f", {torch.cuda.get_device_name()}" if torch.cuda.is_available() else ""
     return f"{os.cpu_count()} x {cpu}{gpu} ({platform.machine()}), torch {torch.__version__}"
+
+
+def calibration(seconds: float = 1.0) -> dict[str, float]:
+    """Two figures of this host as it is now, for comparing runs whose hardware labels agree
+    (VMs of one CPU model have differed 1.6x here): float32 GFLOP/s of 1024 x 1024 matrix
+    products, and GB/s of float32 matrix-vector products over a 128 MB matrix, which, like
+    decoding, stream weights from memory. Each runs for about ``seconds``."""
+
+    def rate(step: Callable[[], object], work: float) -> float:
+        step()  # warm-up: thread pool, first-touch pages
+        count, started = 0, time.perf_counter()
+        while (elapsed := time.perf_counter() - started) < seconds:
+            step()
+            count += 1
+        return work * count / elapsed
+
+    a, b = torch.randn(1024, 1024), torch.randn(1024, 1024)
+    w, x = torch.randn(8192, 4096), torch.randn(4096)
+    return {
+        "matmul_gflop_per_s": rate(lambda: a @ b, 2 * 1024**3 / 1e9),
+        "matvec_gb_per_s": rate(lambda: w @ x, w.numel() * w.element_size() / 1e9),
+    }
 
 
 def rss_bytes(pid: int) -> int:
@@ -328,6 +365,55 @@ def in_process_figures(lm: LoadedModel, n: int = 64) -> dict[str, float]:
     }
 
 
+def section_solve(args: argparse.Namespace) -> dict[str, Any]:
+    """The update solve that every install, replay and revert runs, on its own: the five edited
+    layers' float64 systems (lambda C0 + S_KK) with 576 right-hand sides, by Cholesky
+    (``solve_update``, what the service runs) against an LU solve, in interleaved rounds. S_KK
+    and S_RK are of 64 CounterFact facts' real keys and random residuals (the values do not
+    change the time)."""
+    lm = load_model("smollm2-135m", device="cpu", dtype="float32")
+    hp = EditHparams()
+    c0 = covariance(lm, hp.layers, n_tokens=args.covariance_tokens, cache_dir=default_cache_dir())
+    facts = load_facts(find_dataset("counterfact", "counterfact-train.json"), 64)
+    keys = compute_keys(lm, facts, hp, hp.layers)
+    out_features = lm.model.config.hidden_size
+    generator = torch.Generator().manual_seed(0)
+    sums = {
+        layer: LayerSums.of(k, torch.randn(len(k), out_features, generator=generator))
+        for layer, k in keys.items()
+    }
+
+    def lu(layer: int) -> torch.Tensor:
+        system = hp.mom2_lambda * c0[layer].to(torch.float64) + sums[layer].kk
+        return torch.linalg.solve(system, sums[layer].rk.T).T
+
+    def cholesky(layer: int) -> torch.Tensor:
+        return solve_update(sums[layer], c0[layer], hp.mom2_lambda)
+
+    times: dict[str, list[float]] = {"lu": [], "cholesky": []}
+    for _ in range(6):
+        for name, solve in (("lu", lu), ("cholesky", cholesky)):
+            start = time.perf_counter()
+            for layer in hp.layers:
+                solve(layer)
+            times[name].append(time.perf_counter() - start)
+    differences = [
+        float((lu(layer) - cholesky(layer)).abs().max() / lu(layer).abs().max())
+        for layer in hp.layers
+    ]
+    # The first round of each warms its code paths.
+    lu_s, cholesky_s = (statistics.median(times[name][1:]) for name in ("lu", "cholesky"))
+    return {
+        "layers": list(hp.layers),
+        "right_hand_sides": out_features,
+        "lu_five_layers_s": lu_s,
+        "cholesky_five_layers_s": cholesky_s,
+        "lu_over_cholesky": lu_s / cholesky_s,
+        "max_relative_difference": max(differences),
+        "rounds": times,
+    }
+
+
 def section_zstar(args: argparse.Namespace) -> dict[str, Any]:
     """z* alone: the fast path against whole rows, batched and one at a time (same facts)."""
     lm, hp = load_model(), EditHparams()
@@ -562,11 +648,13 @@ def main() -> int:
     result["torch_threads"] = torch.get_num_threads()
     for name in args.only.split(","):
         print(f"== {name}", file=sys.stderr)
+        calibrated = on_own_thread(calibration)
         started = time.perf_counter()
         # Each section on a thread of its own: a section's torch work must not leave this
         # process an OpenMP pool that slows the next section's in-process figures.
         result[name] = on_own_thread(globals()[f"section_{name}"], args)
         result[name]["hardware"] = result["hardware"]
+        result[name]["calibration"] = calibrated
         result[name]["section_seconds"] = time.perf_counter() - started
         write_result(args.out, result, shown={name: result[name]})
     return 0

