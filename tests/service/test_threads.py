@@ -31,6 +31,19 @@ def _settled(expected: int, timeout: float = 5.0) -> int:
     return _os_threads()
 
 
+def _steady(quiet: float = 0.5, timeout: float = 10.0) -> int:
+    """The OS thread count once it has not changed for ``quiet`` seconds: threads that earlier
+    tests left winding down (servers, clients, their pools) would otherwise move it while this
+    test counts (the full suite once saw one leave during the count)."""
+    deadline = time.monotonic() + timeout
+    count, since = _os_threads(), time.monotonic()
+    while time.monotonic() < deadline and time.monotonic() - since < quiet:
+        time.sleep(0.02)
+        if (now := _os_threads()) != count:
+            count, since = now, time.monotonic()
+    return count
+
+
 def test_work_runs_on_another_thread_and_its_exception_reaches_the_caller() -> None:
     seen: list[int] = []
     on_own_thread(lambda out: out.append(threading.get_ident()), seen)
@@ -45,7 +58,7 @@ def test_work_runs_on_another_thread_and_its_exception_reaches_the_caller() -> N
 
 @pytest.mark.skipif(torch.get_num_threads() < 2, reason="needs torch with 2+ intra-op threads")
 def test_the_openmp_pool_of_the_work_leaves_with_it() -> None:
-    before = _os_threads()
+    before = _steady()
     # The mechanism: a thread that lives on after a parallel op keeps a pool of OpenMP threads.
     done, release = threading.Event(), threading.Event()
 
