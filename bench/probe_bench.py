@@ -22,7 +22,7 @@ from pathlib import Path
 from typing import Any
 
 import httpx
-from harness import start_server, write_result
+from harness import running_server, write_result
 from prometheus_client.parser import text_string_to_metric_families
 
 from editing.evaluate import find_dataset
@@ -74,8 +74,7 @@ def main() -> int:
     result: dict[str, Any] = {}
 
     # 1. the probe pass's share of each edit
-    server = start_server(args.port)
-    try:
+    with running_server(args.port):
         client = httpx.Client(base_url=url, timeout=300)
         # Before any edit the served weights are W0: their mean |W| is mean |W0|.
         w0_mean = {
@@ -113,9 +112,6 @@ def main() -> int:
             "max_probe_share": max(e["probe_share"] for e in per_edit),
             "per_edit": per_edit,
         }
-    finally:
-        server.terminate()
-        server.wait(60)
 
     # 2. the guardrail: a growth cap twice the largest single-edit growth of phase 1
     growths, previous = [], {layer: 0.0 for layer in w0_mean}
@@ -124,8 +120,7 @@ def main() -> int:
         growths.append(max((delta[k] - previous[k]) / w0_mean[k] for k in delta))
         previous = delta
     cap = float(f"{2 * max(growths):.2g}")
-    server = start_server(args.port, "--guard-max-delta-growth", str(cap))
-    try:
+    with running_server(args.port, "--guard-max-delta-growth", str(cap)):
         client = httpx.Client(base_url=url, timeout=300)
         digest = client.get("/info").json()["weights_digest"]
         ordinary = apply(client, facts[args.edits])
@@ -155,9 +150,6 @@ def main() -> int:
                 and dict(labels)["action"] == "reject"
             },
         }
-    finally:
-        server.terminate()
-        server.wait(60)
     write_result(args.out, result)
     return 0
 

@@ -20,16 +20,18 @@ lag starts once the record is stored, so z* time does not enter it, and 50 edits
 from __future__ import annotations
 
 import argparse
+import contextlib
 import socket
 import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import httpx
-from harness import start_server, write_result
+from harness import running_server, write_result
 from serve_bench import percentile
 from speed import _records, counterfact_facts, fill_log, hardware
 
@@ -52,27 +54,49 @@ def main() -> int:
     parser.add_argument("--v-steps", type=int, default=5, help="z* steps per edit")
     parser.add_argument("--out", type=Path, default=Path("bench/results/replicas.json"))
     args = parser.parse_args()
-    port = free_port()
-    redis_dir = tempfile.mkdtemp(prefix="editserve-redis-")
-    redis = subprocess.Popen(
-        ["redis-server", "--port", str(port), "--save", "", "--dir", redis_dir],
-        stdout=subprocess.DEVNULL,
-    )
-    url = f"redis://127.0.0.1:{port}/0"
+    url = f"redis://127.0.0.1:{(port := free_port())}/0"
     result: dict[str, Any] = {
         "hardware": hardware(),
         "threads_per_server": args.threads,
         "v_steps": args.v_steps,
     }
     env = {"OMP_NUM_THREADS": str(args.threads), "EDITSERVE_V_STEPS": str(args.v_steps)}
-    servers: list[subprocess.Popen[bytes]] = []
+    with redis_server(port):
+        result["convergence"] = convergence(url, args.edits, env)
+        result["catch_up"] = catch_up(url, args.late_edits)
+    write_result(args.out, result)
+    return 0
+
+
+@contextlib.contextmanager
+def redis_server(port: int) -> Iterator[None]:
+    """A redis-server of this benchmark's own on ``port``, keeping nothing on disk, for the
+    ``with`` block."""
+    redis = subprocess.Popen(
+        ["redis-server", "--port", str(port), "--save", "", "--dir", tempfile.mkdtemp()],
+        stdout=subprocess.DEVNULL,
+    )
     try:
-        time.sleep(0.5)
+        deadline = time.time() + 10
+        while time.time() < deadline:
+            with contextlib.suppress(OSError), socket.create_connection(("127.0.0.1", port)):
+                break
+            time.sleep(0.1)
+        yield
+    finally:
+        redis.terminate()
+        redis.wait(10)
+
+
+def convergence(url: str, edits: int, env: dict[str, str]) -> dict[str, Any]:
+    """``edits`` edits posted to 3 replicas in turn; how long each takes to reach them all."""
+    with contextlib.ExitStack() as stack:
         ports = [free_port() for _ in range(3)]
         for p in ports:  # one at a time: three cold starts at once would fight for 2 cores
-            servers.append(start_server(p, "--redis-url", url, "--redis-prefix", "conv", env=env))
+            flags = ("--redis-url", url, "--redis-prefix", "conv")
+            stack.enter_context(running_server(p, *flags, env=env))
         clients = [httpx.Client(base_url=f"http://127.0.0.1:{p}", timeout=600) for p in ports]
-        facts = counterfact_facts(args.edits, offset=2000)
+        facts = counterfact_facts(edits, offset=2000)
         lags, totals = [], []
         for i, fact in enumerate(facts):
             posted = time.perf_counter()
@@ -98,7 +122,7 @@ def main() -> int:
             print(f"edit {i + 1}: applied +{lags[-1]:.2f} s later everywhere", file=sys.stderr)
         infos = [c.get("/info").json() for c in clients]
         digests = {info["weights_digest"] for info in infos}
-        result["convergence"] = {
+        return {
             "replicas": 3,
             "edits": len(lags),
             "applied_to_all_replicas_s": {"p50": percentile(lags, 50), "p99": percentile(lags, 99)},
@@ -112,37 +136,28 @@ def main() -> int:
                 for info in infos
             ],
         }
-        for server in servers:
-            server.terminate()
-            server.wait(30)
-        servers.clear()
 
-        # A log with 1,000 edits, and a replica started on it.
-        lm = load_model("smollm2-135m", device="cpu", dtype="float32")
-        editor = Editor(lm, cache_dir=default_cache_dir(), progress=False)
-        records, origin = _records(editor, args.late_edits)
-        del editor, lm
-        fill_log(RedisEditLog(url, "late"), records)
-        timings = {}
-        for prefix in ("empty", "late"):
-            start = time.perf_counter()
-            server = start_server(free_port(), "--redis-url", url, "--redis-prefix", prefix)
+
+def catch_up(url: str, late_edits: int) -> dict[str, Any]:
+    """A replica started on a log that already holds ``late_edits`` edits: its time to ready,
+    against a start on an empty log."""
+    lm = load_model("smollm2-135m", device="cpu", dtype="float32")
+    editor = Editor(lm, cache_dir=default_cache_dir(), progress=False)
+    records, origin = _records(editor, late_edits)
+    del editor, lm
+    fill_log(RedisEditLog(url, "late"), records)
+    timings = {}
+    for prefix in ("empty", "late"):
+        start = time.perf_counter()
+        with running_server(free_port(), "--redis-url", url, "--redis-prefix", prefix):
             timings[prefix] = time.perf_counter() - start
-            server.terminate()
-            server.wait(30)
-        result["catch_up"] = {
-            "edits_in_log": len(records),
-            "records": origin,
-            "ready_s_empty_log": timings["empty"],
-            "ready_s_with_log": timings["late"],
-            "catch_up_s": timings["late"] - timings["empty"],
-        }
-    finally:
-        for server in servers:
-            server.terminate()
-        redis.terminate()
-    write_result(args.out, result)
-    return 0
+    return {
+        "edits_in_log": len(records),
+        "records": origin,
+        "ready_s_empty_log": timings["empty"],
+        "ready_s_with_log": timings["late"],
+        "catch_up_s": timings["late"] - timings["empty"],
+    }
 
 
 if __name__ == "__main__":

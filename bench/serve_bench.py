@@ -20,7 +20,7 @@ from pathlib import Path
 
 import httpx
 import torch
-from harness import start_server, write_result
+from harness import running_server, write_result
 
 from editing.models import LoadedModel, load_model
 
@@ -127,10 +127,9 @@ def main() -> int:
     parser.add_argument("--out", type=Path, default=Path("bench/results/serve.json"))
     args = parser.parse_args()
 
-    server = start_server(args.port, "--device", "cpu")
     url = f"http://127.0.0.1:{args.port}"
     result: dict[str, object] = {"torch_threads": torch.get_num_threads()}
-    try:
+    with running_server(args.port, "--device", "cpu"):
         client = httpx.Client(base_url=url, timeout=300)
         info = client.get("/info").json()
         result["server"] = {k: info[k] for k in ("model", "device", "dtype", "method")}
@@ -198,9 +197,6 @@ def main() -> int:
             "tokens_per_s": sum(counts) / wall,
             "ratio_to_single_stream": sum(counts) / wall / result["single_stream_tokens_per_s"],
         }
-    finally:
-        server.terminate()
-        server.wait(30)
     write_result(args.out, result)
     return 0
 
