@@ -61,7 +61,7 @@ from serve_bench import (
 )
 
 from editing.covariance import cache_folder, covariance
-from editing.d4s import LayerSums, solve_update
+from editing.d4s import LayerSums, solve_update, update_system
 from editing.editor import Editor
 from editing.evaluate import RecordCache, find_dataset
 from editing.facts import load_facts
@@ -384,7 +384,7 @@ def section_solve(args: argparse.Namespace) -> dict[str, Any]:
     }
 
     def lu(layer: int) -> torch.Tensor:
-        system = hp.mom2_lambda * c0[layer].to(torch.float64) + sums[layer].kk
+        system = update_system(sums[layer], c0[layer], hp.mom2_lambda)
         return torch.linalg.solve(system, sums[layer].rk.T).T
 
     def cholesky(layer: int) -> torch.Tensor:
@@ -397,10 +397,10 @@ def section_solve(args: argparse.Namespace) -> dict[str, Any]:
             for layer in hp.layers:
                 solve(layer)
             times[name].append(time.perf_counter() - start)
-    differences = [
-        float((lu(layer) - cholesky(layer)).abs().max() / lu(layer).abs().max())
-        for layer in hp.layers
-    ]
+    differences = []
+    for layer in hp.layers:
+        reference = lu(layer)
+        differences.append(float((reference - cholesky(layer)).abs().max() / reference.abs().max()))
     # The first round of each warms its code paths.
     lu_s, cholesky_s = (statistics.median(times[name][1:]) for name in ("lu", "cholesky"))
     return {

@@ -56,16 +56,22 @@ def residual_share(residual: torch.Tensor, position: int, n_layers: int) -> torc
     return residual / (n_layers - position)
 
 
+def update_system(sums: LayerSums, c0: torch.Tensor, lam: float) -> torch.Tensor:
+    """lambda * C0 + S_KK, float64: the matrix every update solves against."""
+    return lam * c0.to(torch.float64) + sums.kk
+
+
 def solve_update(sums: LayerSums, c0: torch.Tensor, lam: float) -> torch.Tensor:
     """dW = S_RK (lambda * C0 + S_KK)^-1, ``out x in`` float64, via a solve (never an inverse).
 
     The system is symmetric positive definite (lambda > 0, C0 a second moment of full rank, S_KK a
     Gram matrix), so a Cholesky factorisation solves it: half the factorisation work of LU, and
-    about a fifth less time for a whole 1536 x 1536 solve with 576 right-hand sides. Where the
+    1.15x faster for the five 1536 x 1536 solves with 576 right-hand sides on a 2-core EPYC
+    (``bench/speed.py --only solve``). Where the
     factorisation fails (C0 singular in floating point), an LU solve does the work. Every path
     (install, replay, revert) comes here, so replicas still get the same bits.
     """
-    system = lam * c0.to(torch.float64) + sums.kk
+    system = update_system(sums, c0, lam)
     # The system is symmetric, so dW^T = system^-1 S_RK^T.
     factor, info = torch.linalg.cholesky_ex(system)
     if int(info) != 0:

@@ -114,11 +114,11 @@ def _editable(records: list[dict[str, Any]], target: str, path: str | Path) -> l
     """The records that ask for an edit: those whose new answer (field ``target``) is blank
     cannot be edited, and are left out with a warning naming their indices (zsRE's 1,000
     training records hold two, 534 and 723, whose ``alt`` is empty)."""
-    kept = [r for r in records if str(r.get(target) or "").strip()]
-    if len(kept) < len(records):
-        skipped = [i for i, r in enumerate(records) if not str(r.get(target) or "").strip()]
+    skipped = [i for i, r in enumerate(records) if not str(r.get(target) or "").strip()]
+    if skipped:
         log.warning("%s: %d records with no %s left out: %s", path, len(skipped), target, skipped)
-    return kept
+    left_out = set(skipped)
+    return [r for i, r in enumerate(records) if i not in left_out]
 
 
 def load_counterfact(path: str | Path, limit: int | None = None) -> list[Fact]:
