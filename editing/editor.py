@@ -227,10 +227,11 @@ class Editor:
         return change
 
     def plan_revert(self, record_id: str) -> Change:
-        remaining = [r for r in self._records if r.id != record_id]
-        if len(remaining) == len(self._records):
+        index = next((i for i, r in enumerate(self._records) if r.id == record_id), None)
+        if index is None:
             raise UnknownEditError(record_id)
-        return self._plan(remaining, self.method.rebuild(remaining))
+        remaining = [*self._records[:index], *self._records[index + 1 :]]
+        return self._plan(remaining, self.method.without(self._state, self._records, index))
 
     def commit(self, change: Change) -> None:
         for layer, weight in change.weights.items():

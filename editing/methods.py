@@ -19,7 +19,15 @@ from typing import Any, ClassVar
 
 import torch
 
-from editing.d4s import BLOCK_RECORDS, LayerSums, residual_share, solve_update
+from editing.d4s import (
+    BLOCK_RECORDS,
+    LOW_RANK_ROWS,
+    LayerSums,
+    prior_factor,
+    residual_share,
+    solve_low_rank,
+    solve_update,
+)
 from editing.hparams import EditHparams
 from editing.records import DeltaRecord
 from editing.rect import rect
@@ -56,6 +64,10 @@ class EditMethod(ABC):
             state = self.fold(state, record)
         return state
 
+    def without(self, state: State, records: list[DeltaRecord], index: int) -> State:
+        """The state of ``records`` less ``records[index]``; ``state`` is that of ``records``."""
+        return self.rebuild([*records[:index], *records[index + 1 :]])
+
     def state_bytes(self, state: State) -> int:
         return sum(t.numel() * t.element_size() for t in _tensors(state))
 
@@ -77,9 +89,27 @@ class D4S(EditMethod):
     name = "d4s"
     against_original = True
 
+    def __init__(
+        self, hp: EditHparams, c0: dict[int, torch.Tensor], w0: dict[int, torch.Tensor]
+    ) -> None:
+        super().__init__(hp, c0, w0)
+        # The factors of lambda * C0 for the low-rank solve, made on first use (the solve after
+        # the first edit): five 1536 x 1536 float64 factors are 94 MB a server may never need.
+        self._priors: dict[int, torch.Tensor | None] = {}
+
     def empty(self) -> State:
         # sums: the closed blocks' sums per layer; open: the records of the block being filled.
         return {"sums": {}, "open": (), "count": 0}
+
+    def without(self, state: State, records: list[DeltaRecord], index: int) -> State:
+        # A record of the open block leaves the closed blocks as they are: the same sums that a
+        # rebuild would add up again, without the rebuild.
+        first_open = state["count"] - len(state["open"])
+        if index < first_open:
+            return super().without(state, records, index)
+        i = index - first_open
+        open_block = (*state["open"][:i], *state["open"][i + 1 :])
+        return {"sums": state["sums"], "open": open_block, "count": state["count"] - 1}
 
     def fold(self, state: State, record: DeltaRecord) -> State:
         sums, open_block = state["sums"], (*state["open"], record)
@@ -90,10 +120,34 @@ class D4S(EditMethod):
     def update(self, state: State) -> dict[int, torch.Tensor]:
         if state["count"] == 0:
             return {}
+        rows = sum(len(record.residual) for record in state["open"])
+        if not state["sums"] and rows <= LOW_RANK_ROWS:
+            solved = self._solve_open(state["open"])
+        else:
+            solved = {
+                layer: solve_update(sums, self.c0[layer], self.hp.mom2_lambda)
+                for layer, sums in self._plus_block(state["sums"], state["open"]).items()
+            }
+        return {
+            layer: rect(dw.float(), self.w0[layer], self.hp.rect_keep)
+            for layer, dw in solved.items()
+        }
+
+    def _solve_open(self, block: tuple[DeltaRecord, ...]) -> dict[int, torch.Tensor]:
+        """dW per layer from the rows of ``block`` alone (no closed block): the low-rank solve."""
+        shares = [self._shares(record) for record in block]
         out = {}
-        for layer, sums in self._plus_block(state["sums"], state["open"]).items():
-            dw = solve_update(sums, self.c0[layer], self.hp.mom2_lambda).float()
-            out[layer] = rect(dw, self.w0[layer], self.hp.rect_keep)
+        for i, layer in enumerate(self.hp.layers):
+            keys = torch.cat([s[i][1] for s in shares])
+            residual = torch.cat([s[i][2] for s in shares])
+            if layer not in self._priors:
+                self._priors[layer] = prior_factor(self.c0[layer], self.hp.mom2_lambda)
+            prior = self._priors[layer]
+            out[layer] = (
+                solve_low_rank(keys, residual, prior)
+                if prior is not None
+                else solve_update(LayerSums.of(keys, residual), self.c0[layer], self.hp.mom2_lambda)
+            )
         return out
 
     def _plus_block(

@@ -1,6 +1,6 @@
 import torch
 
-from editing.d4s import LayerSums, residual_share, solve_update
+from editing.d4s import LayerSums, prior_factor, residual_share, solve_low_rank, solve_update
 
 
 def _random(n: int, d_in: int, d_out: int, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -32,6 +32,26 @@ def test_a_system_cholesky_refuses_is_still_solved() -> None:
     assert int(torch.linalg.cholesky_ex(system).info) != 0  # the fallback is what is tested
     expected = resid.T @ keys @ torch.linalg.inv(system)
     assert torch.allclose(solve_update(sums, c0, lam), expected, atol=1e-10)
+
+
+def test_the_low_rank_solve_is_the_same_update() -> None:
+    d_in, d_out, lam = 40, 6, 3.0
+    keys, resid = _random(5, d_in, d_out, 5)
+    g = torch.Generator().manual_seed(6)
+    a = torch.randn(d_in, d_in, generator=g, dtype=torch.float64)
+    c0 = a @ a.T / d_in + 0.1 * torch.eye(d_in, dtype=torch.float64)
+    prior = prior_factor(c0, lam)
+    assert prior is not None
+    expected = resid.T @ keys @ torch.linalg.inv(lam * c0 + keys.T @ keys)
+    low_rank = solve_low_rank(keys, resid, prior)
+    assert torch.allclose(low_rank, expected, atol=1e-10)
+    assert torch.allclose(low_rank, solve_update(LayerSums.of(keys, resid), c0, lam), atol=1e-10)
+
+
+def test_no_prior_factor_where_c0_is_not_positive_definite() -> None:
+    c0 = torch.diag(torch.tensor([1.0, -2.0, 3.0], dtype=torch.float64))
+    assert prior_factor(c0, 2.0) is None
+    assert prior_factor(c0.abs(), 2.0) is not None
 
 
 def test_sequential_sums_equal_one_batch() -> None:
