@@ -61,7 +61,7 @@ from serve_bench import (
 )
 
 from editing.covariance import cache_folder, covariance
-from editing.d4s import LayerSums, solve_update, update_system
+from editing.d4s import LayerSums, prior_factor, solve_low_rank, solve_update, update_system
 from editing.editor import Editor
 from editing.evaluate import RecordCache, find_dataset
 from editing.facts import load_facts
@@ -368,9 +368,11 @@ def in_process_figures(lm: LoadedModel, n: int = 64) -> dict[str, float]:
 def section_solve(args: argparse.Namespace) -> dict[str, Any]:
     """The update solve that every install, replay and revert runs, on its own: the five edited
     layers' float64 systems (lambda C0 + S_KK) with 576 right-hand sides, by Cholesky
-    (``solve_update``, what the service runs) against an LU solve, in interleaved rounds. S_KK
-    and S_RK are of 64 CounterFact facts' real keys and random residuals (the values do not
-    change the time)."""
+    (``solve_update``, what the service runs past one block) against an LU solve, in interleaved
+    rounds. S_KK and S_RK are of 64 CounterFact facts' real keys and random residuals (the values
+    do not change the time). Then the low-rank solve that serves within the first block, for a
+    range of rows around ``LOW_RANK_ROWS`` (random rows), against the Cholesky solve's time:
+    where it stops paying."""
     lm = load_model("smollm2-135m", device="cpu", dtype="float32")
     hp = EditHparams()
     c0 = covariance(lm, hp.layers, n_tokens=args.covariance_tokens, cache_dir=default_cache_dir())
@@ -403,7 +405,25 @@ def section_solve(args: argparse.Namespace) -> dict[str, Any]:
         differences.append(float((reference - cholesky(layer)).abs().max() / reference.abs().max()))
     # The first round of each warms its code paths.
     lu_s, cholesky_s = (statistics.median(times[name][1:]) for name in ("lu", "cholesky"))
+    priors = {layer: prior_factor(c0[layer], hp.mom2_lambda) for layer in hp.layers}
+    low_rank = {}
+    for rows in (1, 16, 64, 256, 512):
+        k, r = (
+            torch.randn(rows, keys[hp.layers[0]].shape[1], generator=generator),
+            torch.randn(rows, out_features, generator=generator),
+        )
+        rounds = []
+        for _ in range(4):
+            start = time.perf_counter()
+            for layer in hp.layers:
+                prior = priors[layer]
+                assert prior is not None
+                solve_low_rank(k, r, prior)
+            rounds.append(time.perf_counter() - start)
+        low_rank[str(rows)] = statistics.median(rounds[1:])
     return {
+        "low_rank_five_layers_s_by_rows": low_rank,
+        "cholesky_over_low_rank_by_rows": {n: cholesky_s / t for n, t in low_rank.items()},
         "layers": list(hp.layers),
         "right_hand_sides": out_features,
         "lu_five_layers_s": lu_s,
@@ -563,6 +583,17 @@ def section_replay(args: argparse.Namespace) -> dict[str, Any]:
     editor.replay(records)
     rebuild = time.perf_counter() - start
     state_bytes = editor.state_bytes()
+    # A revert's solve with all of them active (the server's revert is this plus the swap): the
+    # newest record is in the open block, so the closed blocks' sums stay; the oldest is in the
+    # first block, so every block is added up again.
+    revert_plan = {}
+    for name, record in (("newest", records[-1]), ("oldest", records[0])):
+        times = []
+        for _ in range(3):
+            start = time.perf_counter()
+            editor.plan_revert(record.id)
+            times.append(time.perf_counter() - start)
+        revert_plan[name] = statistics.median(times)
     del editor, lm
 
     data_dir = Path(tempfile.mkdtemp(prefix="editserve-replay-"))
@@ -584,6 +615,7 @@ def section_replay(args: argparse.Namespace) -> dict[str, Any]:
         "edits": len(records),
         "records": origin,
         "in_process_rebuild_seconds": rebuild,
+        "revert_plan_seconds": revert_plan,
         "server_ready_seconds_empty_log": empty,
         "server_ready_seconds_with_log": full,
         "ready_difference_seconds": full - empty,
