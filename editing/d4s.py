@@ -74,11 +74,11 @@ def solve_update(sums: LayerSums, c0: torch.Tensor, lam: float) -> torch.Tensor:
     """dW = S_RK (lambda * C0 + S_KK)^-1, ``out x in`` float64, via a solve (never an inverse).
 
     The system is symmetric positive definite (lambda > 0, C0 a second moment of full rank, S_KK a
-    Gram matrix), so a Cholesky factorisation solves it: half the factorisation work of LU, and
-    1.15x faster for the five 1536 x 1536 solves with 576 right-hand sides on a 2-core EPYC
-    (``bench/speed.py --only solve``). Where the
-    factorisation fails (C0 singular in floating point), an LU solve does the work. Every path
-    (install, replay, revert) comes here, so replicas still get the same bits.
+    Gram matrix), so a Cholesky factorisation solves it: half the factorisation work of LU. For the
+    five 1536 x 1536 solves with 576 right-hand sides that made it 1.15x faster than LU on a 2-core
+    EPYC but 0.78x on a 2-core Xeon (``bench/speed.py --only solve``): the host's LAPACK decides.
+    Where the factorisation fails (C0 singular in floating point), an LU solve does the work.
+    Every update past the first block comes here, so replicas still get the same bits.
     """
     system = update_system(sums, c0, lam)
     # The system is symmetric, so dW^T = system^-1 S_RK^T.
