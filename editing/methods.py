@@ -135,11 +135,8 @@ class D4S(EditMethod):
 
     def _solve_open(self, block: tuple[DeltaRecord, ...]) -> dict[int, torch.Tensor]:
         """dW per layer from the rows of ``block`` alone (no closed block): the low-rank solve."""
-        shares = [self._shares(record) for record in block]
         out = {}
-        for i, layer in enumerate(self.hp.layers):
-            keys = torch.cat([s[i][1] for s in shares])
-            residual = torch.cat([s[i][2] for s in shares])
+        for layer, (keys, residual) in self._stacked(block).items():
             if layer not in self._priors:
                 self._priors[layer] = prior_factor(self.c0[layer], self.hp.mom2_lambda)
             prior = self._priors[layer]
@@ -156,14 +153,21 @@ class D4S(EditMethod):
         """New per-layer sums: ``sums`` plus one stacked product of ``block``'s rows."""
         if not block:
             return sums
-        shares = [self._shares(record) for record in block]
         out = dict(sums)
-        for i, layer in enumerate(self.hp.layers):
-            added = LayerSums.of(
-                torch.cat([s[i][1] for s in shares]), torch.cat([s[i][2] for s in shares])
-            )
+        for layer, (keys, residual) in self._stacked(block).items():
+            added = LayerSums.of(keys, residual)
             out[layer] = out[layer] + added if layer in out else added
         return out
+
+    def _stacked(
+        self, block: tuple[DeltaRecord, ...]
+    ) -> dict[int, tuple[torch.Tensor, torch.Tensor]]:
+        """Per layer, ``block``'s keys and residual shares stacked row-wise (float64)."""
+        shares = [self._shares(record) for record in block]
+        return {
+            layer: (torch.cat([s[i][1] for s in shares]), torch.cat([s[i][2] for s in shares]))
+            for i, layer in enumerate(self.hp.layers)
+        }
 
 
 class MemitSeq(EditMethod):
