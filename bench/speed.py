@@ -583,9 +583,8 @@ def section_replay(args: argparse.Namespace) -> dict[str, Any]:
     editor.replay(records)
     rebuild = time.perf_counter() - start
     state_bytes = editor.state_bytes()
-    # A revert's solve with all of them active (the server's revert is this plus the swap): the
-    # newest record is in the open block, so the closed blocks' sums stay; the oldest is in the
-    # first block, so every block is added up again.
+    # A revert's solve with all of them active (the server's revert is this plus the swap). The
+    # exact sums make it one group's product whichever record goes; both ends are timed.
     revert_plan = {}
     for name, record in (("newest", records[-1]), ("oldest", records[0])):
         times = []

@@ -10,51 +10,169 @@ Per edited layer keep
 
 so the update is always recomputed from W0 and never piles onto earlier updates.
 
-The sums are accumulated in fixed blocks of ``BLOCK_RECORDS`` records: each full block adds one
-stacked product ``K_b^T K_b`` to the running sums, and the open (partial) block is multiplied out
-when an update is solved. A server folding one record at a time and a replica rebuilding the same
-records from the log therefore do the same float operations in the same order and get the same
-bits, and a rebuild costs one product per block instead of one 1536 x 1536 float64 sum per record
-(1,000 records: 22 s the per-record way on 2 cores).
+The sums are kept *exactly*: as whole numbers of fixed units (held in float64, exact below 2^53),
+so adding and subtracting are associative and a revert subtracts exactly what an install added,
+whatever happened in between.
+Records fall into ``GROUPS`` groups by a hash of their id; a group's rows are multiplied out in
+one stacked float64 product, rounded to the units (``ExactSums.of``), and the sums hold the total
+of those integer products. Installing or reverting a record recomputes only its own group's
+product, a rebuild computes each group's product once, and all of them reach the same integers:
+the weights are a function of the active records (and their order within a group) alone, so a
+server folding one record at a time and a replica rebuilding the same records from the log get
+the same bits. The units are powers of two tied to each layer's C0 and W0 (``SumUnits``), 2^-30 of
+their scale: far below float32's precision, with room for about 4 million rows of that scale
+(SmolLM2's CounterFact keys: about 400,000 facts; an edit past the room is refused).
 
-While no block is closed the records' keys are all at hand, and with few rows the same update is
-cheaper through the push-through identity (``solve_low_rank``) than through the ``in x in``
-factorisation; which of the two solves runs is a function of the records, so replicas agree.
+With few rows the same update is cheaper through the push-through identity (``solve_low_rank``)
+than through the ``in x in`` factorisation; which of the two solves runs is a function of the
+records, so replicas agree.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+import hashlib
+import math
+from dataclasses import dataclass, field
 
 import torch
 
-#: Records per accumulation block (see the module docstring). Part of the weights' definition:
-#: changing it changes the last bits of every update, so replicas must agree on it.
-BLOCK_RECORDS = 64
+from editing.facts import EditError
+
+#: Groups that the records' products are summed in (see the module docstring). An install or a
+#: revert recomputes one group's product, about 1 / GROUPS of the records; a rebuild makes one
+#: product per group. Part of the weights' definition: replicas must agree on it.
+GROUPS = 16
 
 #: Most key rows (facts) that ``solve_low_rank`` takes. On a 2-core Xeon it is 3.9x faster than
 #: the full solve at 256 rows and 1.7x at 512 (``bench/speed.py --only solve``); the margin is
-#: for hosts whose products are slower. Like ``BLOCK_RECORDS``, part of the weights' definition.
+#: for hosts whose products are slower. Like ``GROUPS``, part of the weights' definition.
 LOW_RANK_ROWS = 256
+
+#: The sums' units are 2^-UNIT_BITS of a layer's scale (``SumUnits``).
+UNIT_BITS = 30
+
+#: Largest magnitude a count may reach: the sum of two stays below 2^53, where float64 still
+#: holds every whole number.
+_LIMIT = 2.0**52
+
+
+class SumsOverflowError(EditError, ArithmeticError):
+    """An edit would take D4S's exact sums past what they hold exactly; nothing was changed."""
+
+
+def group_of(record_id: str) -> int:
+    """The group of a record: a hash of its id, the same in every process."""
+    digest = hashlib.sha256(record_id.encode()).digest()
+    return int.from_bytes(digest[:8], "little") % GROUPS
 
 
 @dataclass(frozen=True)
 class LayerSums:
-    """The running sums of one layer, in float64."""
+    """One layer's sums in float64: what a solve takes."""
 
     kk: torch.Tensor  # in x in
     rk: torch.Tensor  # out x in
 
     @classmethod
     def of(cls, keys: torch.Tensor, residual: torch.Tensor) -> LayerSums:
-        """The sums of one block of rows (keys ``n x in``, residual ``n x out``)."""
+        """The sums of some rows (keys ``n x in``, residual ``n x out``)."""
         k = keys.to(torch.float64)
         r = residual.to(k.device, torch.float64)
         return cls(kk=k.T @ k, rk=r.T @ k)
 
-    def __add__(self, other: LayerSums) -> LayerSums:
-        """New sums; neither operand is modified."""
-        return LayerSums(kk=self.kk + other.kk, rk=self.rk + other.rk)
+
+@dataclass(frozen=True)
+class SumUnits:
+    """The units of one layer's exact sums: powers of two, a function of C0 and W0 alone.
+
+    ``kk``: 2^-UNIT_BITS of the largest diagonal entry of C0 (the key's largest second moment).
+    ``rk``: 2^-UNIT_BITS of its square root times that of the layer's largest output second
+    moment on the same text, diag(W0 C0 W0^T).
+    """
+
+    kk: float
+    rk: float
+
+    @classmethod
+    def of(cls, c0: torch.Tensor, w0: torch.Tensor) -> SumUnits:
+        c = c0.to(torch.float64)
+        w = w0.to(c.device, torch.float64)
+        key_moment = float(c.diagonal().max())
+        out_moment = float(((w @ c) * w).sum(dim=1).max())
+        return cls(
+            kk=_power_of_two(key_moment) * 2.0**-UNIT_BITS,
+            rk=_power_of_two((key_moment * out_moment) ** 0.5) * 2.0**-UNIT_BITS,
+        )
+
+
+def _power_of_two(x: float) -> float:
+    """The power of two at or below ``x`` (1.0 where x is not a positive number)."""
+    if not 0.0 < x < math.inf:
+        return 1.0
+    return 2.0 ** (math.frexp(x)[1] - 1)
+
+
+@dataclass(frozen=True)
+class ExactSums:
+    """One layer's sums as whole counts of ``SumUnits`` (float64 tensors of whole numbers below
+    ``_LIMIT``): exact under addition and subtraction.
+
+    ``kk_bound`` and ``rk_bound`` bound the counts' magnitudes (at most ``_LIMIT``), so that an
+    add is checked against the exact range without a pass over the counts; the bound is made
+    tight again by one pass only when it reaches the limit.
+    """
+
+    kk: torch.Tensor  # in x in
+    rk: torch.Tensor  # out x in
+    kk_bound: float = field(default=_LIMIT, compare=False)
+    rk_bound: float = field(default=_LIMIT, compare=False)
+
+    @classmethod
+    def of(cls, keys: torch.Tensor, residual: torch.Tensor, units: SumUnits) -> ExactSums:
+        """The products of one group of rows (keys ``n x in``, residual ``n x out``), made in
+        float64 and rounded to the units."""
+        sums = LayerSums.of(keys, residual)
+        kk, kk_bound = _to_units(sums.kk, units.kk)
+        rk, rk_bound = _to_units(sums.rk, units.rk)
+        return cls(kk, rk, kk_bound, rk_bound)
+
+    def __add__(self, other: ExactSums) -> ExactSums:
+        return self._combined(other, +1)
+
+    def __sub__(self, other: ExactSums) -> ExactSums:
+        return self._combined(other, -1)
+
+    def _combined(self, other: ExactSums, sign: int) -> ExactSums:
+        # Both operands' counts are below _LIMIT = 2^52, so the result is exact (below 2^53).
+        kk, kk_bound = _checked(self.kk, other.kk, sign, self.kk_bound + other.kk_bound)
+        rk, rk_bound = _checked(self.rk, other.rk, sign, self.rk_bound + other.rk_bound)
+        return ExactSums(kk, rk, kk_bound, rk_bound)
+
+    def value(self, units: SumUnits) -> LayerSums:
+        """The sums in float64: the counts times the units, exactly (powers of two)."""
+        return LayerSums(kk=self.kk * units.kk, rk=self.rk * units.rk)
+
+
+def _to_units(x: torch.Tensor, unit: float) -> tuple[torch.Tensor, float]:
+    """``x`` (float64) rounded to whole counts of ``unit``, and a bound on their magnitude.
+    ``x`` is overwritten."""
+    scaled = x.mul_(1.0 / unit)  # in place (x is a fresh product); a power of two: exact
+    low, high = (float(v) for v in torch.aminmax(scaled))
+    if not -_LIMIT < low <= high < _LIMIT:  # NaN fails this too
+        raise SumsOverflowError("an edit's key or residual products exceed D4S's exact sums")
+    return scaled.round_(), max(-low, high) + 1.0
+
+
+def _checked(
+    a: torch.Tensor, b: torch.Tensor, sign: int, bound: float
+) -> tuple[torch.Tensor, float]:
+    """a + sign * b and a bound on it, refused where the result reaches the limit."""
+    out = a + b if sign > 0 else a - b
+    if bound >= _LIMIT:
+        bound = float(out.abs().max())
+        if bound >= _LIMIT:
+            raise SumsOverflowError("D4S's exact sums would overflow: too many or too large edits")
+    return out, bound
 
 
 def residual_share(residual: torch.Tensor, position: int, n_layers: int) -> torch.Tensor:
@@ -67,7 +185,7 @@ def residual_share(residual: torch.Tensor, position: int, n_layers: int) -> torc
 
 def update_system(sums: LayerSums, c0: torch.Tensor, lam: float) -> torch.Tensor:
     """lambda * C0 + S_KK, float64: the matrix every update solves against."""
-    return lam * c0.to(torch.float64) + sums.kk
+    return torch.add(sums.kk, c0.to(torch.float64), alpha=lam)
 
 
 def solve_update(sums: LayerSums, c0: torch.Tensor, lam: float) -> torch.Tensor:

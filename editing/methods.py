@@ -20,9 +20,11 @@ from typing import Any, ClassVar
 import torch
 
 from editing.d4s import (
-    BLOCK_RECORDS,
     LOW_RANK_ROWS,
+    ExactSums,
     LayerSums,
+    SumUnits,
+    group_of,
     prior_factor,
     residual_share,
     solve_low_rank,
@@ -93,50 +95,83 @@ class D4S(EditMethod):
         self, hp: EditHparams, c0: dict[int, torch.Tensor], w0: dict[int, torch.Tensor]
     ) -> None:
         super().__init__(hp, c0, w0)
+        self.units = {layer: SumUnits.of(self.c0[layer], w0[layer]) for layer in hp.layers}
         # The factors of lambda * C0 for the low-rank solve, made on first use (the solve after
         # the first edit): five 1536 x 1536 float64 factors are 94 MB a server may never need.
         self._priors: dict[int, torch.Tensor | None] = {}
 
     def empty(self) -> State:
-        # sums: the closed blocks' sums per layer; open: the records of the block being filled.
-        return {"sums": {}, "open": (), "count": 0}
-
-    def without(self, state: State, records: list[DeltaRecord], index: int) -> State:
-        # A record of the open block leaves the closed blocks as they are: the same sums that a
-        # rebuild would add up again, without the rebuild.
-        first_open = state["count"] - len(state["open"])
-        if index < first_open:
-            return super().without(state, records, index)
-        i = index - first_open
-        open_block = (*state["open"][:i], *state["open"][i + 1 :])
-        return {"sums": state["sums"], "open": open_block, "count": state["count"] - 1}
+        # sums: the exact sums of every active record, per layer; groups: the active records by
+        # group (see editing.d4s), each group in install order; rows: their facts in all.
+        return {"sums": {}, "groups": {}, "count": 0, "rows": 0}
 
     def fold(self, state: State, record: DeltaRecord) -> State:
-        sums, open_block = state["sums"], (*state["open"], record)
-        if len(open_block) == BLOCK_RECORDS:
-            sums, open_block = self._plus_block(sums, open_block), ()
-        return {"sums": sums, "open": open_block, "count": state["count"] + 1}
+        group = group_of(record.id)
+        members = state["groups"].get(group, ())
+        return self._regrouped(state, group, (*members, record), +1, len(record.residual))
+
+    def without(self, state: State, records: list[DeltaRecord], index: int) -> State:
+        # Only the record's own group changes: its product is made again without it.
+        record = records[index]
+        group = group_of(record.id)
+        members = tuple(r for r in state["groups"][group] if r.id != record.id)
+        return self._regrouped(state, group, members, -1, -len(record.residual))
+
+    def rebuild(self, records: list[DeltaRecord]) -> State:
+        groups: dict[int, tuple[DeltaRecord, ...]] = {}
+        for record in records:
+            group = group_of(record.id)
+            groups[group] = (*groups.get(group, ()), record)
+        sums: dict[int, ExactSums] = {}
+        for members in groups.values():
+            sums = _combined(sums, self._products(members), +1)
+        rows = sum(len(record.residual) for record in records)
+        return {"sums": sums, "groups": groups, "count": len(records), "rows": rows}
+
+    def _regrouped(
+        self, state: State, group: int, members: tuple[DeltaRecord, ...], count: int, rows: int
+    ) -> State:
+        """``state`` with ``group`` holding ``members``: the group's old product out, the new in."""
+        old = state["groups"].get(group, ())
+        sums = _combined(state["sums"], self._products(old), -1)
+        sums = _combined(sums, self._products(members), +1)
+        groups = {g: m for g, m in state["groups"].items() if g != group}
+        if members:
+            groups[group] = members
+        return {
+            "sums": sums,
+            "groups": groups,
+            "count": state["count"] + count,
+            "rows": state["rows"] + rows,
+        }
+
+    def state_bytes(self, state: State) -> int:
+        # The records in the groups are the editor's own (and the log's), not extra state.
+        return sum(t.numel() * t.element_size() for t in _tensors(state["sums"]))
 
     def update(self, state: State) -> dict[int, torch.Tensor]:
         if state["count"] == 0:
             return {}
-        rows = sum(len(record.residual) for record in state["open"])
-        if not state["sums"] and rows <= LOW_RANK_ROWS:
-            solved = self._solve_open(state["open"])
+        if state["rows"] <= LOW_RANK_ROWS:
+            solved = self._solve_low_rank(state)
         else:
             solved = {
-                layer: solve_update(sums, self.c0[layer], self.hp.mom2_lambda)
-                for layer, sums in self._plus_block(state["sums"], state["open"]).items()
+                layer: solve_update(
+                    sums.value(self.units[layer]), self.c0[layer], self.hp.mom2_lambda
+                )
+                for layer, sums in state["sums"].items()
             }
         return {
             layer: rect(dw.float(), self.w0[layer], self.hp.rect_keep)
             for layer, dw in solved.items()
         }
 
-    def _solve_open(self, block: tuple[DeltaRecord, ...]) -> dict[int, torch.Tensor]:
-        """dW per layer from the rows of ``block`` alone (no closed block): the low-rank solve."""
+    def _solve_low_rank(self, state: State) -> dict[int, torch.Tensor]:
+        """dW per layer from the active records' rows themselves (few of them): the low-rank
+        solve, with the groups' rows in group order."""
+        records = tuple(r for g in sorted(state["groups"]) for r in state["groups"][g])
         out = {}
-        for layer, (keys, residual) in self._stacked(block).items():
+        for layer, (keys, residual) in self._stacked(records).items():
             if layer not in self._priors:
                 self._priors[layer] = prior_factor(self.c0[layer], self.hp.mom2_lambda)
             prior = self._priors[layer]
@@ -147,27 +182,40 @@ class D4S(EditMethod):
             )
         return out
 
-    def _plus_block(
-        self, sums: dict[int, LayerSums], block: tuple[DeltaRecord, ...]
-    ) -> dict[int, LayerSums]:
-        """New per-layer sums: ``sums`` plus one stacked product of ``block``'s rows."""
-        if not block:
-            return sums
-        out = dict(sums)
-        for layer, (keys, residual) in self._stacked(block).items():
-            added = LayerSums.of(keys, residual)
-            out[layer] = out[layer] + added if layer in out else added
-        return out
+    def _products(self, records: tuple[DeltaRecord, ...]) -> dict[int, ExactSums]:
+        """Per layer, the exact products of ``records``' stacked rows (none for no records)."""
+        return (
+            {
+                layer: ExactSums.of(keys, residual, self.units[layer])
+                for layer, (keys, residual) in self._stacked(records).items()
+            }
+            if records
+            else {}
+        )
 
     def _stacked(
-        self, block: tuple[DeltaRecord, ...]
+        self, records: tuple[DeltaRecord, ...]
     ) -> dict[int, tuple[torch.Tensor, torch.Tensor]]:
-        """Per layer, ``block``'s keys and residual shares stacked row-wise (float64)."""
-        shares = [self._shares(record) for record in block]
+        """Per layer, ``records``' keys and residual shares stacked row-wise (float64)."""
+        shares = [self._shares(record) for record in records]
         return {
             layer: (torch.cat([s[i][1] for s in shares]), torch.cat([s[i][2] for s in shares]))
             for i, layer in enumerate(self.hp.layers)
         }
+
+
+def _combined(
+    sums: dict[int, ExactSums], products: dict[int, ExactSums], sign: int
+) -> dict[int, ExactSums]:
+    """New per-layer sums: ``sums`` plus (sign +1) or minus (-1) ``products``."""
+    out = dict(sums)
+    for layer, product in products.items():
+        if layer in out:
+            out[layer] = out[layer] + product if sign > 0 else out[layer] - product
+        else:
+            assert sign > 0, "subtracting from sums that were never added to"
+            out[layer] = product
+    return out
 
 
 class MemitSeq(EditMethod):
@@ -239,7 +287,7 @@ def make_method(
 def _tensors(obj: Any) -> list[torch.Tensor]:
     if isinstance(obj, torch.Tensor):
         return [obj]
-    if isinstance(obj, LayerSums):
+    if isinstance(obj, LayerSums | ExactSums):
         return [obj.kk, obj.rk]
     if isinstance(obj, DeltaRecord):
         return [*obj.keys.values(), obj.residual]

@@ -1,6 +1,21 @@
+import math
+
+import pytest
 import torch
 
-from editing.d4s import LayerSums, prior_factor, residual_share, solve_low_rank, solve_update
+from editing.d4s import (
+    GROUPS,
+    UNIT_BITS,
+    ExactSums,
+    LayerSums,
+    SumsOverflowError,
+    SumUnits,
+    group_of,
+    prior_factor,
+    residual_share,
+    solve_low_rank,
+    solve_update,
+)
 
 
 def _random(n: int, d_in: int, d_out: int, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -54,26 +69,63 @@ def test_no_prior_factor_where_c0_is_not_positive_definite() -> None:
     assert prior_factor(c0.abs(), 2.0) is not None
 
 
-def test_sequential_sums_equal_one_batch() -> None:
-    """n single edits accumulate to the statistics of one batch edit of all n."""
+def test_exact_sums_undo_what_they_add_bit_for_bit() -> None:
+    """n single edits accumulate to the statistics of one batch edit of all n, and subtracting
+    one of them gives exactly the sums of the others (operands untouched throughout)."""
     keys, resid = _random(6, 10, 4, 2)
-    seq = LayerSums.of(keys[:1], resid[:1])
-    for i in range(1, 6):
-        seq = seq + LayerSums.of(keys[i : i + 1], resid[i : i + 1])
+    units = SumUnits.of(keys.T @ keys / 6, torch.randn(4, 10, dtype=torch.float64))
+    parts = [ExactSums.of(keys[i : i + 1], resid[i : i + 1], units) for i in range(6)]
+    before = [t.clone() for p in parts for t in (p.kk, p.rk)]
+    total = parts[0]
+    for part in parts[1:]:
+        total = total + part
+    assert all(
+        torch.equal(x, y)
+        for x, y in zip(before, [t for p in parts for t in (p.kk, p.rk)], strict=True)
+    )
     batch = LayerSums.of(keys, resid)
-    assert torch.allclose(seq.kk, batch.kk) and torch.allclose(seq.rk, batch.rk)
+    value = total.value(units)
+    assert (value.kk - batch.kk).abs().max() <= 3 * units.kk  # half a unit per part at most
+    assert (value.rk - batch.rk).abs().max() <= 3 * units.rk
+    rest = parts[0]
+    for part in parts[1:5]:
+        rest = rest + part
+    minus = total - parts[5]
+    assert torch.equal(minus.kk, rest.kk) and torch.equal(minus.rk, rest.rk)
 
 
-def test_adding_sums_leaves_both_operands_untouched() -> None:
-    keys, resid = _random(2, 6, 3, 3)
-    a, b = LayerSums.of(keys[:1], resid[:1]), LayerSums.of(keys[1:], resid[1:])
-    before = [t.clone() for t in (a.kk, a.rk, b.kk, b.rk)]
-    total = a + b
-    assert all(torch.equal(x, y) for x, y in zip(before, (a.kk, a.rk, b.kk, b.rk), strict=True))
-    assert torch.allclose(total.kk, keys.T @ keys)
+def test_sum_units_are_powers_of_two_that_follow_the_scale() -> None:
+    keys, _ = _random(50, 8, 3, 4)
+    c0, w0 = keys.T @ keys / 50, torch.randn(3, 8, dtype=torch.float64)
+    units, scaled, louder = SumUnits.of(c0, w0), SumUnits.of(16 * c0, w0), SumUnits.of(c0, 4 * w0)
+    for unit in (units.kk, units.rk):
+        assert math.frexp(unit)[0] == 0.5  # a power of two: scaling by it is exact
+    # C0 sets both units (the output moment is W0 C0 W0^T), W0 only that of S_RK
+    assert scaled.kk == 16 * units.kk and scaled.rk == 16 * units.rk
+    assert louder.kk == units.kk and louder.rk == 4 * units.rk
+    assert units.kk <= float(c0.diagonal().max()) * 2.0**-UNIT_BITS < 2 * units.kk
+
+
+def test_records_spread_over_the_groups() -> None:
+    groups = [group_of(f"edit-{i}") for i in range(2000)]
+    assert set(groups) == set(range(GROUPS))
+    assert max(groups.count(g) for g in range(GROUPS)) < 3 * 2000 / GROUPS
+    assert groups == [group_of(f"edit-{i}") for i in range(2000)]
 
 
 def test_residual_shares_follow_the_fixed_rule() -> None:
     r = torch.ones(1, 3, dtype=torch.float64)
     shares = [residual_share(r, i, 5)[0, 0].item() for i in range(5)]
     assert shares == [1 / 5, 1 / 4, 1 / 3, 1 / 2, 1.0]
+
+
+def test_exact_sums_refuse_to_wrap_and_tighten_a_loose_bound() -> None:
+    small = torch.full((2, 2), 5.0, dtype=torch.float64)
+    near = torch.full((2, 2), 2.0**51 + 2.0**50, dtype=torch.float64)  # 1.5 * 2^51 each
+    loose = ExactSums(small, small, kk_bound=2.0**51 + 2.0**50, rk_bound=2.0**51 + 2.0**50)
+    total = loose + loose  # the bounds add past the limit, the counts (10) do not
+    assert torch.equal(total.kk, 2 * small) and total.kk_bound == 10.0
+    big = ExactSums(near, small, kk_bound=2.0**51 + 2.0**50, rk_bound=5.0)
+    with pytest.raises(SumsOverflowError):
+        big + big  # 3 * 2^51: past the limit, where a third add could lose a bit
+    assert torch.equal(big.kk, near)

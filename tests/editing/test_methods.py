@@ -1,11 +1,12 @@
-"""The methods' folds on synthetic records (their logic is pure linear algebra): D4S's blocked
-accumulation gives the same bits whichever way the records arrive, and the batch solution."""
+"""The methods' folds on synthetic records (their logic is pure linear algebra): D4S's exact
+sums give the same bits whichever way the records arrive or leave, and the batch solution."""
 
 from __future__ import annotations
 
+import pytest
 import torch
 
-from editing.d4s import BLOCK_RECORDS, LOW_RANK_ROWS, residual_share
+from editing.d4s import LOW_RANK_ROWS, SumsOverflowError, group_of, residual_share
 from editing.facts import Fact
 from editing.hparams import EditHparams
 from editing.methods import D4S, make_method
@@ -47,17 +48,49 @@ def _records(n: int, hp: EditHparams, seed: int = 1) -> list[DeltaRecord]:
     return out
 
 
-def test_folding_one_at_a_time_gives_the_rebuilds_bits_across_blocks() -> None:
+#: Enough records (about two rows each) for the full solve, past LOW_RANK_ROWS rows.
+MANY = LOW_RANK_ROWS // 2 + 20
+
+
+def _same_sums(a: dict, b: dict) -> bool:
+    return a.keys() == b.keys() and all(
+        torch.equal(a[layer].kk, b[layer].kk) and torch.equal(a[layer].rk, b[layer].rk)
+        for layer in a
+    )
+
+
+def _same_update(method: D4S, a: dict, b: dict) -> bool:
+    x, y = method.update(a), method.update(b)
+    return x.keys() == y.keys() and all(torch.equal(x[layer], y[layer]) for layer in x)
+
+
+def test_folding_one_at_a_time_gives_the_rebuilds_bits() -> None:
     method, hp = _setup(rect_keep=0.4)
-    records = _records(2 * BLOCK_RECORDS + 11, hp)
+    records = _records(MANY, hp)
     state = method.empty()
     for record in records:  # as a server does: fold, then solve, each edit
         state = method.fold(state, record)
         method.update(state)
     rebuilt = method.rebuild(records)
-    assert len(state["open"]) == 11 and len(rebuilt["open"]) == 11
-    live, fresh = method.update(state), method.update(rebuilt)
-    assert all(torch.equal(live[layer], fresh[layer]) for layer in hp.layers)
+    assert state["rows"] == rebuilt["rows"] > LOW_RANK_ROWS
+    assert len(rebuilt["groups"]) > 1
+    assert _same_sums(state["sums"], rebuilt["sums"])
+    assert _same_update(method, state, rebuilt)
+
+
+def test_the_exact_sums_are_the_float_sums_to_their_units() -> None:
+    method, hp = _setup()
+    records = _records(MANY, hp)
+    state = method.rebuild(records)
+    for i, layer in enumerate(hp.layers):
+        keys = torch.cat([r.keys[layer] for r in records]).double()
+        resid = torch.cat([residual_share(r.residual, i, len(hp.layers)) for r in records]).double()
+        sums, units = state["sums"][layer].value(method.units[layer]), method.units[layer]
+        # each group's product is rounded to the units once: half a unit per group at most
+        within = len(state["groups"]) / 2
+        assert sums.kk.dtype == torch.float64
+        assert (sums.kk - keys.T @ keys).abs().max() <= within * units.kk
+        assert (sums.rk - resid.T @ keys).abs().max() <= within * units.rk
 
 
 def _assert_batch_solution(method: D4S, hp: EditHparams, records: list[DeltaRecord]) -> None:
@@ -70,14 +103,14 @@ def _assert_batch_solution(method: D4S, hp: EditHparams, records: list[DeltaReco
         assert torch.allclose(update[layer].double(), expected, atol=1e-5)
 
 
-def test_blocked_sums_solve_the_batch_edit_of_all_records() -> None:
+def test_the_sums_solve_the_batch_edit_of_all_records() -> None:
     method, hp = _setup()
-    _assert_batch_solution(method, hp, _records(BLOCK_RECORDS + 5, hp))
+    _assert_batch_solution(method, hp, _records(MANY, hp))
 
 
-def test_the_first_block_solves_the_batch_edit_whichever_solve_it_takes() -> None:
-    """Under a block: the low-rank solve, or past LOW_RANK_ROWS rows the full one (one record of
-    many facts), or where lambda C0 has no Cholesky factor the full one's LU fallback."""
+def test_few_rows_solve_the_batch_edit_whichever_solve_they_take() -> None:
+    """Up to LOW_RANK_ROWS rows the low-rank solve; past them (here one record of many facts)
+    the full one; where lambda C0 has no Cholesky factor the full one's LU fallback."""
     method, hp = _setup()
     few = _records(7, hp)
     _assert_batch_solution(method, hp, few)
@@ -96,40 +129,83 @@ def test_the_first_block_solves_the_batch_edit_whichever_solve_it_takes() -> Non
     assert all(p is not None for p in method._priors.values())
 
 
-def test_without_a_record_gives_the_rebuilds_bits() -> None:
-    """Dropping a record of the open block keeps the closed sums; one of a closed block rebuilds.
-    Either way the update is bit for bit that of rebuilding the other records."""
+def test_without_a_record_gives_the_rebuilds_bits_and_keeps_the_other_groups() -> None:
     method, hp = _setup(rect_keep=0.4)
-    records = _records(BLOCK_RECORDS + 9, hp)
+    records = _records(MANY, hp)
     state = method.rebuild(records)
-    for index in (3, BLOCK_RECORDS + 4, len(records) - 1):
+    for index in (0, 3, MANY // 2, len(records) - 1):
         rest = [*records[:index], *records[index + 1 :]]
-        dropped = method.without(state, records, index)
-        assert dropped["count"] == len(rest)
-        live, fresh = method.update(dropped), method.update(method.rebuild(rest))
-        assert all(torch.equal(live[layer], fresh[layer]) for layer in hp.layers)
-    open_drop = method.without(state, records, BLOCK_RECORDS + 4)
-    assert open_drop["sums"] is state["sums"]  # no rebuild
+        dropped, fresh = method.without(state, records, index), method.rebuild(rest)
+        assert dropped["count"] == len(rest) and dropped["rows"] == fresh["rows"]
+        assert _same_sums(dropped["sums"], fresh["sums"])
+        assert _same_update(method, dropped, fresh)
+        own = group_of(records[index].id)
+        assert all(dropped["groups"][g] is m for g, m in state["groups"].items() if g != own)
     small = _records(5, hp)  # the low-rank solve's range
-    dropped = method.update(method.without(method.rebuild(small), small, 2))
-    fresh = method.update(method.rebuild([*small[:2], *small[3:]]))
-    assert all(torch.equal(dropped[layer], fresh[layer]) for layer in hp.layers)
+    dropped = method.without(method.rebuild(small), small, 2)
+    assert _same_update(method, dropped, method.rebuild([*small[:2], *small[3:]]))
+
+
+def test_installs_and_reverts_in_any_interleaving_reach_the_same_bits() -> None:
+    """Subtraction is exact: revert after revert, the sums are those of the records left, and
+    with none left they are zero."""
+    method, hp = _setup()
+    records = _records(MANY, hp)
+    state, active = method.empty(), []
+    for i, record in enumerate(records):
+        state, active = method.fold(state, record), [*active, record]
+        if i % 3 == 2:  # drop the oldest now and then
+            state, active = method.without(state, active, 0), active[1:]
+    assert _same_sums(state["sums"], method.rebuild(active)["sums"])
+    assert _same_update(method, state, method.rebuild(active))
+    while active:
+        state, active = (
+            method.without(state, active, len(active) // 2),
+            [
+                *active[: len(active) // 2],
+                *active[len(active) // 2 + 1 :],
+            ],
+        )
+    assert state["count"] == state["rows"] == 0 and method.update(state) == {}
+    assert all(not s.kk.any() and not s.rk.any() for s in state["sums"].values())
+
+
+def test_an_edit_that_would_overflow_the_sums_is_refused_and_changes_nothing() -> None:
+    method, hp = _setup()
+    state = method.rebuild(_records(10, hp))
+    huge = DeltaRecord(
+        id="huge",
+        facts=(Fact("h", "h is in", " X"),),
+        keys={layer: torch.full((1, D_IN), 1e30) for layer in hp.layers},
+        residual=torch.ones(1, D_OUT),
+    )
+    before = {layer: (s.kk.clone(), s.rk.clone()) for layer, s in state["sums"].items()}
+    with pytest.raises(SumsOverflowError):
+        method.fold(state, huge)
+    assert all(
+        torch.equal(s.kk, before[layer][0]) and torch.equal(s.rk, before[layer][1])
+        for layer, s in state["sums"].items()
+    )
 
 
 def test_fold_leaves_the_earlier_state_as_it_was() -> None:
     method, hp = _setup()
-    records = _records(BLOCK_RECORDS, hp)
+    records = _records(MANY, hp)
     state = method.rebuild(records[:-1])
+    sums = {layer: (s.kk.clone(), s.rk.clone()) for layer, s in state["sums"].items()}
     before = method.update(state)
-    closed = method.fold(state, records[-1])  # closes the first block
-    assert closed["open"] == () and state["sums"] == {}
+    grown = method.fold(state, records[-1])
+    assert all(
+        torch.equal(s.kk, sums[layer][0]) and torch.equal(s.rk, sums[layer][1])
+        for layer, s in state["sums"].items()
+    )
     after = method.update(state)
     assert all(torch.equal(before[layer], after[layer]) for layer in hp.layers)
-    assert not torch.equal(method.update(closed)[hp.layers[0]], before[hp.layers[0]])
+    assert not torch.equal(method.update(grown)[hp.layers[0]], before[hp.layers[0]])
 
 
 def test_state_bytes_stay_bounded_as_edits_grow() -> None:
     method, hp = _setup()
-    counts = (BLOCK_RECORDS, 4 * BLOCK_RECORDS)
+    counts = (MANY, 4 * MANY)
     sizes = [method.state_bytes(method.rebuild(_records(n, hp))) for n in counts]
     assert sizes[0] == sizes[1] > 0
