@@ -368,11 +368,11 @@ def in_process_figures(lm: LoadedModel, n: int = 64) -> dict[str, float]:
 def section_solve(args: argparse.Namespace) -> dict[str, Any]:
     """The update solve that every install, replay and revert runs, on its own: the five edited
     layers' float64 systems (lambda C0 + S_KK) with 576 right-hand sides, by Cholesky
-    (``solve_update``, what the service runs past one block) against an LU solve, in interleaved
-    rounds. S_KK and S_RK are of 64 CounterFact facts' real keys and random residuals (the values
-    do not change the time). Then the low-rank solve that serves within the first block, for a
-    range of rows around ``LOW_RANK_ROWS`` (random rows), against the Cholesky solve's time:
-    where it stops paying."""
+    (``solve_update``, what the service runs past ``LOW_RANK_ROWS`` rows) against an LU solve, in
+    interleaved rounds. S_KK and S_RK are of 64 CounterFact facts' real keys and random residuals
+    (the values do not change the time). Then the low-rank solve that serves up to
+    ``LOW_RANK_ROWS`` active rows, for a range of rows around it (random rows), against the
+    Cholesky solve's time: where it stops paying."""
     lm = load_model("smollm2-135m", device="cpu", dtype="float32")
     hp = EditHparams()
     c0 = covariance(lm, hp.layers, n_tokens=args.covariance_tokens, cache_dir=default_cache_dir())

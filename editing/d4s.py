@@ -196,7 +196,7 @@ def solve_update(sums: LayerSums, c0: torch.Tensor, lam: float) -> torch.Tensor:
     five 1536 x 1536 solves with 576 right-hand sides that made it 1.15x faster than LU on a 2-core
     EPYC but 0.78x on a 2-core Xeon (``bench/speed.py --only solve``): the host's LAPACK decides.
     Where the factorisation fails (C0 singular in floating point), an LU solve does the work.
-    Every update past the first block comes here, so replicas still get the same bits.
+    Every update of more than ``LOW_RANK_ROWS`` rows comes here, so replicas get the same bits.
     """
     system = update_system(sums, c0, lam)
     # The system is symmetric, so dW^T = system^-1 S_RK^T.

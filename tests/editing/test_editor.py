@@ -86,6 +86,26 @@ def test_revert_one_of_several_equals_never_applying_it(editor: Editor, facts: l
         editor.revert(dropped.id)
 
 
+def test_the_exact_sums_revert_an_old_edit_to_the_bits_of_never_applying_it(
+    editor: Editor, lm: LoadedModel, c0: dict, facts: list[Fact], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """With the full solve forced (no low-rank shortcut), installs and reverts in any order reach
+    the weights that replaying the records left active builds, on the real model's C0 and W0."""
+    monkeypatch.setattr("editing.methods.LOW_RANK_ROWS", 0)
+    fresh = Editor(lm, EditHparams(), "d4s", c0=c0)  # made while the model holds W0
+    first, second, third = editor.compute_many([[fact] for fact in facts[:3]])
+    editor.install(first)
+    editor.install(second)
+    editor.revert(first.id)  # the oldest, while another is active
+    editor.install(third)
+    live, digest = _weights(editor), editor.digest()
+    fresh.replay([second, third])
+    assert _same(_weights(fresh), live) and fresh.digest() == digest
+    editor.revert(third.id)
+    editor.revert(second.id)
+    assert _same(_weights(editor), editor.w0)
+
+
 def test_same_subject_and_prompt_supersedes(editor: Editor, facts: list[Fact]) -> None:
     first = editor.apply([facts[0]]).record
     other = Fact(facts[0].subject, facts[0].prompt, "London", facts[0].ground_truth)
