@@ -102,20 +102,19 @@ class D4S(EditMethod):
 
     def empty(self) -> State:
         # sums: the exact sums of every active record, per layer; groups: the active records by
-        # group (see editing.d4s), each group in install order; rows: their facts in all.
-        return {"sums": {}, "groups": {}, "count": 0, "rows": 0}
+        # group (see editing.d4s), each group in install order; count and rows: what they hold.
+        return _d4s_state({}, {})
 
     def fold(self, state: State, record: DeltaRecord) -> State:
         group = group_of(record.id)
-        members = state["groups"].get(group, ())
-        return self._regrouped(state, group, (*members, record), +1, len(record.residual))
+        return self._regrouped(state, group, (*state["groups"].get(group, ()), record))
 
     def without(self, state: State, records: list[DeltaRecord], index: int) -> State:
         # Only the record's own group changes: its product is made again without it.
         record = records[index]
         group = group_of(record.id)
         members = tuple(r for r in state["groups"][group] if r.id != record.id)
-        return self._regrouped(state, group, members, -1, -len(record.residual))
+        return self._regrouped(state, group, members)
 
     def rebuild(self, records: list[DeltaRecord]) -> State:
         groups: dict[int, tuple[DeltaRecord, ...]] = {}
@@ -125,12 +124,9 @@ class D4S(EditMethod):
         sums: dict[int, ExactSums] = {}
         for members in groups.values():
             sums = _combined(sums, self._products(members), +1)
-        rows = sum(len(record.residual) for record in records)
-        return {"sums": sums, "groups": groups, "count": len(records), "rows": rows}
+        return _d4s_state(sums, groups)
 
-    def _regrouped(
-        self, state: State, group: int, members: tuple[DeltaRecord, ...], count: int, rows: int
-    ) -> State:
+    def _regrouped(self, state: State, group: int, members: tuple[DeltaRecord, ...]) -> State:
         """``state`` with ``group`` holding ``members``: the group's old product out, the new in."""
         old = state["groups"].get(group, ())
         sums = _combined(state["sums"], self._products(old), -1)
@@ -138,12 +134,7 @@ class D4S(EditMethod):
         groups = {g: m for g, m in state["groups"].items() if g != group}
         if members:
             groups[group] = members
-        return {
-            "sums": sums,
-            "groups": groups,
-            "count": state["count"] + count,
-            "rows": state["rows"] + rows,
-        }
+        return _d4s_state(sums, groups)
 
     def state_bytes(self, state: State) -> int:
         # The records in the groups are the editor's own (and the log's), not extra state.
@@ -202,6 +193,17 @@ class D4S(EditMethod):
             layer: (torch.cat([s[i][1] for s in shares]), torch.cat([s[i][2] for s in shares]))
             for i, layer in enumerate(self.hp.layers)
         }
+
+
+def _d4s_state(sums: dict[int, ExactSums], groups: dict[int, tuple[DeltaRecord, ...]]) -> State:
+    """A D4S state, with the counts of records and rows that its groups hold."""
+    members = [record for group in groups.values() for record in group]
+    return {
+        "sums": sums,
+        "groups": groups,
+        "count": len(members),
+        "rows": sum(len(record.residual) for record in members),
+    }
 
 
 def _combined(
