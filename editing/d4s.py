@@ -152,6 +152,12 @@ class ExactSums:
         """The sums in float64: the counts times the units, exactly (powers of two)."""
         return LayerSums(kk=self.kk * units.kk, rk=self.rk * units.rk)
 
+    def room_used(self) -> float:
+        """The largest count's magnitude as a share of the most the sums hold exactly: an edit
+        that would take it to 1 is refused (one pass over the counts)."""
+        peak = max(max(-float(lo), float(hi)) for lo, hi in map(torch.aminmax, (self.kk, self.rk)))
+        return peak / _LIMIT
+
 
 def _to_units(x: torch.Tensor, unit: float) -> tuple[torch.Tensor, float]:
     """``x`` (float64) rounded to whole counts of ``unit``, and a bound on their magnitude.

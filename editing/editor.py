@@ -106,6 +106,11 @@ class Editor:
     def state_bytes(self) -> int:
         return self.method.state_bytes(self._state)
 
+    def room_used(self) -> float | None:
+        """How much of the method state's numeric range the active edits use (0 to 1), or None
+        for a method without a limit; ``editserve_d4s_sums_room_used`` exports it."""
+        return self.method.room_used(self._state)
+
     # -- editing -------------------------------------------------------------------------------
 
     def compute(
@@ -218,8 +223,10 @@ class Editor:
             if any(r.id == record.id for r in active):
                 raise EditError(f"edit {record.id} is already active")
             remaining, gone, untouched = supersede(active, record)
+            if not untouched:
+                state = self.method.reconcile(state, remaining)
             active = [*remaining, record]
-            state = self.method.fold(state, record) if untouched else self.method.rebuild(active)
+            state = self.method.fold(state, record)
             superseded_by.update(dict.fromkeys(gone, record.id))
         change = self._plan(active, state)
         change.superseded = list(superseded_by)

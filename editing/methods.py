@@ -68,7 +68,17 @@ class EditMethod(ABC):
 
     def without(self, state: State, records: list[DeltaRecord], index: int) -> State:
         """The state of ``records`` less ``records[index]``; ``state`` is that of ``records``."""
-        return self.rebuild([*records[:index], *records[index + 1 :]])
+        return self.reconcile(state, [*records[:index], *records[index + 1 :]])
+
+    def reconcile(self, state: State, records: list[DeltaRecord]) -> State:
+        """The state of ``records``, given ``state`` of records much like them: a supersede or
+        a revert shortens or drops a few and keeps the rest (as the same objects, in order).
+        Equal to ``rebuild(records)``; this default is one."""
+        return self.rebuild(records)
+
+    def room_used(self, state: State) -> float | None:
+        """How much of the state's numeric range is used, 0 to 1 (None: it has no limit)."""
+        return None
 
     def state_bytes(self, state: State) -> int:
         return sum(t.numel() * t.element_size() for t in _tensors(state))
@@ -109,22 +119,27 @@ class D4S(EditMethod):
         group = group_of(record.id)
         return self._regrouped(state, group, (*state["groups"].get(group, ()), record))
 
-    def without(self, state: State, records: list[DeltaRecord], index: int) -> State:
-        # Only the record's own group changes: its product is made again without it.
-        record = records[index]
-        group = group_of(record.id)
-        members = tuple(r for r in state["groups"][group] if r.id != record.id)
-        return self._regrouped(state, group, members)
+    def reconcile(self, state: State, records: list[DeltaRecord]) -> State:
+        # Only the groups whose members changed are made again (a revert: the record's own
+        # group; a supersede: the groups of the records it shortens or drops). The sums are
+        # exact, so the result is rebuild(records)'s, bit for bit.
+        wanted = _grouped(records)
+        for group in sorted(set(wanted) | set(state["groups"])):
+            members = wanted.get(group, ())
+            if not _same_members(members, state["groups"].get(group, ())):
+                state = self._regrouped(state, group, members)
+        return state
 
     def rebuild(self, records: list[DeltaRecord]) -> State:
-        groups: dict[int, tuple[DeltaRecord, ...]] = {}
-        for record in records:
-            group = group_of(record.id)
-            groups[group] = (*groups.get(group, ()), record)
+        groups = _grouped(records)
         sums: dict[int, ExactSums] = {}
         for members in groups.values():
             sums = _combined(sums, self._products(members), +1)
         return _d4s_state(sums, groups)
+
+    def room_used(self, state: State) -> float | None:
+        # The largest count of any layer's sums against the largest the sums hold exactly.
+        return max((s.room_used() for s in state["sums"].values()), default=0.0)
 
     def _regrouped(self, state: State, group: int, members: tuple[DeltaRecord, ...]) -> State:
         """``state`` with ``group`` holding ``members``: the group's old product out, the new in."""
@@ -193,6 +208,21 @@ class D4S(EditMethod):
             layer: (torch.cat([s[i][1] for s in shares]), torch.cat([s[i][2] for s in shares]))
             for i, layer in enumerate(self.hp.layers)
         }
+
+
+def _grouped(records: list[DeltaRecord]) -> dict[int, tuple[DeltaRecord, ...]]:
+    """``records`` by group (``editing.d4s.group_of``), each group in the records' order."""
+    groups: dict[int, tuple[DeltaRecord, ...]] = {}
+    for record in records:
+        group = group_of(record.id)
+        groups[group] = (*groups.get(group, ()), record)
+    return groups
+
+
+def _same_members(a: tuple[DeltaRecord, ...], b: tuple[DeltaRecord, ...]) -> bool:
+    """Whether two groups hold the same record objects in the same order (a shortened record is
+    a new object under the old id)."""
+    return len(a) == len(b) and all(x is y for x, y in zip(a, b, strict=True))
 
 
 def _d4s_state(sums: dict[int, ExactSums], groups: dict[int, tuple[DeltaRecord, ...]]) -> State:

@@ -44,14 +44,14 @@ ROWS: list[tuple[str, list[tuple[str, str, list[tuple[str, str]], int, str]]]] =
                         "{{status}}",
                     )
                 ],
-                8,
+                6,
                 "bars",
             ),
             (
                 "Active edits",
                 "short",
                 [(f"editserve_active_edits{{{SEL}}}", "{{instance}}")],
-                8,
+                6,
                 "line",
             ),
             (
@@ -62,7 +62,14 @@ ROWS: list[tuple[str, list[tuple[str, str, list[tuple[str, str]], int, str]]]] =
                     (f"max(editserve_edit_queue_limit{{{SEL}}})", "limit (429 beyond)"),
                     (f"sum(editserve_generation_queue_depth{{{SEL}}})", "generation requests"),
                 ],
-                8,
+                6,
+                "line",
+            ),
+            (
+                "D4S sums: share of their exact range in use",
+                "percentunit",
+                [(f"editserve_d4s_sums_room_used{{{SEL}}}", "{{instance}}")],
+                6,
                 "line",
             ),
             (

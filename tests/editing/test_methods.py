@@ -146,6 +146,43 @@ def test_without_a_record_gives_the_rebuilds_bits_and_keeps_the_other_groups() -
     assert _same_update(method, dropped, method.rebuild([*small[:2], *small[3:]]))
 
 
+def test_a_supersede_remakes_only_the_groups_it_changes(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Shortening some records and dropping others (what a supersede does) gives the rebuild's
+    bits, and only the changed groups' products are made again."""
+    method, hp = _setup(rect_keep=0.4)
+    records = _records(MANY, hp)
+    state = method.rebuild(records)
+    multi = [i for i, r in enumerate(records) if len(r.facts) > 1]
+    shortened, dropped = multi[3], 10
+    kept = [r.rows([0]) if i == shortened else r for i, r in enumerate(records) if i != dropped]
+    changed = {group_of(records[shortened].id), group_of(records[dropped].id)}
+    made = []
+    products = method._products
+    monkeypatch.setattr(method, "_products", lambda members: made.append(1) or products(members))
+    reconciled = method.reconcile(state, kept)
+    assert len(made) == 2 * len(changed)  # each changed group: old product out, new one in
+    monkeypatch.undo()
+    fresh = method.rebuild(kept)
+    lost = len(records[shortened].facts) - 1 + len(records[dropped].facts)
+    assert reconciled["rows"] == fresh["rows"] == state["rows"] - lost
+    assert _same_sums(reconciled["sums"], fresh["sums"])
+    assert _same_update(method, reconciled, fresh)
+    assert all(reconciled["groups"][g] is m for g, m in state["groups"].items() if g not in changed)
+    assert method.reconcile(state, records) is state  # nothing changed: nothing made
+
+
+def test_room_used_grows_with_the_sums_and_is_zero_without_edits() -> None:
+    method, hp = _setup()
+    assert method.room_used(method.empty()) == 0.0
+    records = _records(MANY, hp)
+    few, many = method.rebuild(records[:5]), method.rebuild(records)
+    assert 0.0 < method.room_used(few) < method.room_used(many) < 1.0
+    peak = max(float(t.abs().max()) for s in many["sums"].values() for t in (s.kk, s.rk))
+    assert method.room_used(many) == peak / 2.0**52
+    emptied = method.reconcile(many, [])
+    assert method.room_used(emptied) == 0.0
+
+
 def test_installs_and_reverts_in_any_interleaving_reach_the_same_bits() -> None:
     """Subtraction is exact: revert after revert, the sums are those of the records left, and
     with none left they are zero."""

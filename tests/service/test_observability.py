@@ -189,8 +189,10 @@ def test_edit_phases_and_probes_are_published(live: Live) -> None:
     after = value(live, "editserve_last_edit_target_probability", when="after")
     assert after > before
     assert value(live, "editserve_active_edits") >= 1
+    assert 0 < value(live, "editserve_d4s_sums_room_used") < 1e-3
     live.client.post(f"/edits/{edit_id}/revert")
     wait_status(live.client, edit_id, {"reverted"})
+    assert value(live, "editserve_d4s_sums_room_used") == 0
     # The norms are published with the status; the probe pass follows it.
     assert all(value(live, "editserve_layer_delta_mean_abs", layer=layer) == 0 for layer in LAYERS)
     # Back to the original weights: the probes agree with the original model again. Waiting on
