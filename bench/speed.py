@@ -35,6 +35,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import dataclasses
 import json
 import os
 import platform
@@ -593,6 +594,22 @@ def section_replay(args: argparse.Namespace) -> dict[str, Any]:
             editor.plan_revert(record.id)
             times.append(time.perf_counter() - start)
         revert_plan[name] = statistics.median(times)
+    # A supersede's solve: a new target for the oldest record's fact. Only the groups of the
+    # record it drops and of the new record are made again.
+    old = records[0]
+    again = DeltaRecord(
+        id="supersede",
+        facts=(dataclasses.replace(old.facts[0], target_new=" Paris"),),
+        keys=old.keys,
+        residual=old.residual,
+    )
+    times = []
+    for _ in range(3):
+        start = time.perf_counter()
+        change = editor.plan_install(again)
+        times.append(time.perf_counter() - start)
+    assert change.superseded == [old.id]
+    supersede_plan = statistics.median(times)
     del editor, lm
 
     data_dir = Path(tempfile.mkdtemp(prefix="editserve-replay-"))
@@ -615,6 +632,7 @@ def section_replay(args: argparse.Namespace) -> dict[str, Any]:
         "records": origin,
         "in_process_rebuild_seconds": rebuild,
         "revert_plan_seconds": revert_plan,
+        "supersede_plan_seconds": supersede_plan,
         "server_ready_seconds_empty_log": empty,
         "server_ready_seconds_with_log": full,
         "ready_difference_seconds": full - empty,

@@ -8,7 +8,9 @@ directory under the cache directory; later loads take a couple of seconds.
 from __future__ import annotations
 
 import copy
+import functools
 import importlib.util
+import inspect
 import logging
 import os
 import shutil
@@ -53,6 +55,18 @@ class LoadedModel:
         """``model.generate``, whose typing transformers leaves loose."""
         out: torch.Tensor = cast(Any, self.model).generate(**kwargs)
         return out
+
+
+@functools.cache
+def _cache_keyword(forward: Any) -> str:
+    return "cache" if "cache" in inspect.signature(forward).parameters else "past_key_values"
+
+
+def with_cache(model: torch.nn.Module, cache: Any) -> dict[str, Any]:
+    """The keyword argument that hands ``cache`` (a KV cache) to ``model``'s forward: ``cache``
+    in the transformers releases that renamed it (5.x: ``past_key_values`` is deprecated there,
+    to go in 5.40), ``past_key_values`` before them."""
+    return {_cache_keyword(type(model).forward): cache}
 
 
 def right_padded(rows: list[list[int]], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:

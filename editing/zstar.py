@@ -30,7 +30,7 @@ from transformers.tokenization_utils_base import PreTrainedTokenizerBase
 from editing.adapters import adapter_for
 from editing.facts import Fact, subject_last_token
 from editing.hparams import EditHparams
-from editing.models import LoadedModel, right_padded
+from editing.models import LoadedModel, right_padded, with_cache
 from editing.tracing import Trace, instrument
 
 
@@ -241,7 +241,7 @@ def _prefix_cache(
             input_ids=batch.input_ids[:, :width],
             attention_mask=_additive(allowed.expand(rows, width, width), lm.dtype),
             position_ids=positions,
-            past_key_values=cache,
+            **with_cache(lm.model.base_model, cache),
             use_cache=True,
         )
     prefix: list[torch.Tensor | None] = []
@@ -351,7 +351,7 @@ class _Suffixes:
                 input_ids=self.input_ids,
                 attention_mask=self.attention_mask,
                 position_ids=self.position_ids,
-                past_key_values=cache,
+                **with_cache(lm.model.base_model, cache),
                 use_cache=cache is not None,
             )
         return out.last_hidden_state

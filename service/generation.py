@@ -30,7 +30,7 @@ import torch.nn.functional as F
 from transformers import DynamicCache
 from transformers.cache_utils import DynamicLayer
 
-from editing.models import LoadedModel
+from editing.models import LoadedModel, with_cache
 
 log = logging.getLogger(__name__)
 
@@ -247,7 +247,7 @@ class Batcher:
             input_ids=ids,
             attention_mask=mask,
             position_ids=positions,
-            past_key_values=cache,
+            **with_cache(lm.model, cache),
             logits_to_keep=1,
         ).logits[:, -1, :]
         return _Batch(cache=cache, mask=mask, positions=positions[:, -1:]), logits
@@ -307,7 +307,7 @@ class _Batch:
             input_ids=tokens[:, None],
             attention_mask=self.mask,
             position_ids=self.positions,
-            past_key_values=self.cache,
+            **with_cache(lm.model, self.cache),
         )
         return out.logits[:, -1, :]
 

@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+import warnings
+
 import pytest
 import torch
 from transformers import (
     AutoModelForCausalLM,
+    DynamicCache,
     GemmaConfig,
     GPT2Config,
     GPTJConfig,
@@ -20,7 +23,7 @@ from editing.adapters import UnsupportedModelError, adapter_for
 from editing.editor import Editor
 from editing.facts import Fact
 from editing.hparams import EditHparams
-from editing.models import LoadedModel
+from editing.models import LoadedModel, with_cache
 from editing.tracing import Trace, instrument
 from editing.zstar import compute_zstar
 
@@ -115,6 +118,25 @@ def test_traced_weights_equal_written_weights(family: str) -> None:
     assert trace.inputs[1].shape == (2, 7, INNER)
     adapter.write(model, 1, new)
     assert torch.allclose(model(input_ids=ids).logits, traced, atol=1e-5)
+
+
+@pytest.mark.parametrize("family", sorted(CONFIGS))
+def test_the_kv_cache_goes_under_the_forwards_own_keyword(family: str) -> None:
+    """The cache reaches the forward (it fills), under no deprecated keyword."""
+    model = _tiny(family)
+    cache = DynamicCache(config=model.config)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", FutureWarning)
+        model(input_ids=torch.randint(0, 1000, (2, 7)), use_cache=True, **with_cache(model, cache))
+    assert cache.get_seq_length() == 7
+
+
+def test_a_forward_of_older_transformers_gets_past_key_values() -> None:
+    class Older(torch.nn.Module):
+        def forward(self, input_ids=None, past_key_values=None, **kwargs):  # type: ignore[no-untyped-def]
+            return past_key_values
+
+    assert with_cache(Older(), "the cache") == {"past_key_values": "the cache"}
 
 
 @pytest.mark.parametrize("family", sorted(CONFIGS))
