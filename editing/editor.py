@@ -78,6 +78,7 @@ class Editor:
         self.method: EditMethod = make_method(method, self.hp, c0, self.w0)
         self._records: list[DeltaRecord] = []
         self._state: State = self.method.empty()
+        self._room: tuple[State | None, float | None] = (None, None)  # room_used's last answer
         self.version = 0
 
     # -- reading -------------------------------------------------------------------------------
@@ -108,8 +109,12 @@ class Editor:
 
     def room_used(self) -> float | None:
         """How much of the method state's numeric range the active edits use (0 to 1), or None
-        for a method without a limit; ``editserve_d4s_sums_room_used`` exports it."""
-        return self.method.room_used(self._state)
+        for a method without a limit; ``editserve_d4s_sums_room_used`` exports it. Made once
+        per state (a pass over the sums), so a metrics scrape may ask as often as it likes."""
+        state = self._state
+        if self._room[0] is not state:
+            self._room = (state, self.method.room_used(state))
+        return self._room[1]
 
     # -- editing -------------------------------------------------------------------------------
 

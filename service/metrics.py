@@ -200,12 +200,13 @@ class _StateCollector(Collector):
                 "Generation requests waiting for a batch",
                 w.batcher.waiting,
             )
-        if state.sums_room_used is not None:
+        room = w.editor.room_used() if w.editor is not None else None
+        if room is not None:
             yield _gauge(
                 "d4s_sums_room_used",
                 "Largest count in D4S's exact sums as a share of the most they hold exactly "
                 "(edits that would reach 1 are refused)",
-                state.sums_room_used,
+                room,
             )
         yield from _per_layer(state.weight_norms)
         probes = state.probes

@@ -65,7 +65,6 @@ class WorkerState:
     weight_norms: Norms = field(default_factory=dict)  # of the edited layers, as served
     probes: ProbeReport | None = None  # the latest probe pass
     last_target_probability: tuple[float, float] | None = None  # the last edit's, before/after
-    sums_room_used: float | None = None  # share of the method's exact range in use (d4s)
 
 
 class ModelWorker:
@@ -637,7 +636,6 @@ class ModelWorker:
         self.state.probes = report
         self.state.active_edits = len(records)
         self.state.active_facts = sum(len(r.facts) for r in records)
-        self.state.sums_room_used = self.editor.room_used()
 
     def _reject(self, op: Operation, breaches: list[Breach]) -> None:
         self.metrics.edits.labels("rejected").inc()
