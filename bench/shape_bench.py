@@ -33,14 +33,13 @@ import json
 import statistics
 import sys
 import tempfile
-import threading
 import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import torch
-from speed import hardware
+from speed import hardware, submit_together
 from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaConfig
 
 from editing.d4s import LOW_RANK_ROWS
@@ -49,7 +48,7 @@ from editing.facts import Fact
 from editing.hparams import EditHparams
 from editing.models import DEFAULT_MODEL, LoadedModel, default_cache_dir
 from editing.records import DeltaRecord
-from service.generation import Batcher, Event, Finished, Job, SamplingParams
+from service.generation import Batcher
 
 #: name -> (config, edited blocks). Llama-3-8B: 32 blocks, hidden 4096, MLP 14336, grouped-query
 #: attention (32 heads, 8 for keys and values), a 128,256-token vocabulary; edited blocks 4-8, as
@@ -249,21 +248,7 @@ def _generation(lm: LoadedModel, n: int, sync: Callable[[], None]) -> dict[str, 
     batcher.start()
 
     def together(prompts: list[str]) -> tuple[int, float]:
-        done = threading.Semaphore(0)
-        tokens: list[int] = []
-
-        def sink(event: Event) -> None:
-            if isinstance(event, Finished):
-                tokens.append(event.generated_tokens)
-                done.release()
-
-        start = time.perf_counter()
-        for prompt in prompts:
-            ids = lm.tokenizer(prompt)["input_ids"]
-            batcher.submit(Job(ids, SamplingParams(max_new_tokens=n), sink))
-        for _ in prompts:
-            done.acquire()
-        return sum(tokens), time.perf_counter() - start
+        return submit_together(batcher, lm, prompts, n)
 
     def plain(prompt: str) -> tuple[int, float]:
         enc = lm.tokenizer(prompt, return_tensors="pt").to(lm.device)

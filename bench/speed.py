@@ -314,6 +314,28 @@ def section_edits(args: argparse.Namespace) -> dict[str, Any]:
         }
 
 
+def submit_together(
+    batcher: Batcher, lm: LoadedModel, prompts: list[str], n: int
+) -> tuple[int, float]:
+    """Submit ``prompts`` to ``batcher`` together, ``n`` new tokens each, greedy; their tokens
+    and the seconds until the last finished."""
+    done = threading.Semaphore(0)
+    tokens: list[int] = []
+
+    def sink(event: Event) -> None:
+        if isinstance(event, Finished):
+            tokens.append(event.generated_tokens)
+            done.release()
+
+    start = time.perf_counter()
+    for prompt in prompts:
+        ids = lm.tokenizer(prompt)["input_ids"]
+        batcher.submit(Job(ids, SamplingParams(max_new_tokens=n), sink))
+    for _ in prompts:
+        done.acquire()
+    return sum(tokens), time.perf_counter() - start
+
+
 def in_process_figures(lm: LoadedModel, n: int = 64) -> dict[str, float]:
     """The server's batcher without the server: tokens/s of the prompts one at a time and of
     all eight submitted together, beside transformers ``generate`` on the same eight as one
@@ -322,22 +344,7 @@ def in_process_figures(lm: LoadedModel, n: int = 64) -> dict[str, float]:
     batcher.start()
 
     def run(prompts: list[str]) -> tuple[int, float]:
-        """Submit ``prompts`` together; their tokens and the seconds until the last finished."""
-        done = threading.Semaphore(0)
-        tokens: list[int] = []
-
-        def sink(event: Event) -> None:
-            if isinstance(event, Finished):
-                tokens.append(event.generated_tokens)
-                done.release()
-
-        start = time.perf_counter()
-        for prompt in prompts:
-            ids = lm.tokenizer(prompt)["input_ids"]
-            batcher.submit(Job(ids, SamplingParams(max_new_tokens=n), sink))
-        for _ in prompts:
-            done.acquire()
-        return sum(tokens), time.perf_counter() - start
+        return submit_together(batcher, lm, prompts, n)
 
     def rate(runs: list[tuple[int, float]]) -> float:
         return sum(t for t, _ in runs) / sum(s for _, s in runs)
