@@ -71,7 +71,7 @@ from editing.metrics import counterfact_scores
 from editing.models import LoadedModel, default_cache_dir, load_model
 from editing.records import DeltaRecord
 from editing.zstar import compute_keys, compute_zstar
-from service.editlog.base import EditLog
+from service.editlog.base import EditLog, EditStatus, now
 from service.editlog.sqlite import SqliteEditLog
 from service.generation import Batcher, Event, Finished, Job, SamplingParams
 from service.threads import on_own_thread
@@ -571,15 +571,29 @@ def _records(editor: Editor, n: int) -> tuple[list[DeltaRecord], str]:
     return out, "synthetic records of CounterFact's shapes (record cache incomplete)"
 
 
-def fill_log(log: EditLog, records: list[DeltaRecord]) -> None:
-    """Append an edit per record, with the record stored, as a server would leave them; close."""
+def fill_log(log: EditLog, records: list[DeltaRecord], *, applied: bool = True) -> None:
+    """Append an edit per record, with its record stored; close.
+
+    ``applied``: each marked applied at its position, as the server that computed it leaves it,
+    so that a restart finds them so. Without it they stay queued, as after a crash between
+    storing each record and marking it; the start-up replay then marks every one (a durable
+    write each).
+    """
     for record in records:
         facts = [
             {"subject": f.subject, "prompt": f.prompt, "target_new": f.target_new}
             for f in record.facts
         ]
-        log.append_edit(record.id, facts)
+        entry, _ = log.append_edit(record.id, facts)
         log.put_record(record.id, record.to_bytes())
+        if applied:
+            log.transition(
+                record.id,
+                {EditStatus.queued},
+                EditStatus.applied,
+                model_version=entry.seq,
+                applied_at=now(),
+            )
     log.close()
 
 
@@ -621,6 +635,8 @@ def section_replay(args: argparse.Namespace) -> dict[str, Any]:
 
     data_dir = Path(tempfile.mkdtemp(prefix="editserve-replay-"))
     fill_log(SqliteEditLog(data_dir / "editlog.sqlite3"), records)
+    unmarked_dir = Path(tempfile.mkdtemp(prefix="editserve-replay-unmarked-"))
+    fill_log(SqliteEditLog(unmarked_dir / "editlog.sqlite3"), records, applied=False)
 
     def time_to_ready(data: Path | None) -> tuple[float, float]:
         """Seconds to /ready, and the server's own start-up rebuild time."""
@@ -634,6 +650,7 @@ def section_replay(args: argparse.Namespace) -> dict[str, Any]:
     time_to_ready(None)  # the first start records the probes' reference: not part of either
     empty, _ = time_to_ready(None)
     full, server_rebuild = time_to_ready(data_dir)
+    _, unmarked_rebuild = time_to_ready(unmarked_dir)
     return {
         "edits": len(records),
         "records": origin,
@@ -644,6 +661,7 @@ def section_replay(args: argparse.Namespace) -> dict[str, Any]:
         "server_ready_seconds_with_log": full,
         "ready_difference_seconds": full - empty,
         "replay_seconds": server_rebuild,
+        "replay_seconds_statuses_unmarked": unmarked_rebuild,
         "d4s_state_bytes": state_bytes,
     }
 

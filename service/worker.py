@@ -30,7 +30,7 @@ from typing import Any
 
 import torch
 
-from editing.editor import Change, Editor, UnknownEditError, supersede
+from editing.editor import ActiveRecords, Change, Editor, UnknownEditError
 from editing.facts import EditError, Fact, InvalidFactError
 from editing.metrics import weight_norms
 from editing.models import LoadedModel, copy_model, load_model
@@ -229,7 +229,7 @@ class ModelWorker:
         assert self.editor is not None
         started = time.perf_counter()
         self.state.replayed_to = self.log.last_seq()
-        active: list[DeltaRecord] = []
+        active = ActiveRecords()
         last_change = 0
         after = 0
         done = False
@@ -250,21 +250,19 @@ class ModelWorker:
                             done = True
                             break
                     else:
-                        record = DeltaRecord.from_bytes(blob)
-                        kept, superseded, _ = supersede(active, record)
-                        active = [*kept, record]
+                        superseded = active.add(DeltaRecord.from_bytes(blob))
                         last_change = op.seq
                         # Already applied (a restart): nothing to mark.
                         if superseded or entry is None or entry.status in _NEEDS_WORK:
                             self._mark_applied(op, superseded, None)
-                elif any(r.id == op.edit_id for r in active):
-                    active = [r for r in active if r.id != op.edit_id]
+                elif op.edit_id in active:
+                    active.remove(op.edit_id)
                     last_change = op.seq
                     if entry is None or entry.status in _NEEDS_WORK | {EditStatus.applied}:
                         self._mark_reverted(op)
                 after = op.seq
         with self._exclusive():
-            self.editor.replay(active)
+            self.editor.replay(active.records)
             self._sync_served()
             self.state.model_version = last_change
         self.state.processed = after
@@ -272,7 +270,7 @@ class ModelWorker:
         self._observe(*self._measure(self.editor.live_weights()))
         log.info(
             "rebuilt %d active edits from the log up to seq %d in %.2f s",
-            len(active),
+            len(self.editor.records),
             after,
             self.state.replay_seconds,
         )

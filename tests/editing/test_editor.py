@@ -11,11 +11,12 @@ import torch
 
 from editing import zstar
 from editing.adapters import adapter_for
-from editing.editor import Editor, UnknownEditError
+from editing.editor import ActiveRecords, Editor, UnknownEditError, supersede
 from editing.facts import Fact, InvalidFactError, NonFiniteUpdateError
 from editing.hparams import EditHparams
 from editing.metrics import counterfact_scores, score_answers
 from editing.models import LoadedModel
+from editing.records import DeltaRecord
 
 
 @pytest.fixture(autouse=True)
@@ -199,3 +200,29 @@ def test_installing_many_at_once_equals_installing_one_by_one(
     editor.commit(change)
     assert editor.digest() == one_by_one
     assert [r.id for r in editor.records] == [second.id, again.id]
+
+
+def test_the_indexed_active_set_supersedes_as_the_scan_does() -> None:
+    """Records of one to three facts over a few subjects, so that later ones shorten and drop
+    earlier ones, with reverts among them: the index keeps what ``supersede`` keeps, in order,
+    and names the same superseded records."""
+    g = torch.Generator().manual_seed(0)
+    active, indexed = [], ActiveRecords()
+    for i in range(300):
+        picks = torch.randperm(12, generator=g)[: 1 + i % 3].tolist()
+        facts = tuple(Fact(f"s{p}", f"s{p} lives in", f" T{i}") for p in picks)
+        record = DeltaRecord(
+            id=f"r{i}",
+            facts=facts,
+            keys={3: torch.randn(len(facts), 4, generator=g)},
+            residual=torch.randn(len(facts), 2, generator=g),
+        )
+        kept, gone, _ = supersede(active, record)
+        active = [*kept, record]
+        assert indexed.add(record) == gone
+        if i % 7 == 6 and active:  # a revert of a record still active
+            victim = active[int(torch.randint(len(active), (1,), generator=g))]
+            active = [r for r in active if r.id != victim.id]
+            indexed.remove(victim.id)
+        assert [(r.id, r.facts) for r in indexed.records] == [(r.id, r.facts) for r in active]
+    assert any(len(r.facts) < 3 for r in active)  # some records were shortened, not dropped
