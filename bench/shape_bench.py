@@ -39,9 +39,11 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from serve_bench import PROMPTS
 from speed import hardware, submit_together
 from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaConfig
 
+from editing.covariance import covariance
 from editing.d4s import LOW_RANK_ROWS
 from editing.editor import Editor
 from editing.facts import Fact
@@ -82,17 +84,6 @@ SHAPES: dict[str, tuple[LlamaConfig, tuple[int, ...]]] = {
         (1, 2),
     ),
 }
-
-PROMPTS = [
-    "The Eiffel Tower is located in the city of",
-    "The capital of Japan is",
-    "Water boils at a temperature of",
-    "The author of Pride and Prejudice is",
-    "The largest planet in the solar system is",
-    "Photosynthesis is the process by which",
-    "The first person to walk on the Moon was",
-    "The chemical symbol for gold is",
-]
 
 FACTS = [
     Fact(f"Subject {i}", f"The home city of Subject {i} is", " Paris", " Rome") for i in range(17)
@@ -175,8 +166,6 @@ def _covariance(
     lm: LoadedModel, hp: EditHparams, tokens: int, sync: Callable[[], None]
 ) -> tuple[dict[str, Any], dict[int, torch.Tensor]]:
     """C0 over text of random tokens (what C0 holds does not change its cost)."""
-    from editing.covariance import covariance
-
     generator = torch.Generator().manual_seed(0)
     vocab = len(lm.tokenizer)
     texts = [
@@ -195,11 +184,7 @@ def _covariance(
 
 def _edits(editor: Editor, sync: Callable[[], None]) -> dict[str, Any]:
     editor.apply([FACTS[0]])  # warm
-    sync()
-    started = time.perf_counter()
-    result = editor.apply([FACTS[1]])
-    sync()
-    total = time.perf_counter() - started
+    result, total = _timed(sync, lambda: editor.apply([FACTS[1]]))
     _, batch = _timed(sync, lambda: editor.compute_many([[f] for f in FACTS[1:17]]))
     return {
         "one_edit_seconds": total,

@@ -155,8 +155,13 @@ class ExactSums:
     def room_used(self) -> float:
         """The largest count's magnitude as a share of the most the sums hold exactly: an edit
         that would take it to 1 is refused (one pass over the counts)."""
-        peak = max(max(-float(lo), float(hi)) for lo, hi in map(torch.aminmax, (self.kk, self.rk)))
-        return peak / _LIMIT
+        return max(_peak(self.kk), _peak(self.rk)) / _LIMIT
+
+
+def _peak(counts: torch.Tensor) -> float:
+    """The largest magnitude among ``counts`` (one pass, no copy)."""
+    low, high = torch.aminmax(counts)
+    return max(-float(low), float(high))
 
 
 def _to_units(x: torch.Tensor, unit: float) -> tuple[torch.Tensor, float]:
@@ -175,7 +180,7 @@ def _checked(
     """a + sign * b and a bound on it, refused where the result reaches the limit."""
     out = a + b if sign > 0 else a - b
     if bound >= _LIMIT:
-        bound = float(out.abs().max())
+        bound = _peak(out)
         if bound >= _LIMIT:
             raise SumsOverflowError("D4S's exact sums would overflow: too many or too large edits")
     return out, bound
