@@ -36,7 +36,14 @@ from editing.metrics import weight_norms
 from editing.models import LoadedModel, copy_model, load_model
 from editing.records import DeltaRecord, fact_from_json
 from service import __version__
-from service.editlog.base import EditLog, EditLogError, EditStatus, Operation, now
+from service.editlog.base import (
+    EditLog,
+    EditLogError,
+    EditStatus,
+    Operation,
+    Transition,
+    now,
+)
 from service.errors import PROBLEM_BASE
 from service.generation import Batcher
 from service.guardrails import Breach, Norms
@@ -241,6 +248,8 @@ class ModelWorker:
             # record stored before, so the record read after it finds it.
             entries = self.log.get_many([op.edit_id for op in ops])
             blobs = self.log.get_records([op.edit_id for op in ops if op.kind == "apply"])
+            # The statuses a crash left behind, marked in one write per page.
+            marks: list[Transition] = []
             for op in ops:
                 entry = entries.get(op.edit_id)
                 if op.kind == "apply":
@@ -254,13 +263,14 @@ class ModelWorker:
                         last_change = op.seq
                         # Already applied (a restart): nothing to mark.
                         if superseded or entry is None or entry.status in _NEEDS_WORK:
-                            self._mark_applied(op, superseded, None)
+                            marks += _applied(op, superseded, {"applied_at": now()})
                 elif op.edit_id in active:
                     active.remove(op.edit_id)
                     last_change = op.seq
                     if entry is None or entry.status in _NEEDS_WORK | {EditStatus.applied}:
-                        self._mark_reverted(op)
+                        marks.append(_reverted(op))
                 after = op.seq
+            self.log.transition_many(marks)
         with self._exclusive():
             self.editor.replay(active.records)
             self._sync_served()
@@ -652,22 +662,12 @@ class ModelWorker:
     def _mark_applied(
         self, op: Operation, superseded: list[str], scores: dict[str, Any] | None
     ) -> None:
-        fields: dict[str, Any] = {"model_version": op.seq, "applied_at": now()}
+        fields: dict[str, Any] = {"applied_at": now()}
         if scores is not None:  # computed here
             fields.update(scores=scores, computed_by=self.replica)
-        if self.ready:  # the start-up rebuild is not news
-            self.metrics.edits.labels("applied").inc()
-            self.metrics.edits.labels("superseded").inc(len(superseded))
-        if not self.log.transition(op.edit_id, _IN_FLIGHT, EditStatus.applied, **fields):
-            # A revert was asked for meanwhile: it stays ``reverting`` until its turn.
-            self.log.transition(op.edit_id, {EditStatus.reverting}, None, **fields)
-        for old in superseded:
-            self.log.transition(
-                old,
-                {EditStatus.applied, EditStatus.reverting},
-                EditStatus.superseded,
-                superseded_by=op.edit_id,
-            )
+        self.metrics.edits.labels("applied").inc()
+        self.metrics.edits.labels("superseded").inc(len(superseded))
+        self.log.transition_many(_applied(op, superseded, fields))
 
     def _revert(self, op: Operation) -> None:
         assert self.editor is not None
@@ -692,13 +692,7 @@ class ModelWorker:
         self._observe(*self._measure(change.weights))
 
     def _mark_reverted(self, op: Operation) -> None:
-        self.log.transition(
-            op.edit_id,
-            {EditStatus.reverting, EditStatus.applied, EditStatus.applying},
-            EditStatus.reverted,
-            reverted_at=now(),
-            reverted_version=op.seq,
-        )
+        self.log.transition_many([_reverted(op)])
 
     def _fail(
         self, op: Operation, status: EditStatus, kind: str, title: str, exc: BaseException
@@ -747,9 +741,40 @@ def _target_probability(scores: dict[str, Any]) -> tuple[float, float]:
     return before, after
 
 
+def _applied(op: Operation, superseded: list[str], fields: dict[str, Any]) -> list[Transition]:
+    """The log changes that mark ``op`` applied with ``fields``, and ``superseded`` as
+    replaced by it."""
+    fields = {**fields, "model_version": op.seq}
+    return [
+        Transition(op.edit_id, _IN_FLIGHT, EditStatus.applied, fields),
+        # A revert asked for meanwhile leaves it ``reverting`` until the revert's turn (after
+        # the change above, this one matches nothing).
+        Transition(op.edit_id, frozenset({EditStatus.reverting}), None, fields),
+        *(
+            Transition(
+                old,
+                frozenset({EditStatus.applied, EditStatus.reverting}),
+                EditStatus.superseded,
+                {"superseded_by": op.edit_id},
+            )
+            for old in superseded
+        ),
+    ]
+
+
+def _reverted(op: Operation) -> Transition:
+    """The log change that marks the edit of the revert ``op`` reverted."""
+    return Transition(
+        op.edit_id,
+        frozenset({EditStatus.reverting, EditStatus.applied, EditStatus.applying}),
+        EditStatus.reverted,
+        {"reverted_at": now(), "reverted_version": op.seq},
+    )
+
+
 class _Stopping(Exception):
     """The worker is stopping while it waits on another replica."""
 
 
-_NEEDS_WORK = {EditStatus.queued, EditStatus.applying, EditStatus.reverting}
-_IN_FLIGHT = {EditStatus.queued, EditStatus.applying}
+_NEEDS_WORK = frozenset({EditStatus.queued, EditStatus.applying, EditStatus.reverting})
+_IN_FLIGHT = frozenset({EditStatus.queued, EditStatus.applying})

@@ -16,7 +16,8 @@ import json
 import time
 from abc import ABC, abstractmethod
 from collections.abc import Sequence
-from dataclasses import dataclass
+from collections.abc import Set as AbstractSet
+from dataclasses import dataclass, field
 from enum import StrEnum
 from typing import Any, Literal
 
@@ -131,6 +132,21 @@ class EditEntry:
         return cls(**doc)
 
 
+@dataclass(frozen=True)
+class Transition:
+    """One compare-and-set: if the edit's status is in ``expected``, set ``status`` (None: keep
+    it) and ``fields``. :meth:`EditLog.transition` makes one; :meth:`EditLog.transition_many`
+    makes several as one write."""
+
+    edit_id: str
+    expected: frozenset[EditStatus]
+    status: EditStatus | None
+    fields: dict[str, Any] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        check_fields(self.fields)  # refused here, before a batch of them changes anything
+
+
 UPDATABLE = frozenset(
     {
         "applied_at",
@@ -212,7 +228,7 @@ class EditLog(ABC):
     def transition(
         self,
         edit_id: str,
-        expected: set[EditStatus],
+        expected: AbstractSet[EditStatus],
         status: EditStatus | None,
         **fields: Any,
     ) -> EditEntry | None:
@@ -220,6 +236,25 @@ class EditLog(ABC):
 
         Atomic compare-and-set; returns the new entry, or None when the status did not match.
         """
+
+    def transition_many(self, changes: Sequence[Transition]) -> list[EditEntry | None]:
+        """Make ``changes`` in order, each as :meth:`transition` would and each seeing the ones
+        before it; returns what each returned.
+
+        An unknown edit among them raises :class:`UnknownEdit` before anything changes. A log
+        with transactions makes them one durable write (the SQLite log: one commit, where one
+        ``transition`` each would pay a commit each); this default makes them one at a time,
+        which suits a log whose writes are not each flushed to disk (Redis).
+        """
+        ids = list(dict.fromkeys(change.edit_id for change in changes))
+        known = self.get_many(ids)
+        for edit_id in ids:
+            if edit_id not in known:
+                raise UnknownEdit(edit_id)
+        return [
+            self.transition(change.edit_id, change.expected, change.status, **change.fields)
+            for change in changes
+        ]
 
     @abstractmethod
     def put_record(self, edit_id: str, blob: bytes) -> bool:

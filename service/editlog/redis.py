@@ -18,6 +18,7 @@ with ``appendonly yes`` in production.
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
+from collections.abc import Set as AbstractSet
 from typing import Any, TypeVar
 
 import redis
@@ -192,7 +193,7 @@ class RedisEditLog(EditLog):
     def transition(
         self,
         edit_id: str,
-        expected: set[EditStatus],
+        expected: AbstractSet[EditStatus],
         status: EditStatus | None,
         **fields: Any,
     ) -> EditEntry | None:

@@ -10,7 +10,8 @@ from __future__ import annotations
 import sqlite3
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
+from collections.abc import Set as AbstractSet
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
@@ -22,6 +23,7 @@ from service.editlog.base import (
     EditStatus,
     IdempotencyConflict,
     Operation,
+    Transition,
     UnknownEdit,
     revert_outcome,
 )
@@ -181,20 +183,17 @@ class SqliteEditLog(EditLog):
     def transition(
         self,
         edit_id: str,
-        expected: set[EditStatus],
+        expected: AbstractSet[EditStatus],
         status: EditStatus | None,
         **fields: Any,
     ) -> EditEntry | None:
+        return self.transition_many([Transition(edit_id, frozenset(expected), status, fields)])[0]
+
+    def transition_many(self, changes: Sequence[Transition]) -> list[EditEntry | None]:
+        # One transaction: one commit (an fsync under synchronous=FULL) for all of them, and
+        # an unknown edit rolls back the ones before it.
         with self._write() as db:
-            row = db.execute("SELECT doc FROM edits WHERE id = ?", (edit_id,)).fetchone()
-            if row is None:
-                raise UnknownEdit(edit_id)
-            entry = EditEntry.from_json(row[0])
-            if entry.status not in expected:
-                return None
-            entry = entry.updated(status, fields)
-            _save(db, entry)
-        return entry
+            return [_transition(db, change) for change in changes]
 
     def put_record(self, edit_id: str, blob: bytes) -> bool:
         with self._write() as db:
@@ -232,6 +231,18 @@ class SqliteEditLog(EditLog):
     def close(self) -> None:
         with self._lock:
             self._db.close()
+
+
+def _transition(db: sqlite3.Connection, change: Transition) -> EditEntry | None:
+    row = db.execute("SELECT doc FROM edits WHERE id = ?", (change.edit_id,)).fetchone()
+    if row is None:
+        raise UnknownEdit(change.edit_id)
+    entry = EditEntry.from_json(row[0])
+    if entry.status not in change.expected:
+        return None
+    entry = entry.updated(change.status, change.fields)
+    _save(db, entry)
+    return entry
 
 
 def _save(db: sqlite3.Connection, entry: EditEntry) -> None:

@@ -17,6 +17,7 @@ from service.editlog.base import (
     EditStatus,
     IdempotencyConflict,
     RevertConflict,
+    Transition,
     UnknownEdit,
 )
 from service.editlog.redis import RedisEditLog
@@ -139,6 +140,71 @@ def test_transition_is_compare_and_set(edit_log: EditLog) -> None:
         edit_log.transition(edit_id, {EditStatus.queued}, None, facts=[])
     with pytest.raises(UnknownEdit):
         edit_log.transition(new_id(), {EditStatus.queued}, EditStatus.applied)
+
+
+def test_transition_many_makes_each_in_order_seeing_the_ones_before(edit_log: EditLog) -> None:
+    a, b = new_id(), new_id()
+    for edit_id in (a, b):
+        edit_log.append_edit(edit_id, [FACT])
+    applied = {EditStatus.applied}
+    results = edit_log.transition_many(
+        [
+            Transition(a, frozenset({EditStatus.queued}), EditStatus.applying),
+            Transition(
+                a, frozenset({EditStatus.applying}), EditStatus.applied, {"model_version": 1}
+            ),
+            Transition(a, frozenset({EditStatus.queued}), EditStatus.failed),  # a moved on
+            Transition(b, frozenset(applied), EditStatus.reverted),  # b is not applied
+            Transition(b, frozenset({EditStatus.queued}), None, {"scores": {"x": 1}}),
+        ]
+    )
+    assert [r.status if r else None for r in results] == [
+        EditStatus.applying,
+        EditStatus.applied,
+        None,
+        None,
+        EditStatus.queued,
+    ]
+    got_a, got_b = edit_log.get(a), edit_log.get(b)
+    assert got_a is not None and got_a.status == EditStatus.applied and got_a.model_version == 1
+    assert got_b is not None and got_b.status == EditStatus.queued and got_b.scores == {"x": 1}
+    counts = edit_log.status_counts()
+    assert counts[EditStatus.applied] == counts[EditStatus.queued] == 1
+    assert edit_log.transition_many([]) == []
+
+
+def test_transition_many_with_an_unknown_edit_changes_nothing(edit_log: EditLog) -> None:
+    edit_id = new_id()
+    edit_log.append_edit(edit_id, [FACT])
+    missing = new_id()
+    with pytest.raises(UnknownEdit) as raised:
+        edit_log.transition_many(
+            [
+                Transition(edit_id, frozenset({EditStatus.queued}), EditStatus.applied),
+                Transition(missing, frozenset({EditStatus.queued}), EditStatus.applied),
+            ]
+        )
+    assert raised.value.edit_id == missing
+    assert edit_log.get(edit_id).status == EditStatus.queued  # type: ignore[union-attr]
+    assert edit_log.status_counts()[EditStatus.applied] == 0
+    with pytest.raises(ValueError):  # a field no transition may set is refused up front
+        Transition(edit_id, frozenset({EditStatus.queued}), None, {"facts": []})
+
+
+def test_sqlite_transition_many_is_one_commit(tmp_path: Path) -> None:
+    """The point of the batch on SQLite: under synchronous=FULL each commit is a sync to disk,
+    and a crash-recovery replay marks hundreds of statuses."""
+    log = SqliteEditLog(tmp_path / "log.sqlite3")
+    ids = [new_id() for _ in range(50)]
+    for edit_id in ids:
+        log.append_edit(edit_id, [FACT])
+    statements: list[str] = []
+    log._db.set_trace_callback(statements.append)
+    changes = [Transition(i, frozenset({EditStatus.queued}), EditStatus.applied) for i in ids]
+    assert all(log.transition_many(changes))
+    assert [s for s in statements if s.strip().upper() == "COMMIT"] == ["COMMIT"]
+    assert log.status_counts()[EditStatus.applied] == len(ids)
+    log.close()
 
 
 def test_concurrent_transitions_let_exactly_one_win(edit_log: EditLog) -> None:
