@@ -30,18 +30,19 @@ from typing import Any
 
 import torch
 
-from editing.editor import ActiveRecords, Change, Editor, UnknownEditError
+from editing.editor import Change, Editor, UnknownEditError
 from editing.facts import EditError, Fact, InvalidFactError
 from editing.metrics import weight_norms
 from editing.models import LoadedModel, copy_model, load_model
 from editing.records import DeltaRecord, fact_from_json
 from service import __version__
 from service.editlog.base import (
+    IN_FLIGHT,
+    NEEDS_WORK,
     EditLog,
     EditLogError,
     EditStatus,
     Operation,
-    Transition,
     now,
 )
 from service.errors import PROBLEM_BASE
@@ -49,6 +50,7 @@ from service.generation import Batcher
 from service.guardrails import Breach, Norms
 from service.metrics import Metrics
 from service.probes import Prober, ProbeReport, default_dtype, load_probes
+from service.rebuild import applied, read_log, reverted
 from service.scores import Snapshot, compare, snapshot
 from service.settings import Settings
 from service.threads import on_own_thread
@@ -236,52 +238,18 @@ class ModelWorker:
         assert self.editor is not None
         started = time.perf_counter()
         self.state.replayed_to = self.log.last_seq()
-        active = ActiveRecords()
-        last_change = 0
-        after = 0
-        done = False
-        while not done:
-            ops = self.log.read(after, limit=500)
-            if not ops:
-                break
-            # One round trip per page, the entries first: an entry read as applied had its
-            # record stored before, so the record read after it finds it.
-            entries = self.log.get_many([op.edit_id for op in ops])
-            blobs = self.log.get_records([op.edit_id for op in ops if op.kind == "apply"])
-            # The statuses a crash left behind, marked in one write per page.
-            marks: list[Transition] = []
-            for op in ops:
-                entry = entries.get(op.edit_id)
-                if op.kind == "apply":
-                    blob = blobs.get(op.edit_id)
-                    if blob is None:
-                        if entry is not None and entry.status in _NEEDS_WORK:
-                            done = True
-                            break
-                    else:
-                        superseded = active.add(DeltaRecord.from_bytes(blob))
-                        last_change = op.seq
-                        # Already applied (a restart): nothing to mark.
-                        if superseded or entry is None or entry.status in _NEEDS_WORK:
-                            marks += _applied(op, superseded, {"applied_at": now()})
-                elif op.edit_id in active:
-                    active.remove(op.edit_id)
-                    last_change = op.seq
-                    if entry is None or entry.status in _NEEDS_WORK | {EditStatus.applied}:
-                        marks.append(_reverted(op))
-                after = op.seq
-            self.log.transition_many(marks)
+        found = read_log(self.log)
         with self._exclusive():
-            self.editor.replay(active.records)
+            self.editor.replay(found.records)
             self._sync_served()
-            self.state.model_version = last_change
-        self.state.processed = after
+            self.state.model_version = found.version
+        self.state.processed = found.processed
         self.state.replay_seconds = time.perf_counter() - started
         self._observe(*self._measure(self.editor.live_weights()))
         log.info(
             "rebuilt %d active edits from the log up to seq %d in %.2f s",
             len(self.editor.records),
-            after,
+            found.processed,
             self.state.replay_seconds,
         )
 
@@ -384,7 +352,7 @@ class ModelWorker:
             if blob is not None:
                 self._install_stored(op, blob)
                 return False
-            if entry is None or entry.status not in _NEEDS_WORK:
+            if entry is None or entry.status not in NEEDS_WORK:
                 return False
             if self.log.claim(op.edit_id, self.replica, self.settings.lease_seconds):
                 # Storing a record frees its lease, so the claim may have come just after
@@ -411,7 +379,7 @@ class ModelWorker:
         entry = self.log.transition(
             op.edit_id, {EditStatus.queued, EditStatus.applying}, EditStatus.applying
         ) or self.log.get(op.edit_id)
-        if entry is None or entry.status not in _NEEDS_WORK:
+        if entry is None or entry.status not in NEEDS_WORK:
             return  # cancelled while queued, or it failed
         facts = [fact_from_json(f) for f in entry.facts]
         seconds: dict[str, float] = {}
@@ -457,7 +425,7 @@ class ModelWorker:
             entry = self.log.transition(
                 op.edit_id, {EditStatus.queued, EditStatus.applying}, EditStatus.applying
             ) or self.log.get(op.edit_id)
-            if entry is not None and entry.status in _NEEDS_WORK:
+            if entry is not None and entry.status in NEEDS_WORK:
                 work.append((op, [fact_from_json(f) for f in entry.facts]))
         if len(work) < 2:
             for op, _ in work:
@@ -656,7 +624,7 @@ class ModelWorker:
         }
         log.warning("edit %s rejected: %s", op.edit_id, problem["detail"])
         self.log.transition(
-            op.edit_id, _IN_FLIGHT | {EditStatus.reverting}, EditStatus.rejected, error=problem
+            op.edit_id, IN_FLIGHT | {EditStatus.reverting}, EditStatus.rejected, error=problem
         )
 
     def _mark_applied(
@@ -667,7 +635,7 @@ class ModelWorker:
             fields.update(scores=scores, computed_by=self.replica)
         self.metrics.edits.labels("applied").inc()
         self.metrics.edits.labels("superseded").inc(len(superseded))
-        self.log.transition_many(_applied(op, superseded, fields))
+        self.log.transition_many(applied(op, superseded, fields))
 
     def _revert(self, op: Operation) -> None:
         assert self.editor is not None
@@ -692,7 +660,7 @@ class ModelWorker:
         self._observe(*self._measure(change.weights))
 
     def _mark_reverted(self, op: Operation) -> None:
-        self.log.transition_many([_reverted(op)])
+        self.log.transition_many([reverted(op)])
 
     def _fail(
         self, op: Operation, status: EditStatus, kind: str, title: str, exc: BaseException
@@ -709,7 +677,7 @@ class ModelWorker:
             problem["field"] = exc.field
         if code == 500:
             log.error("edit %s failed: %s", op.edit_id, "".join(traceback.format_exception(exc)))
-        self.log.transition(op.edit_id, _IN_FLIGHT | {EditStatus.reverting}, status, error=problem)
+        self.log.transition(op.edit_id, IN_FLIGHT | {EditStatus.reverting}, status, error=problem)
 
     # -- reading ---------------------------------------------------------------------------
 
@@ -741,40 +709,5 @@ def _target_probability(scores: dict[str, Any]) -> tuple[float, float]:
     return before, after
 
 
-def _applied(op: Operation, superseded: list[str], fields: dict[str, Any]) -> list[Transition]:
-    """The log changes that mark ``op`` applied with ``fields``, and ``superseded`` as
-    replaced by it."""
-    fields = {**fields, "model_version": op.seq}
-    return [
-        Transition(op.edit_id, _IN_FLIGHT, EditStatus.applied, fields),
-        # A revert asked for meanwhile leaves it ``reverting`` until the revert's turn (after
-        # the change above, this one matches nothing).
-        Transition(op.edit_id, frozenset({EditStatus.reverting}), None, fields),
-        *(
-            Transition(
-                old,
-                frozenset({EditStatus.applied, EditStatus.reverting}),
-                EditStatus.superseded,
-                {"superseded_by": op.edit_id},
-            )
-            for old in superseded
-        ),
-    ]
-
-
-def _reverted(op: Operation) -> Transition:
-    """The log change that marks the edit of the revert ``op`` reverted."""
-    return Transition(
-        op.edit_id,
-        frozenset({EditStatus.reverting, EditStatus.applied, EditStatus.applying}),
-        EditStatus.reverted,
-        {"reverted_at": now(), "reverted_version": op.seq},
-    )
-
-
 class _Stopping(Exception):
     """The worker is stopping while it waits on another replica."""
-
-
-_NEEDS_WORK = frozenset({EditStatus.queued, EditStatus.applying, EditStatus.reverting})
-_IN_FLIGHT = frozenset({EditStatus.queued, EditStatus.applying})

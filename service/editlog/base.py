@@ -33,6 +33,11 @@ class EditStatus(StrEnum):
     reverted = "reverted"
 
 
+# An edit in one of these states still needs a worker: its apply or its revert is to be made.
+NEEDS_WORK = frozenset({EditStatus.queued, EditStatus.applying, EditStatus.reverting})
+# An apply not yet in effect.
+IN_FLIGHT = frozenset({EditStatus.queued, EditStatus.applying})
+
 # A revert of an edit in one of these states is refused: it has no effect to undo.
 _REVERT_CONFLICTS = {
     EditStatus.reverting: "the edit is already being reverted",

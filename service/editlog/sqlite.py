@@ -192,6 +192,8 @@ class SqliteEditLog(EditLog):
     def transition_many(self, changes: Sequence[Transition]) -> list[EditEntry | None]:
         # One transaction: one commit (an fsync under synchronous=FULL) for all of them, and
         # an unknown edit rolls back the ones before it.
+        if not changes:
+            return []
         with self._write() as db:
             return [_transition(db, change) for change in changes]
 

@@ -204,6 +204,9 @@ def test_sqlite_transition_many_is_one_commit(tmp_path: Path) -> None:
     assert all(log.transition_many(changes))
     assert [s for s in statements if s.strip().upper() == "COMMIT"] == ["COMMIT"]
     assert log.status_counts()[EditStatus.applied] == len(ids)
+    statements.clear()
+    assert log.transition_many([]) == []
+    assert statements == []  # nothing to mark: no transaction at all
     log.close()
 
 

@@ -1,0 +1,107 @@
+"""What the edit log says the weights are: the start-up rebuild's reading of the log.
+
+The active records are those of the ``apply`` operations in log order, each one superseding the
+facts it re-edits, less the edits a ``revert`` took out; the live weights are a function of
+them alone. A crash can leave an edit's status behind its operation (a record stored, the edit
+not yet marked applied; a revert whose edit is not yet marked reverted): reading the log marks
+those, in one log write per page of operations.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+from editing.editor import ActiveRecords
+from editing.records import DeltaRecord
+from service.editlog.base import (
+    IN_FLIGHT,
+    NEEDS_WORK,
+    EditLog,
+    EditStatus,
+    Operation,
+    Transition,
+    now,
+)
+
+PAGE = 500  # operations read (and statuses marked) at a time
+
+
+@dataclass
+class LogState:
+    records: list[DeltaRecord]  # the active records, in log order
+    version: int  # seq of the last operation that changed the weights (0: none did)
+    processed: int  # seq of the last operation read; the worker's loop takes it from there
+
+
+def read_log(edit_log: EditLog) -> LogState:
+    """The active records of every operation whose record is stored, marking the statuses a
+    crash left behind. Stops before the first ``apply`` still to be computed: it and what
+    follows are the worker's normal loop's."""
+    active = ActiveRecords()
+    version = processed = 0
+    while True:
+        ops = edit_log.read(processed, limit=PAGE)
+        if not ops:
+            break
+        # One round trip per page, the entries first: an entry read as applied had its record
+        # stored before, so the record read after it finds it.
+        entries = edit_log.get_many([op.edit_id for op in ops])
+        blobs = edit_log.get_records([op.edit_id for op in ops if op.kind == "apply"])
+        marks: list[Transition] = []
+        stopped = False
+        for op in ops:
+            entry = entries.get(op.edit_id)
+            if op.kind == "apply":
+                blob = blobs.get(op.edit_id)
+                if blob is None:
+                    if entry is not None and entry.status in NEEDS_WORK:
+                        stopped = True
+                        break
+                else:
+                    superseded = active.add(DeltaRecord.from_bytes(blob))
+                    version = op.seq
+                    # Already applied (a restart): nothing to mark.
+                    if superseded or entry is None or entry.status in NEEDS_WORK:
+                        marks += applied(op, superseded, {"applied_at": now()})
+            elif op.edit_id in active:
+                active.remove(op.edit_id)
+                version = op.seq
+                if entry is None or entry.status in NEEDS_WORK | {EditStatus.applied}:
+                    marks.append(reverted(op))
+            processed = op.seq
+        edit_log.transition_many(marks)
+        if stopped:
+            break
+    return LogState(records=active.records, version=version, processed=processed)
+
+
+def applied(op: Operation, superseded: list[str], fields: dict[str, Any]) -> list[Transition]:
+    """The log changes that mark ``op``'s edit applied with ``fields``, and the edits in
+    ``superseded`` as replaced by it."""
+    fields = {**fields, "model_version": op.seq}
+    return [
+        Transition(op.edit_id, IN_FLIGHT, EditStatus.applied, fields),
+        # A revert asked for meanwhile leaves it ``reverting`` until the revert's turn (after
+        # the change above, this one matches nothing).
+        Transition(op.edit_id, frozenset({EditStatus.reverting}), None, fields),
+        *(
+            Transition(
+                old,
+                frozenset({EditStatus.applied, EditStatus.reverting}),
+                EditStatus.superseded,
+                {"superseded_by": op.edit_id},
+            )
+            for old in superseded
+        ),
+    ]
+
+
+def reverted(op: Operation) -> Transition:
+    """The log change that marks the edit of the revert ``op`` reverted."""
+    return Transition(
+        op.edit_id,
+        frozenset({EditStatus.reverting, EditStatus.applied, EditStatus.applying}),
+        EditStatus.reverted,
+        {"reverted_at": now(), "reverted_version": op.seq},
+    )
