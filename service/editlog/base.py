@@ -246,10 +246,11 @@ class EditLog(ABC):
         """Make ``changes`` in order, each as :meth:`transition` would and each seeing the ones
         before it; returns what each returned.
 
-        An unknown edit among them raises :class:`UnknownEdit` before anything changes. A log
-        with transactions makes them one durable write (the SQLite log: one commit, where one
-        ``transition`` each would pay a commit each); this default makes them one at a time,
-        which suits a log whose writes are not each flushed to disk (Redis).
+        An unknown edit among them raises :class:`UnknownEdit` before anything changes. Both
+        logs make them one write, all or nothing: the SQLite log one transaction (one commit,
+        where a ``transition`` each would pay a sync to disk each), the Redis log one script
+        (one round trip, where a ``transition`` each would pay two each). This default, for
+        other logs, makes them one at a time.
         """
         ids = list(dict.fromkeys(change.edit_id for change in changes))
         known = self.get_many(ids)

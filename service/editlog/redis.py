@@ -11,7 +11,7 @@ Keys (all under one prefix, ``editserve`` by default)::
     {p}:record:<id>    the edit's delta record (safetensors bytes)
 
 Every write that must be atomic with another (an append with its idempotency key, a revert with
-its status change, a status compare-and-set) is one Lua script. Durability is Redis's: run it
+its status change, a status compare-and-set, a batch of them) is one Lua script. Durability is Redis's: run it
 with ``appendonly yes`` in production.
 """
 
@@ -31,6 +31,7 @@ from service.editlog.base import (
     EditStatus,
     IdempotencyConflict,
     Operation,
+    Transition,
     UnknownEdit,
     revert_outcome,
 )
@@ -73,6 +74,25 @@ redis.call('HSET', KEYS[1], 'status', ARGV[2], 'doc', ARGV[3])
 return redis.call('HINCRBY', KEYS[1], 'rev', 1)
 """
 
+# KEYS: counts, then the edits' hashes   ARGV: for each edit in turn, its expected rev, new
+# status, new doc. Writes every edit or none: 0 when any rev moved on (the caller re-reads and
+# retries), else 1.
+_CAS_MANY = """
+for i = 2, #KEYS do
+  if redis.call('HGET', KEYS[i], 'rev') ~= ARGV[3 * i - 5] then return 0 end
+end
+for i = 2, #KEYS do
+  local status = ARGV[3 * i - 4]
+  local old = redis.call('HGET', KEYS[i], 'status')
+  if old ~= status then
+    redis.call('HINCRBY', KEYS[1], old, -1)
+    redis.call('HINCRBY', KEYS[1], status, 1)
+  end
+  redis.call('HSET', KEYS[i], 'status', status, 'doc', ARGV[3 * i - 3])
+  redis.call('HINCRBY', KEYS[i], 'rev', 1)
+end
+return 1
+"""
 
 # KEYS: lease. ARGV: owner, milliseconds. Take the lease if free or ours (then renew it).
 _CLAIM = """
@@ -98,6 +118,7 @@ class RedisEditLog(EditLog):
         )
         self._append = self._r.register_script(_APPEND)
         self._cas = self._r.register_script(_CAS)
+        self._cas_many = self._r.register_script(_CAS_MANY)
         self._claim = self._r.register_script(_CLAIM)
         self._release = self._r.register_script(_RELEASE)
 
@@ -112,15 +133,26 @@ class RedisEditLog(EditLog):
 
     def _load(self, edit_id: str) -> tuple[EditEntry, bytes] | None:
         """The entry and its rev, read together."""
-        reply: Any = self._call(
-            lambda: self._r.hmget(self._key("edit", edit_id), "seq", "rev", "doc")
-        )
-        seq, rev, doc = reply
-        if doc is None:
-            return None
-        entry = EditEntry.from_json(doc)
-        entry.seq = int(seq)
-        return entry, rev
+        return self._load_many([edit_id]).get(edit_id)
+
+    def _load_many(self, edit_ids: list[str]) -> dict[str, tuple[EditEntry, bytes]]:
+        """Those of ``edit_ids`` that exist, each entry with its rev, in one round trip."""
+
+        def fetch() -> list[Any]:
+            pipe = self._r.pipeline(transaction=False)
+            for edit_id in edit_ids:
+                pipe.hmget(self._key("edit", edit_id), "seq", "rev", "doc")
+            return pipe.execute()
+
+        if not edit_ids:
+            return {}
+        found = {}
+        for edit_id, (seq, rev, doc) in zip(edit_ids, self._call(fetch), strict=True):
+            if doc is not None:
+                entry = EditEntry.from_json(doc)
+                entry.seq = int(seq)
+                found[edit_id] = (entry, rev)
+        return found
 
     def append_edit(
         self,
@@ -197,9 +229,39 @@ class RedisEditLog(EditLog):
         status: EditStatus | None,
         **fields: Any,
     ) -> EditEntry | None:
-        return self._compare_and_set(
-            edit_id, lambda e: (status, fields) if e.status in expected else None
-        )
+        return self.transition_many([Transition(edit_id, frozenset(expected), status, fields)])[0]
+
+    def transition_many(self, changes: Sequence[Transition]) -> list[EditEntry | None]:
+        """Decided here on the entries read in one round trip, written by one script that
+        checks every entry's rev first: all of them or, if another writer came between, none,
+        and then read and decided again."""
+        if not changes:
+            return []
+        ids = list(dict.fromkeys(change.edit_id for change in changes))
+        for _ in range(100):
+            loaded = self._load_many(ids)
+            for edit_id in ids:
+                if edit_id not in loaded:
+                    raise UnknownEdit(edit_id)
+            now_entries = {edit_id: entry for edit_id, (entry, _) in loaded.items()}
+            results: list[EditEntry | None] = []
+            for change in changes:
+                entry = now_entries[change.edit_id]
+                if entry.status not in change.expected:
+                    results.append(None)
+                    continue
+                now_entries[change.edit_id] = entry.updated(change.status, change.fields)
+                results.append(now_entries[change.edit_id])
+            written = [i for i in ids if now_entries[i] is not loaded[i][0]]
+            if not written:
+                return results
+            keys = [self._key("counts"), *(self._key("edit", i) for i in written)]
+            args: list[Any] = []
+            for i in written:
+                args += [loaded[i][1], str(now_entries[i].status), now_entries[i].to_json()]
+            if int(self._call(lambda: self._cas_many(keys=keys, args=args))):  # noqa: B023
+                return results
+        raise EditLogError(f"edits {ids} kept changing; gave up after 100 tries")
 
     def read(self, after: int, limit: int = 100, block: float = 0.0) -> list[Operation]:
         stream = self._key("ops")
@@ -230,20 +292,7 @@ class RedisEditLog(EditLog):
         return loaded[0] if loaded else None
 
     def get_many(self, edit_ids: Sequence[str]) -> dict[str, EditEntry]:
-        def fetch() -> list[Any]:
-            pipe = self._r.pipeline(transaction=False)
-            for edit_id in edit_ids:
-                pipe.hmget(self._key("edit", edit_id), "seq", "doc")
-            return pipe.execute()
-
-        if not edit_ids:
-            return {}
-        found = {}
-        for edit_id, (seq, doc) in zip(edit_ids, self._call(fetch), strict=True):
-            if doc is not None:
-                found[edit_id] = EditEntry.from_json(doc)
-                found[edit_id].seq = int(seq)
-        return found
+        return {k: entry for k, (entry, _) in self._load_many(list(edit_ids)).items()}
 
     def list_edits(
         self, status: EditStatus | None = None, limit: int = 50, before: int | None = None

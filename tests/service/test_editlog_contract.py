@@ -8,6 +8,7 @@ import time
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -207,6 +208,43 @@ def test_sqlite_transition_many_is_one_commit(tmp_path: Path) -> None:
     statements.clear()
     assert log.transition_many([]) == []
     assert statements == []  # nothing to mark: no transaction at all
+    log.close()
+
+
+def test_redis_transition_many_writes_all_or_none_and_decides_again(
+    redis_server: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Another writer between the batch's read and its write: the script writes nothing, and
+    the batch is decided again on what that writer left."""
+    log = RedisEditLog(redis_server.url, prefix=f"test-{uuid.uuid4().hex[:8]}")
+    other = RedisEditLog(redis_server.url, prefix=log.prefix)
+    a, b = new_id(), new_id()
+    for edit_id in (a, b):
+        log.append_edit(edit_id, [FACT])
+    reads = []
+    load_many = log._load_many
+
+    def raced(edit_ids: list[str]) -> Any:
+        found = load_many(edit_ids)
+        reads.append(edit_ids)
+        if len(reads) == 1:  # after the first read only
+            assert other.transition(b, {EditStatus.queued}, EditStatus.failed) is not None
+        return found
+
+    monkeypatch.setattr(log, "_load_many", raced)
+    queued = frozenset({EditStatus.queued})
+    results = log.transition_many(
+        [Transition(a, queued, EditStatus.applied), Transition(b, queued, EditStatus.applied)]
+    )
+    assert len(reads) == 2, "the batch was not decided again"
+    assert results[0] is not None and results[0].status == EditStatus.applied
+    assert results[1] is None
+    assert log.get(a).status == EditStatus.applied  # type: ignore[union-attr]
+    assert log.get(b).status == EditStatus.failed  # type: ignore[union-attr]
+    counts = log.status_counts()
+    assert (counts[EditStatus.applied], counts[EditStatus.failed]) == (1, 1)
+    assert counts[EditStatus.queued] == 0
+    other.close()
     log.close()
 
 
