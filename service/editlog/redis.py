@@ -11,8 +11,8 @@ Keys (all under one prefix, ``editserve`` by default)::
     {p}:record:<id>    the edit's delta record (safetensors bytes)
 
 Every write that must be atomic with another (an append with its idempotency key, a revert with
-its status change, a status compare-and-set, a batch of them) is one Lua script. Durability is Redis's: run it
-with ``appendonly yes`` in production.
+its status change, a status compare-and-set, a batch of them) is one Lua script. Durability is
+Redis's: run it with ``appendonly yes`` in production.
 """
 
 from __future__ import annotations
