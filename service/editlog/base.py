@@ -229,7 +229,6 @@ class EditLog(ABC):
     ) -> list[EditEntry]:
         """Edits newest first, with ``seq < before`` when given."""
 
-    @abstractmethod
     def transition(
         self,
         edit_id: str,
@@ -241,26 +240,18 @@ class EditLog(ABC):
 
         Atomic compare-and-set; returns the new entry, or None when the status did not match.
         """
+        return self.transition_many([Transition(edit_id, frozenset(expected), status, fields)])[0]
 
+    @abstractmethod
     def transition_many(self, changes: Sequence[Transition]) -> list[EditEntry | None]:
         """Make ``changes`` in order, each as :meth:`transition` would and each seeing the ones
         before it; returns what each returned.
 
-        An unknown edit among them raises :class:`UnknownEdit` before anything changes. Both
-        logs make them one write, all or nothing: the SQLite log one transaction (one commit,
-        where a ``transition`` each would pay a sync to disk each), the Redis log one script
-        (one round trip, where a ``transition`` each would pay two each). This default, for
-        other logs, makes them one at a time.
+        One write, all or nothing: an unknown edit among them raises :class:`UnknownEdit` and
+        changes nothing. The SQLite log makes them one transaction (one commit, where a
+        commit each would pay a sync to disk each), the Redis log one script (one round trip
+        to write them all).
         """
-        ids = list(dict.fromkeys(change.edit_id for change in changes))
-        known = self.get_many(ids)
-        for edit_id in ids:
-            if edit_id not in known:
-                raise UnknownEdit(edit_id)
-        return [
-            self.transition(change.edit_id, change.expected, change.status, **change.fields)
-            for change in changes
-        ]
 
     @abstractmethod
     def put_record(self, edit_id: str, blob: bytes) -> bool:

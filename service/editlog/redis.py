@@ -18,7 +18,6 @@ Redis's: run it with ``appendonly yes`` in production.
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
-from collections.abc import Set as AbstractSet
 from typing import Any, TypeVar
 
 import redis
@@ -222,15 +221,6 @@ class RedisEditLog(EditLog):
         assert new is not None
         return new
 
-    def transition(
-        self,
-        edit_id: str,
-        expected: AbstractSet[EditStatus],
-        status: EditStatus | None,
-        **fields: Any,
-    ) -> EditEntry | None:
-        return self.transition_many([Transition(edit_id, frozenset(expected), status, fields)])[0]
-
     def transition_many(self, changes: Sequence[Transition]) -> list[EditEntry | None]:
         """Decided here on the entries read in one round trip, written by one script that
         checks every entry's rev first: all of them or, if another writer came between, none,
@@ -243,22 +233,22 @@ class RedisEditLog(EditLog):
             for edit_id in ids:
                 if edit_id not in loaded:
                     raise UnknownEdit(edit_id)
-            now_entries = {edit_id: entry for edit_id, (entry, _) in loaded.items()}
+            latest = {edit_id: entry for edit_id, (entry, _) in loaded.items()}
             results: list[EditEntry | None] = []
             for change in changes:
-                entry = now_entries[change.edit_id]
+                entry = latest[change.edit_id]
                 if entry.status not in change.expected:
                     results.append(None)
                     continue
-                now_entries[change.edit_id] = entry.updated(change.status, change.fields)
-                results.append(now_entries[change.edit_id])
-            written = [i for i in ids if now_entries[i] is not loaded[i][0]]
+                latest[change.edit_id] = entry.updated(change.status, change.fields)
+                results.append(latest[change.edit_id])
+            written = [i for i in ids if latest[i] is not loaded[i][0]]
             if not written:
                 return results
             keys = [self._key("counts"), *(self._key("edit", i) for i in written)]
             args: list[Any] = []
             for i in written:
-                args += [loaded[i][1], str(now_entries[i].status), now_entries[i].to_json()]
+                args += [loaded[i][1], str(latest[i].status), latest[i].to_json()]
             if int(self._call(lambda: self._cas_many(keys=keys, args=args))):  # noqa: B023
                 return results
         raise EditLogError(f"edits {ids} kept changing; gave up after 100 tries")

@@ -11,7 +11,6 @@ import sqlite3
 import threading
 import time
 from collections.abc import Iterator, Sequence
-from collections.abc import Set as AbstractSet
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
@@ -179,15 +178,6 @@ class SqliteEditLog(EditLog):
         sql += " ORDER BY seq DESC LIMIT ?"
         args.append(limit)
         return [EditEntry.from_json(r[0]) for r in self._query(sql, tuple(args))]
-
-    def transition(
-        self,
-        edit_id: str,
-        expected: AbstractSet[EditStatus],
-        status: EditStatus | None,
-        **fields: Any,
-    ) -> EditEntry | None:
-        return self.transition_many([Transition(edit_id, frozenset(expected), status, fields)])[0]
 
     def transition_many(self, changes: Sequence[Transition]) -> list[EditEntry | None]:
         # One transaction: one commit (an fsync under synchronous=FULL) for all of them, and

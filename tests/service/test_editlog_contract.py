@@ -147,7 +147,6 @@ def test_transition_many_makes_each_in_order_seeing_the_ones_before(edit_log: Ed
     a, b = new_id(), new_id()
     for edit_id in (a, b):
         edit_log.append_edit(edit_id, [FACT])
-    applied = {EditStatus.applied}
     results = edit_log.transition_many(
         [
             Transition(a, frozenset({EditStatus.queued}), EditStatus.applying),
@@ -155,7 +154,7 @@ def test_transition_many_makes_each_in_order_seeing_the_ones_before(edit_log: Ed
                 a, frozenset({EditStatus.applying}), EditStatus.applied, {"model_version": 1}
             ),
             Transition(a, frozenset({EditStatus.queued}), EditStatus.failed),  # a moved on
-            Transition(b, frozenset(applied), EditStatus.reverted),  # b is not applied
+            Transition(b, frozenset({EditStatus.applied}), EditStatus.reverted),  # b is not applied
             Transition(b, frozenset({EditStatus.queued}), None, {"scores": {"x": 1}}),
         ]
     )
