@@ -258,8 +258,13 @@ def default_dtype(lm: LoadedModel) -> torch.dtype | None:
 
 
 def native_bfloat16() -> bool:
-    """Whether this CPU has bfloat16 instructions (AVX512-BF16 or AMX)."""
-    return bool(torch.cpu._is_avx512_bf16_supported() or torch.cpu._is_amx_tile_supported())
+    """Whether this CPU has bfloat16 instructions (AVX512-BF16 or AMX), as torch reports them.
+
+    torch's checks are private (``torch.cpu._is_*``); a torch without them reads as no bfloat16
+    instructions, which keeps the probes in float32, the safe side.
+    """
+    checks = ("_is_avx512_bf16_supported", "_is_amx_tile_supported")
+    return any(bool(getattr(torch.cpu, name, lambda: False)()) for name in checks)
 
 
 @functools.cache

@@ -19,6 +19,7 @@ from service.probes import (
     bfloat16_faster,
     default_dtype,
     load_probes,
+    native_bfloat16,
 )
 from service.settings import Settings
 
@@ -101,6 +102,19 @@ def test_probes_on_the_model_itself_agree_with_an_unedited_model(
 
 def _scores(report: ProbeReport) -> tuple[float, float, float | None]:
     return report.agreement, report.kl, report.perplexity_ratio
+
+
+def test_bfloat16_instructions_read_as_absent_where_torch_cannot_tell(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    for name in ("_is_avx512_bf16_supported", "_is_amx_tile_supported"):
+        monkeypatch.setattr(torch.cpu, name, lambda: False, raising=False)
+    assert not native_bfloat16()
+    monkeypatch.setattr(torch.cpu, "_is_amx_tile_supported", lambda: True)
+    assert native_bfloat16()
+    for name in ("_is_avx512_bf16_supported", "_is_amx_tile_supported"):
+        monkeypatch.delattr(torch.cpu, name)
+    assert not native_bfloat16()
 
 
 def test_guardrails_check_each_threshold() -> None:
