@@ -46,11 +46,14 @@ eval: setup
 # The speed study's diagnostic sections (zstar, batcher) are in bench-full only.
 QUICK_METHODS ?= d4s-rect0.4
 QUICK_OUT ?= bench/results/quick-100
+# Where the speed study writes (sections merge into the file): another host's run can keep its own.
+SPEED_OUT ?= bench/results/speed.json
 bench: setup
 	rm -rf $(QUICK_OUT)
-	$(PY) bench/speed.py --only covariance
+	$(PY) bench/speed.py --only covariance --out $(SPEED_OUT)
 	METHODS="$(QUICK_METHODS)" ZSRE_N=0 CHECKPOINTS= bench/study.sh 100 $(QUICK_OUT)
-	$(PY) bench/speed.py --only edits,generation,burst,replay,bf16 --burst-one-at-a-time 8
+	$(PY) bench/speed.py --only edits,generation,burst,replay,bf16 --burst-one-at-a-time 8 \
+		--out $(SPEED_OUT)
 
 # The full sequential-editing study (six methods, N = 1000, CounterFact and zsRE) and every
 # speed section (the z* fast-path comparison included): about 5 h on 2 cores (estimated from the
