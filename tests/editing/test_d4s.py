@@ -10,6 +10,7 @@ from editing.d4s import (
     LayerSums,
     SumsOverflowError,
     SumUnits,
+    cholesky_blocked,
     group_of,
     prior_factor,
     residual_share,
@@ -129,3 +130,24 @@ def test_exact_sums_refuse_to_wrap_and_tighten_a_loose_bound() -> None:
     with pytest.raises(SumsOverflowError):
         big + big  # 3 * 2^51: past the limit, where a third add could lose a bit
     assert torch.equal(big.kk, near)
+
+
+@pytest.mark.parametrize("n", [7, 256, 300, 700])
+def test_the_blocked_cholesky_factor_is_lapacks(n: int) -> None:
+    """One block, an exact number of blocks and a ragged last block: the factor is lower
+    triangular and equal to LAPACK's whole-matrix factor to rounding."""
+    g = torch.Generator().manual_seed(n)
+    a = torch.randn(n, n + 50, generator=g, dtype=torch.float64)
+    system = a @ a.T / n + 0.01 * torch.eye(n, dtype=torch.float64)
+    factor = cholesky_blocked(system, block=128)
+    assert factor is not None
+    assert torch.equal(factor, factor.tril())
+    reference = torch.linalg.cholesky(system)
+    assert (factor - reference).abs().max() <= 1e-12 * reference.abs().max()
+
+
+def test_the_blocked_cholesky_refuses_what_is_not_positive_definite() -> None:
+    """Negative in the last block only: the factorisation gets that far and still says no."""
+    values = torch.ones(300, dtype=torch.float64)
+    values[-1] = -1.0
+    assert cholesky_blocked(torch.diag(values), block=128) is None
