@@ -2,8 +2,9 @@
 
 - ``covariance``: computing C0 from scratch (200k tokens, the server's default);
 - ``edits``: edit latency by phase (single edits, warm) and revert latency;
-- ``solve``: the update's five float64 solves in this process, by Cholesky (what the service
-  runs) against LU (``make bench-full`` only);
+- ``solve``: the update's five float64 solves in this process, by the blocked Cholesky
+  factorisation (what the service runs) against LAPACK's whole-matrix Cholesky and against LU
+  (``make bench-full`` only);
 - ``zstar``: z* in this process for 16 CounterFact facts, batched and one at a time, on the fast
   path (cached prefix keys and values) against the whole-row reference path;
 - ``generation``: single-stream tokens/s as a ratio to plain transformers ``generate`` (run here,
@@ -17,7 +18,8 @@
   each burst;
 - ``replay``: the server's start-up rebuild from a log of 1,000 edits (its own
   ``startup_replay_seconds``), time to ready against an empty log, and the in-process rebuild
-  alone; D4S state bytes;
+  alone; a revert's and a supersede's plan with the 1,000 active (the revert's also with
+  LAPACK's whole-matrix factorisation); D4S state bytes;
 - ``bf16``: the generation figures with the served weights in bfloat16 (edits still computed in
   float32), and the editing quality the bfloat16 weights keep after 100 edits.
 
@@ -61,6 +63,7 @@ from serve_bench import (
     single_stream_tokens_per_s,
 )
 
+from editing import d4s
 from editing.covariance import cache_folder, covariance
 from editing.d4s import LayerSums, prior_factor, solve_low_rank, solve_update, update_system
 from editing.editor import Editor
@@ -605,6 +608,30 @@ def fill_log(log: EditLog, records: list[DeltaRecord], *, applied: bool = True) 
     log.close()
 
 
+def _revert_by_factorisation(editor: Editor, records: list[DeltaRecord]) -> dict[str, float]:
+    """A revert's plan (median over the newest and the oldest record, 7 interleaved rounds) with
+    the service's blocked Cholesky factorisation against LAPACK's factorisation of the whole
+    matrix, swapped in for the comparison alone."""
+    blocked = d4s.cholesky_blocked
+
+    def lapack(system: torch.Tensor) -> torch.Tensor | None:
+        factor, info = torch.linalg.cholesky_ex(system)
+        return factor if int(info) == 0 else None
+
+    times: dict[str, list[float]] = {"blocked": [], "lapack": []}
+    try:
+        for _ in range(7):
+            for name, factorise in (("blocked", blocked), ("lapack", lapack)):
+                d4s.cholesky_blocked = factorise  # type: ignore[assignment]
+                for record in (records[-1], records[0]):
+                    start = time.perf_counter()
+                    editor.plan_revert(record.id)
+                    times[name].append(time.perf_counter() - start)
+    finally:
+        d4s.cholesky_blocked = blocked
+    return {name: statistics.median(rounds[2:]) for name, rounds in times.items()}
+
+
 def section_replay(args: argparse.Namespace) -> dict[str, Any]:
     lm = load_model("smollm2-135m", device="cpu", dtype="float32")
     editor = Editor(lm, cache_dir=default_cache_dir(), progress=False)
@@ -623,6 +650,7 @@ def section_replay(args: argparse.Namespace) -> dict[str, Any]:
             editor.plan_revert(record.id)
             times.append(time.perf_counter() - start)
         revert_plan[name] = statistics.median(times)
+    revert_factorisations = _revert_by_factorisation(editor, records)
     # A supersede's solve: a new target for the oldest record's fact. Only the groups of the
     # record it drops and of the new record are made again.
     old = records[0]
@@ -665,6 +693,7 @@ def section_replay(args: argparse.Namespace) -> dict[str, Any]:
         "in_process_rebuild_seconds": rebuild,
         "revert_plan_seconds": revert_plan,
         "supersede_plan_seconds": supersede_plan,
+        "revert_plan_seconds_by_factorisation": revert_factorisations,
         "server_ready_seconds_empty_log": empty,
         "server_ready_seconds_with_log": full,
         "ready_difference_seconds": full - empty,
