@@ -56,8 +56,8 @@ bench: setup
 		--out $(SPEED_OUT)
 
 # The full sequential-editing study (six methods, N = 1000, CounterFact and zsRE) and every
-# speed section (the z* fast-path comparison included): about 5 h on 2 cores (estimated from the
-# three methods run to 1,000; never run in full).
+# speed section (the z* fast-path comparison included): about 6-7 h on a 2-core Xeon, the sum of
+# its runs, each of which has been made on its own (never the whole in one go).
 bench-full: setup
 	bench/study.sh 1000 bench/results/study-1000
 	$(PY) bench/speed.py

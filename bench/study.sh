@@ -5,9 +5,9 @@
 # 100 edits of a 1,000-edit run is the state of a 100-edit run).
 #
 # Usage: bench/study.sh [N] [OUT]            bench/study.sh 1000   (the full study)
-# Expected time on a 2-core CPU: N=1000 about 5 h (memit-seq and alphaedit recompute z* on the
-# live weights, ~3 s per edit; the d4s runs share W0-only z* records, computed once, 16 facts per
-# batched optimisation, ~1.2 s per fact).
+# Expected time on a 2-core Xeon: N=1000 about 6-7 h, CounterFact and zsRE (memit-seq and
+# alphaedit recompute z* on the live weights, 3-4 s per edit; the d4s runs share W0-only z*
+# records, computed once, 16 facts per batched optimisation, 1-2 s per fact).
 # Environment: COUNTERFACT, ZSRE (dataset paths), METHODS (a subset of the run names below),
 # ZSRE_N (0 skips zsRE), CHECKPOINTS (the N evaluated before the last, comma-separated; by
 # default those of 10, 100 and 500 below N; empty for the last N alone).
