@@ -230,7 +230,7 @@ def cholesky_blocked(system: torch.Tensor, block: int = CHOLESKY_BLOCK) -> torch
     LAPACK's own factorisation of the whole matrix does not on every host: on a 2-core Xeon the
     five edited layers' solves took 0.38 s with it against 0.31 s in blocks of 256
     (``bench/speed.py --only solve``), and a revert's plan with 1,000 edits active 0.57 s against
-    0.51 s (interleaved rounds in one process). The factor agrees with LAPACK's to rounding (2e-16
+    0.50 s (interleaved rounds in one process). The factor agrees with LAPACK's to rounding (2e-16
     relative there); what it computes is fixed by the system alone, so replicas still get the same
     bits.
     """

@@ -72,9 +72,14 @@ def batches_reach(batcher: Batcher, count: int) -> bool:
 
 
 def run_alone(lm: LoadedModel, batcher: Batcher, prompt: str, n: int) -> str:
+    """``prompt``'s text from a batch of its own: the batch is over (counted) before this returns,
+    so the next request cannot join it as a late arrival."""
+    before = batcher.batches
     request = Request(lm, prompt, n)
     batcher.submit(request.job)
-    return request.text()
+    text = request.text()
+    assert batches_reach(batcher, before + 1)
+    return text
 
 
 def test_late_requests_join_the_running_batch_and_match_single_streams(
