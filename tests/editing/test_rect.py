@@ -25,3 +25,22 @@ def test_share_kept_matches_request() -> None:
     for keep in (0.2, 0.4, 0.6):
         share = (rect(delta, original, keep) != 0).float().mean().item()
         assert abs(share - keep) < 1e-3
+
+
+def test_the_threshold_is_kthvalues_exactly() -> None:
+    """The CPU selection keeps exactly the entries that torch's ``kthvalue`` threshold keeps."""
+    generator = torch.Generator().manual_seed(1)
+    delta = torch.randn(96, 200, generator=generator)
+    original = torch.randn(96, 200, generator=generator)
+    relative = delta.abs() / (original.abs() + 1e-8)
+    for keep in (0.2, 0.4, 0.6):
+        threshold = relative.flatten().kthvalue(int(relative.numel() * (1.0 - keep))).values
+        expected = torch.where(relative > threshold, delta, torch.zeros_like(delta))
+        assert torch.equal(rect(delta, original, keep), expected)
+
+
+def test_a_non_finite_update_is_left_for_the_caller_to_refuse() -> None:
+    delta = torch.randn(8, 8)
+    delta[3, 4] = float("nan")
+    kept = rect(delta, torch.ones(8, 8), keep=0.4)
+    assert not bool(torch.isfinite(kept).all())
