@@ -6,7 +6,8 @@
   factorisation (what the service runs) against LAPACK's whole-matrix Cholesky and against LU
   (``make bench-full`` only);
 - ``zstar``: z* in this process for 16 CounterFact facts, batched and one at a time, on the fast
-  path (cached prefix keys and values) against the whole-row reference path;
+  path (cached prefix keys and values, rows in groups of similar width), on the fast path in one
+  padded group, and on the whole-row reference path;
 - ``generation``: single-stream tokens/s as a ratio to plain transformers ``generate`` (run here,
   with the server idle, in rounds interleaved with the server's), aggregate tokens/s with 1, 4
   and 8 closed-loop clients, p50/p99 latency idle;
@@ -39,6 +40,7 @@ import argparse
 import contextlib
 import dataclasses
 import json
+import math
 import os
 import platform
 import statistics
@@ -63,7 +65,7 @@ from serve_bench import (
     single_stream_tokens_per_s,
 )
 
-from editing import d4s
+from editing import d4s, zstar
 from editing.covariance import cache_folder, covariance
 from editing.d4s import LayerSums, prior_factor, solve_low_rank, solve_update, update_system
 from editing.editor import Editor
@@ -454,28 +456,39 @@ def section_solve(args: argparse.Namespace) -> dict[str, Any]:
 
 
 def section_zstar(args: argparse.Namespace) -> dict[str, Any]:
-    """z* alone: the fast path against whole rows, batched and one at a time (same facts)."""
+    """z* alone on the same facts, batched and one at a time: the fast path (cached prefixes,
+    rows in groups of similar width), the fast path with every row in one padded group, and
+    the whole-row reference path."""
     lm, hp = load_model(), EditHparams()
     facts = load_facts(find_dataset("counterfact", "counterfact-train.json"), 2016)[2000:]
     compute_zstar(lm, facts[:1], hp)  # warm
     out: dict[str, Any] = {"facts": len(facts)}
-    for path, reuse in (("fast", True), ("whole_rows", False)):
-        for mode, groups in (("batched", [facts]), ("one_at_a_time", [[f] for f in facts])):
-            started = time.perf_counter()
-            results = [compute_zstar(lm, g, hp, reuse_prefix=reuse) for g in groups]
-            seconds = time.perf_counter() - started
-            out[f"{path}_{mode}"] = {
-                "seconds_per_fact": seconds / len(facts),
-                "steps": [r.steps for r in results],
-            }
+    paths = (("fast", True, zstar.GROUP_OVERHEAD_TOKENS), ("fast_one_group", True, math.inf))
+    grouping = zstar.GROUP_OVERHEAD_TOKENS
+    try:
+        for path, reuse, overhead in (*paths, ("whole_rows", False, grouping)):
+            zstar.GROUP_OVERHEAD_TOKENS = overhead
+            for mode, groups in (("batched", [facts]), ("one_at_a_time", [[f] for f in facts])):
+                started = time.perf_counter()
+                results = [compute_zstar(lm, g, hp, reuse_prefix=reuse) for g in groups]
+                seconds = time.perf_counter() - started
+                out[f"{path}_{mode}"] = {
+                    "seconds_per_fact": seconds / len(facts),
+                    "steps": [r.steps for r in results],
+                }
+    finally:
+        zstar.GROUP_OVERHEAD_TOKENS = grouping
     per_fact = {k: v["seconds_per_fact"] for k, v in out.items() if isinstance(v, dict)}
+    modes = ("batched", "one_at_a_time")
     out["speedup_fast_over_whole_rows"] = {
-        mode: per_fact[f"whole_rows_{mode}"] / per_fact[f"fast_{mode}"]
-        for mode in ("batched", "one_at_a_time")
+        mode: per_fact[f"whole_rows_{mode}"] / per_fact[f"fast_{mode}"] for mode in modes
+    }
+    out["speedup_groups_over_one_group"] = {
+        mode: per_fact[f"fast_one_group_{mode}"] / per_fact[f"fast_{mode}"] for mode in modes
     }
     out["speedup_batched_over_one_at_a_time"] = {
         path: per_fact[f"{path}_one_at_a_time"] / per_fact[f"{path}_batched"]
-        for path in ("fast", "whole_rows")
+        for path in ("fast", "fast_one_group", "whole_rows")
     }
     return out
 
