@@ -39,6 +39,17 @@ def test_the_threshold_is_kthvalues_exactly() -> None:
         assert torch.equal(rect(delta, original, keep), expected)
 
 
+def test_a_bfloat16_update_keeps_its_top_share() -> None:
+    """numpy cannot hold bfloat16: the threshold is found another way, to the same effect."""
+    generator = torch.Generator().manual_seed(2)
+    delta = torch.randn(96, 200, generator=generator)
+    original = torch.randn(96, 200, generator=generator)
+    kept = rect(delta.bfloat16(), original.bfloat16(), 0.4)
+    assert kept.dtype == torch.bfloat16
+    assert abs((kept != 0).float().mean().item() - 0.4) < 0.02  # bfloat16 ties at the threshold
+    assert torch.equal(kept[kept != 0], delta.bfloat16()[kept != 0])
+
+
 def test_a_non_finite_update_is_left_for_the_caller_to_refuse() -> None:
     delta = torch.randn(8, 8)
     delta[3, 4] = float("nan")
