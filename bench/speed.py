@@ -30,9 +30,10 @@ and with a calibration taken just before it (matrix-product GFLOP/s and matrix-v
 
     .venv/bin/python bench/speed.py [--only edits,burst] [--out bench/results/speed.json]
 
-Run it on a quiet machine: it is a timing. Every section: about 28 minutes on a 2-core Xeon
+Run it on a quiet machine: it is a timing. Every section: about 30 minutes on a 2-core Xeon
 (minutes measured there on 2026-12-01: covariance 2.5, edits 0.9, generation 3.1, batcher 2.8,
-burst 11.6, replay 0.7, bf16 3.3; zstar 3.3 on an earlier, faster Xeon).
+replay 0.7, bf16 3.3; on 2026-12-02: zstar 4.6 with its three paths, burst 12.3 with its four
+bursts and an 8-edit baseline, as ``make bench`` runs it).
 """
 
 from __future__ import annotations
