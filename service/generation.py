@@ -31,6 +31,7 @@ from transformers import DynamicCache
 from transformers.cache_utils import DynamicLayer
 
 from editing.models import LoadedModel, with_cache
+from service.threads import on_own_thread
 
 log = logging.getLogger(__name__)
 
@@ -99,7 +100,8 @@ class _Row:
 
 
 class Batcher:
-    """Owns the generation thread. ``weights_lock`` is held while a batch decodes;
+    """Owns the generation thread, which forms batches; each batch decodes on a thread of its
+    own. ``weights_lock`` is held while a batch decodes;
     ``version`` tells the model version a batch runs at (read under the lock)."""
 
     def __init__(
@@ -168,7 +170,9 @@ class Batcher:
             everyone = list(jobs)  # whoever takes part, to be told if the batch fails
             try:
                 with self.weights_lock:
-                    self._decode(jobs, self.version(), everyone)
+                    # On a thread that ends with the batch: an idle generator then holds no
+                    # OpenMP pool to slow the model worker's edits (service/threads.py).
+                    on_own_thread(self._decode, jobs, self.version(), everyone)
                 self.batches += 1
             except Exception as exc:  # a failed batch fails its requests, not the server
                 log.exception("generation batch failed")
