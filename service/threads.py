@@ -7,7 +7,9 @@ spins 100 times between parallel regions instead of 300,000 before it sleeps (li
 the model or applied an edit on its own long-lived thread made batch-8 decoding on the
 generation thread about 25% slower for good. A thread that ends takes its pool with it: heavy
 work off the generation thread goes through :func:`on_own_thread`, and decoding is slowed only
-while that work actually runs.
+while that work actually runs. The same holds the other way: each generation batch decodes on a
+thread of its own, so an idle generator holds no pool, and an edit beside it runs at full speed
+(z* 3.6 s a fact against 6.1 s beside an idle pool, on a 2-core Xeon).
 """
 
 from __future__ import annotations
