@@ -67,7 +67,7 @@ from serve_bench import (
     single_stream_tokens_per_s,
 )
 
-from editing import d4s, zstar
+from editing import d4s
 from editing.covariance import cache_folder, covariance
 from editing.d4s import LayerSums, prior_factor, solve_low_rank, solve_update, update_system
 from editing.editor import Editor
@@ -409,8 +409,9 @@ def section_solve(args: argparse.Namespace) -> dict[str, Any]:
         return solve_update(sums[layer], c0[layer], hp.mom2_lambda)
 
     def lapack_cholesky(layer: int) -> torch.Tensor:
-        system = update_system(sums[layer], c0[layer], hp.mom2_lambda)
-        return torch.cholesky_solve(sums[layer].rk.T, torch.linalg.cholesky(system)).T
+        factor = _lapack_cholesky(update_system(sums[layer], c0[layer], hp.mom2_lambda))
+        assert factor is not None
+        return torch.cholesky_solve(sums[layer].rk.T, factor).T
 
     solves = {"lu": lu, "cholesky": cholesky, "lapack_cholesky": lapack_cholesky}
     times: dict[str, list[float]] = {name: [] for name in solves}
@@ -465,21 +466,19 @@ def section_zstar(args: argparse.Namespace) -> dict[str, Any]:
     facts = load_facts(find_dataset("counterfact", "counterfact-train.json"), 2016)[2000:]
     compute_zstar(lm, facts[:1], hp)  # warm
     out: dict[str, Any] = {"facts": len(facts)}
-    paths = (("fast", True, zstar.GROUP_OVERHEAD_TOKENS), ("fast_one_group", True, math.inf))
-    grouping = zstar.GROUP_OVERHEAD_TOKENS
-    try:
-        for path, reuse, overhead in (*paths, ("whole_rows", False, grouping)):
-            zstar.GROUP_OVERHEAD_TOKENS = overhead
-            for mode, groups in (("batched", [facts]), ("one_at_a_time", [[f] for f in facts])):
-                started = time.perf_counter()
-                results = [compute_zstar(lm, g, hp, reuse_prefix=reuse) for g in groups]
-                seconds = time.perf_counter() - started
-                out[f"{path}_{mode}"] = {
-                    "seconds_per_fact": seconds / len(facts),
-                    "steps": [r.steps for r in results],
-                }
-    finally:
-        zstar.GROUP_OVERHEAD_TOKENS = grouping
+    paths = (("fast", True, None), ("fast_one_group", True, math.inf), ("whole_rows", False, None))
+    for path, reuse, overhead in paths:
+        for mode, groups in (("batched", [facts]), ("one_at_a_time", [[f] for f in facts])):
+            started = time.perf_counter()
+            results = [
+                compute_zstar(lm, g, hp, reuse_prefix=reuse, group_overhead=overhead)
+                for g in groups
+            ]
+            seconds = time.perf_counter() - started
+            out[f"{path}_{mode}"] = {
+                "seconds_per_fact": seconds / len(facts),
+                "steps": [r.steps for r in results],
+            }
     per_fact = {k: v["seconds_per_fact"] for k, v in out.items() if isinstance(v, dict)}
     modes = ("batched", "one_at_a_time")
     out["speedup_fast_over_whole_rows"] = {
@@ -648,20 +647,22 @@ def fill_log(log: EditLog, records: list[DeltaRecord], *, applied: bool = True) 
     log.close()
 
 
+def _lapack_cholesky(system: torch.Tensor) -> torch.Tensor | None:
+    """LAPACK's lower Cholesky factor of the whole ``system``, as ``d4s.cholesky_blocked``
+    answers (None where it is not positive definite): what the blocked factorisation replaced."""
+    factor, info = torch.linalg.cholesky_ex(system)
+    return factor if int(info) == 0 else None
+
+
 def _revert_by_factorisation(editor: Editor, records: list[DeltaRecord]) -> dict[str, float]:
     """A revert's plan (median over the newest and the oldest record, 7 interleaved rounds) with
     the service's blocked Cholesky factorisation against LAPACK's factorisation of the whole
     matrix, swapped in for the comparison alone."""
     blocked = d4s.cholesky_blocked
-
-    def lapack(system: torch.Tensor) -> torch.Tensor | None:
-        factor, info = torch.linalg.cholesky_ex(system)
-        return factor if int(info) == 0 else None
-
     times: dict[str, list[float]] = {"blocked": [], "lapack": []}
     try:
         for _ in range(7):
-            for name, factorise in (("blocked", blocked), ("lapack", lapack)):
+            for name, factorise in (("blocked", blocked), ("lapack", _lapack_cholesky)):
                 d4s.cholesky_blocked = factorise  # type: ignore[assignment]
                 for record in (records[-1], records[0]):
                     start = time.perf_counter()

@@ -99,13 +99,15 @@ def compute_zstar(
     weights: dict[int, torch.Tensor] | None = None,
     *,
     reuse_prefix: bool = True,
+    group_overhead: float | None = None,
 ) -> ZStarResult:
     """Keys and residuals for ``facts``, optimised together.
 
     ``weights`` maps edited layers to the weights to edit against (``out x in``); layers not in
     it use the model's own. Deterministic for given inputs and ``hp.seed``. ``reuse_prefix=False``
     runs every step over the whole rows instead of caching their prefixes: the plain definition,
-    slower, kept to check the fast path against.
+    slower, kept to check the fast path against. ``group_overhead``: how the fast path groups
+    rows by width (:meth:`_Step.of`; ``math.inf`` runs them in one padded group).
     """
     started = time.perf_counter()
     torch.manual_seed(hp.seed)
@@ -130,7 +132,9 @@ def compute_zstar(
         """What a step runs for ``rows`` (indices into ``batch``), regrouped as ``rows_batch``."""
         if prefix is None:
             return _Step.whole(lm, rows_batch, cached[rows])
-        return _Step.of(lm, rows_batch, cached[rows], [_rows_of(kv, rows) for kv in prefix])
+        return _Step.of(
+            lm, rows_batch, cached[rows], [_rows_of(kv, rows) for kv in prefix], group_overhead
+        )
 
     # The rows still optimised: rebuilt, smaller, whenever a fact converges.
     live, live_facts = batch, torch.arange(n, device=lm.device)
@@ -281,7 +285,7 @@ def _additive(allowed: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
 # the blocks above the edited ones has a fixed part, whatever its rows. Measured on a 2-core Xeon
 # (SmolLM2-135M, layers 3-7): a group's pass took about 0.10 s plus 1.6 ms per token, from 56 to
 # 512 tokens. On a GPU a pass's time hardly depends on its tokens at these sizes: one group.
-GROUP_OVERHEAD_TOKENS = 64.0
+GROUP_OVERHEAD_TOKENS = 64
 
 
 def _width_groups(widths: list[int], overhead: float) -> list[list[int]]:

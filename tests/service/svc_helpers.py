@@ -4,6 +4,7 @@ live in-process server on the shared model."""
 from __future__ import annotations
 
 import contextlib
+import os
 import shutil
 import socket
 import subprocess
@@ -151,3 +152,29 @@ def wait_status(
 
     wait_for(done, timeout, f"edit {edit_id} to become {statuses} (last: {found.get('status')})")
     return found
+
+
+def os_threads() -> int:
+    return len(os.listdir("/proc/self/task"))
+
+
+def settled_threads(expected: int, timeout: float = 5.0) -> int:
+    """The OS thread count once it reaches ``expected`` (or whatever it is at ``timeout``):
+    pool threads leave a moment after their thread does."""
+    deadline = time.monotonic() + timeout
+    while os_threads() != expected and time.monotonic() < deadline:
+        time.sleep(0.01)
+    return os_threads()
+
+
+def steady_threads(quiet: float = 0.5, timeout: float = 10.0) -> int:
+    """The OS thread count once it has not changed for ``quiet`` seconds: threads that earlier
+    tests left winding down (servers, clients, their pools) would otherwise move it while this
+    test counts (the full suite once saw one leave during the count)."""
+    deadline = time.monotonic() + timeout
+    count, since = os_threads(), time.monotonic()
+    while time.monotonic() < deadline and time.monotonic() - since < quiet:
+        time.sleep(0.02)
+        if (now := os_threads()) != count:
+            count, since = now, time.monotonic()
+    return count

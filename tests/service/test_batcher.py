@@ -10,10 +10,10 @@ from collections.abc import Iterator
 
 import pytest
 import torch
+from svc_helpers import settled_threads, steady_threads
 
 from editing.models import LoadedModel
 from service.generation import Batcher, Event, Finished, Job, SamplingParams, Token
-from tests.service.test_threads import _settled, _steady
 
 PROMPTS = [
     "The history of the Roman Empire",
@@ -127,8 +127,8 @@ def test_an_idle_batcher_leaves_no_openmp_pool(lm: LoadedModel, batcher: Batcher
     """A pool left on a long-lived generation thread put the process over its CPUs and made the
     model worker's edits about 1.7x slower for as long as the server lived (z* 3.6 s a fact
     beside no pool, 6.1 s beside one, on a 2-core Xeon)."""
-    before = _steady()
+    before = steady_threads()
     request = Request(lm, PROMPTS[0], 8)
     batcher.submit(request.job)
     assert request.text()
-    assert _settled(before) == before, "the batch's OpenMP pool outlived it"
+    assert settled_threads(before) == before, "the batch's OpenMP pool outlived it"

@@ -3,45 +3,18 @@ that the OpenMP pool it creates goes away with it instead of slowing decoding fo
 
 from __future__ import annotations
 
-import os
 import threading
-import time
 
 import pytest
 import torch
+from svc_helpers import os_threads, settled_threads, steady_threads
 
 from service.threads import on_own_thread
-
-
-def _os_threads() -> int:
-    return len(os.listdir("/proc/self/task"))
 
 
 def _parallel_op() -> None:
     """An op large enough that torch runs it as an OpenMP parallel region."""
     torch.ones(4096, 4096).mul_(2.0)
-
-
-def _settled(expected: int, timeout: float = 5.0) -> int:
-    """The OS thread count once it reaches ``expected`` (or whatever it is at ``timeout``):
-    pool threads leave a moment after their thread does."""
-    deadline = time.monotonic() + timeout
-    while _os_threads() != expected and time.monotonic() < deadline:
-        time.sleep(0.01)
-    return _os_threads()
-
-
-def _steady(quiet: float = 0.5, timeout: float = 10.0) -> int:
-    """The OS thread count once it has not changed for ``quiet`` seconds: threads that earlier
-    tests left winding down (servers, clients, their pools) would otherwise move it while this
-    test counts (the full suite once saw one leave during the count)."""
-    deadline = time.monotonic() + timeout
-    count, since = _os_threads(), time.monotonic()
-    while time.monotonic() < deadline and time.monotonic() - since < quiet:
-        time.sleep(0.02)
-        if (now := _os_threads()) != count:
-            count, since = now, time.monotonic()
-    return count
 
 
 def test_work_runs_on_another_thread_and_its_exception_reaches_the_caller() -> None:
@@ -58,7 +31,7 @@ def test_work_runs_on_another_thread_and_its_exception_reaches_the_caller() -> N
 
 @pytest.mark.skipif(torch.get_num_threads() < 2, reason="needs torch with 2+ intra-op threads")
 def test_the_openmp_pool_of_the_work_leaves_with_it() -> None:
-    before = _steady()
+    before = steady_threads()
     # The mechanism: a thread that lives on after a parallel op keeps a pool of OpenMP threads.
     done, release = threading.Event(), threading.Event()
 
@@ -70,11 +43,11 @@ def test_the_openmp_pool_of_the_work_leaves_with_it() -> None:
     keeper = threading.Thread(target=long_lived)
     keeper.start()
     done.wait()
-    assert _os_threads() > before + 1, "a parallel op left no pool behind: nothing to test"
+    assert os_threads() > before + 1, "a parallel op left no pool behind: nothing to test"
     release.set()
     keeper.join()
-    baseline = _settled(before)
+    baseline = settled_threads(before)
 
     on_own_thread(_parallel_op)
 
-    assert _settled(baseline) == baseline, "the work's OpenMP pool outlived it"
+    assert settled_threads(baseline) == baseline, "the work's OpenMP pool outlived it"
