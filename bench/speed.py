@@ -167,15 +167,20 @@ def counterfact_facts(n: int, offset: int = 0) -> list[dict[str, Any]]:
 
 
 def wait_done(client: httpx.Client, ids: list[str], poll: float = 0.05) -> dict[str, str]:
+    """Every edit's final status, once none of ``ids`` is pending.
+
+    Asks after the oldest pending edit only, one request a poll: the server settles a log's
+    edits in order, so the later ones are seldom done before it. (Asking after every pending
+    edit each poll cost a burst of 100 about 500 requests a second, served on the same two
+    cores as the edits it timed.)
+    """
     status: dict[str, str] = {}
-    pending = list(ids)
-    while pending:
-        for edit_id in list(pending):
+    for edit_id in ids:
+        while True:
             s = client.get(f"/edits/{edit_id}").json()["status"]
             if s not in ("queued", "applying", "reverting"):
                 status[edit_id] = s
-                pending.remove(edit_id)
-        if pending:
+                break
             time.sleep(poll)
     return status
 
@@ -594,6 +599,8 @@ def section_burst(args: argparse.Namespace) -> dict[str, Any]:
         "one_at_a_time": _burst(args, 1, args.burst_one_at_a_time, with_generation=False),
     }
     out["speedup"] = out["batched"]["edits_per_s"] / out["one_at_a_time"]["edits_per_s"]
+    if not args.burst_with_generation:
+        return out
     during = {
         "batched": _burst(args, 16, args.burst_with_generation, with_generation=True),
         "one_at_a_time": _burst(args, 1, args.burst_one_at_a_time, with_generation=True),
@@ -793,7 +800,8 @@ def main() -> int:
         "--burst-with-generation",
         type=int,
         default=32,
-        help="batched edits in the burst with /generate running (two batches of 16)",
+        help="batched edits in the burst with /generate running (two batches of 16; 0: no "
+        "bursts with generation)",
     )
     parser.add_argument("--single-edits", type=int, default=3)
     parser.add_argument("--replay-edits", type=int, default=1000)
