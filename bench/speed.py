@@ -69,7 +69,14 @@ from serve_bench import (
 
 from editing import d4s
 from editing.covariance import cache_folder, covariance
-from editing.d4s import LayerSums, prior_factor, solve_low_rank, solve_update, update_system
+from editing.d4s import (
+    LayerSums,
+    prior_factor,
+    solve_factored,
+    solve_low_rank,
+    solve_update,
+    update_system,
+)
 from editing.editor import Editor
 from editing.evaluate import RecordCache, find_dataset
 from editing.facts import load_facts
@@ -416,7 +423,7 @@ def section_solve(args: argparse.Namespace) -> dict[str, Any]:
     def lapack_cholesky(layer: int) -> torch.Tensor:
         factor = _lapack_cholesky(update_system(sums[layer], c0[layer], hp.mom2_lambda))
         assert factor is not None
-        return torch.cholesky_solve(sums[layer].rk.T, factor).T
+        return solve_factored(sums[layer].rk, factor)
 
     solves = {"lu": lu, "cholesky": cholesky, "lapack_cholesky": lapack_cholesky}
     times: dict[str, list[float]] = {name: [] for name in solves}

@@ -1,10 +1,14 @@
 """The benchmark scripts that a session runs where the tests cannot (a lent GPU), checked here at
 toy size so that they run when they are needed."""
 
+import importlib
 import json
 import subprocess
 import sys
 from pathlib import Path
+
+import httpx
+import pytest
 
 from editing.models import LoadedModel
 
@@ -53,3 +57,31 @@ def test_the_shape_benchmark_runs_end_to_end_on_a_tiny_shape(
     generation = result["generation"]
     assert generation["transformers_generate_tokens_per_s"] > 0
     assert set(generation["at_once_over_single_stream"]) == {"4", "8"}
+
+
+def test_waiting_on_a_burst_asks_after_one_edit_a_poll(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The speed study's wait must not load the server it times: a server that settles 100
+    queued edits in order, one per poll interval, is asked about one edit a poll, and every
+    final status comes back. (Asking after every pending edit each poll made 5,000 requests.)"""
+    monkeypatch.syspath_prepend(str(ROOT / "bench"))
+    speed = importlib.import_module("speed")
+    ids = [f"e{i}" for i in range(100)]
+    polls = 0  # the server settles edit i once the client has slept i + 1 times
+    asked: list[str] = []
+
+    def sleep(seconds: float) -> None:
+        nonlocal polls
+        polls += 1
+
+    def serve(request: httpx.Request) -> httpx.Response:
+        asked.append(request.url.path.rsplit("/", 1)[-1])
+        index = ids.index(asked[-1])
+        status = "applied" if index < polls else ("applying" if index == polls else "queued")
+        return httpx.Response(200, json={"status": status})
+
+    monkeypatch.setattr(speed.time, "sleep", sleep)
+    client = httpx.Client(base_url="http://editserve", transport=httpx.MockTransport(serve))
+    status = speed.wait_done(client, ids)
+    assert status == dict.fromkeys(ids, "applied")
+    assert len(asked) <= 2 * len(ids)
+    assert asked == sorted(asked, key=ids.index)  # the oldest pending edit first
