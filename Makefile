@@ -32,6 +32,7 @@ lint: setup
 	$(VENV)/bin/ruff check editing service tests bench scripts
 	$(VENV)/bin/ruff format --check editing service tests bench scripts
 	$(VENV)/bin/mypy
+	$(VENV)/bin/mypy bench  # scripts, not a package: checked on their own
 
 test: setup lint
 	$(PY) -m pytest -q

@@ -65,7 +65,7 @@ SHAPES: dict[str, tuple[LlamaConfig, tuple[int, ...]]] = {
             num_attention_heads=32,
             num_key_value_heads=8,
             max_position_embeddings=8192,
-            rope_theta=500000.0,
+            rope_parameters={"rope_type": "default", "rope_theta": 500000.0},
             rms_norm_eps=1e-5,
             tie_word_embeddings=False,
         ),

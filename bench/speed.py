@@ -52,7 +52,7 @@ import threading
 import time
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import httpx
 import torch
@@ -277,11 +277,11 @@ def section_covariance(args: argparse.Namespace) -> dict[str, Any]:
     would store it, so that a first ``make bench`` does not compute C0 twice."""
     lm = load_model("smollm2-135m", device="cpu", dtype="float32")
     hp = EditHparams()
-    cache: Path | None = default_cache_dir()
+    store = default_cache_dir()
     # Reading the cache's layers instead of computing them would time nothing: with any layer
     # already there, compute without it.
-    if any(cache_folder(lm, cache, n_tokens=args.covariance_tokens).glob("layer*.safetensors")):
-        cache = None
+    stored = cache_folder(lm, store, n_tokens=args.covariance_tokens).glob("layer*.safetensors")
+    cache = None if any(stored) else store
     start = time.perf_counter()
     covariance(lm, hp.layers, n_tokens=args.covariance_tokens, cache_dir=cache, progress=False)
     seconds = time.perf_counter() - start
@@ -781,7 +781,7 @@ def section_bf16(args: argparse.Namespace) -> dict[str, Any]:
         records.append(record)
     editor.replay(records)
     float32 = counterfact_scores(lm, facts)
-    lm.model.to(torch.bfloat16)
+    cast(Any, lm.model).to(torch.bfloat16)  # its decorator hides the signature
     bfloat16 = counterfact_scores(lm, facts)
     keys = ("efficacy", "paraphrase", "neighborhood", "score")
     out["quality_after_edits"] = {
