@@ -17,7 +17,9 @@
 - ``burst``: 100 queued edits with batched z* (``--edit-batch 16``) against the first 30 of
   them one at a time (``--edit-batch 1``; edits/s compared) on an otherwise idle server; then 32
   batched against 30 one at a time with ``/generate`` requests running throughout, and their
-  p50/p99 during each burst;
+  p50/p99 during each burst (``--burst-with-generation 0`` leaves those out). The client asks
+  after the oldest pending edit only, one request a poll, so that its polling takes next to
+  nothing from the server it times;
 - ``replay``: the server's start-up rebuild from a log of 1,000 edits (its own
   ``startup_replay_seconds``), time to ready against an empty log, and the in-process rebuild
   alone; a revert's and a supersede's plan with the 1,000 active (the revert's also with
@@ -33,7 +35,8 @@ and with a calibration taken just before it (matrix-product GFLOP/s and matrix-v
 Run it on a quiet machine: it is a timing. Every section: about 30 minutes on a 2-core Xeon
 (minutes measured there on 2026-12-01: covariance 2.5, edits 0.9, generation 3.1, batcher 2.8,
 replay 0.7, bf16 3.3; on 2026-12-02: zstar 4.6 with its three paths, burst 12.3 with its four
-bursts and an 8-edit baseline, as ``make bench`` runs it).
+bursts and an 8-edit baseline, as ``make bench`` runs it, before its client polled one edit;
+on a 2-core EPYC that night, 8.9 as ``make bench`` runs it, and ``make bench`` 27.4 in all).
 """
 
 from __future__ import annotations
