@@ -6,6 +6,7 @@ import json
 import subprocess
 import sys
 from pathlib import Path
+from types import SimpleNamespace
 
 import httpx
 import pytest
@@ -79,7 +80,8 @@ def test_waiting_on_a_burst_asks_after_one_edit_a_poll(monkeypatch: pytest.Monke
         status = "applied" if index < polls else ("applying" if index == polls else "queued")
         return httpx.Response(200, json={"status": status})
 
-    monkeypatch.setattr(speed.time, "sleep", sleep)
+    # speed's own name for the time module, so that no other thread's sleep is touched
+    monkeypatch.setattr(speed, "time", SimpleNamespace(sleep=sleep))
     client = httpx.Client(base_url="http://editserve", transport=httpx.MockTransport(serve))
     status = speed.wait_done(client, ids)
     assert status == dict.fromkeys(ids, "applied")
