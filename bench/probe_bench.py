@@ -17,12 +17,11 @@ from __future__ import annotations
 import argparse
 import json
 import sys
-import time
 from pathlib import Path
 from typing import Any
 
 import httpx
-from harness import running_server, write_result
+from harness import running_server, settled, write_result
 from prometheus_client.parser import text_string_to_metric_families
 
 from editing.evaluate import find_dataset
@@ -45,12 +44,7 @@ def phase_sums(client: httpx.Client) -> dict[str, float]:
 
 
 def apply(client: httpx.Client, fact: dict[str, Any]) -> dict[str, Any]:
-    edit_id = client.post("/edits", json=fact).json()["id"]
-    while True:
-        edit: dict[str, Any] = client.get(f"/edits/{edit_id}").json()
-        if edit["status"] not in ("queued", "applying"):
-            return edit
-        time.sleep(0.2)
+    return settled(client, client.post("/edits", json=fact).json()["id"], poll=0.2)
 
 
 def counterfact(path: Path | None, n: int) -> list[dict[str, Any]]:

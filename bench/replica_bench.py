@@ -31,7 +31,7 @@ from pathlib import Path
 from typing import Any
 
 import httpx
-from harness import running_server, write_result
+from harness import running_server, settled, write_result
 from serve_bench import percentile
 from speed import _records, counterfact_facts, fill_log, hardware, metric_sums
 
@@ -101,11 +101,7 @@ def convergence(url: str, edits: int, env: dict[str, str]) -> dict[str, Any]:
         for i, fact in enumerate(facts):
             posted = time.perf_counter()
             edit_id = clients[i % 3].post("/edits", json=fact).json()["id"]
-            while (edit := clients[i % 3].get(f"/edits/{edit_id}").json())["status"] in (
-                "queued",
-                "applying",
-            ):
-                time.sleep(0.05)
+            edit = settled(clients[i % 3], edit_id)
             applied = time.perf_counter()
             version = edit["model_version"]
             pending = set(range(3))

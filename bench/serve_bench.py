@@ -20,7 +20,7 @@ from pathlib import Path
 
 import httpx
 import torch
-from harness import running_server, write_result
+from harness import running_server, wait_done, write_result
 
 from editing.models import LoadedModel, load_model
 
@@ -157,9 +157,7 @@ def main() -> int:
         sampler.start()
         burst_start = time.perf_counter()
         ids = [client.post("/edits", json=f).json()["id"] for f in FACTS[: args.edits]]
-        for edit_id in ids:
-            while client.get(f"/edits/{edit_id}").json()["status"] not in ("applied", "failed"):
-                time.sleep(0.2)
+        wait_done(client, ids, poll=0.2)
         burst_s = time.perf_counter() - burst_start
         done.set()
         sampler.join()

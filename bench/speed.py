@@ -59,7 +59,7 @@ from typing import Any, cast
 
 import httpx
 import torch
-from harness import running_server, write_result
+from harness import running_server, wait_done, write_result
 from serve_bench import (
     PROMPTS,
     baseline_model,
@@ -174,25 +174,6 @@ def counterfact_facts(n: int, offset: int = 0) -> list[dict[str, Any]]:
         {"subject": r["subject"], "prompt": r["prompt"], "target_new": r["target_new"]}
         for r in records
     ]
-
-
-def wait_done(client: httpx.Client, ids: list[str], poll: float = 0.05) -> dict[str, str]:
-    """Every edit's final status, once none of ``ids`` is pending.
-
-    Asks after the oldest pending edit only, one request a poll: the server settles a log's
-    edits in order, so the later ones are seldom done before it. (Asking after every pending
-    edit each poll cost a burst of 100 about 500 requests a second, served on the same two
-    cores as the edits it timed.)
-    """
-    status: dict[str, str] = {}
-    for edit_id in ids:
-        while True:
-            s = client.get(f"/edits/{edit_id}").json()["status"]
-            if s not in ("queued", "applying", "reverting"):
-                status[edit_id] = s
-                break
-            time.sleep(poll)
-    return status
 
 
 def wait_idle(client: httpx.Client, timeout: float = 120) -> None:

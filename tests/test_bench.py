@@ -61,11 +61,11 @@ def test_the_shape_benchmark_runs_end_to_end_on_a_tiny_shape(
 
 
 def test_waiting_on_a_burst_asks_after_one_edit_a_poll(monkeypatch: pytest.MonkeyPatch) -> None:
-    """The speed study's wait must not load the server it times: a server that settles 100
+    """The benchmarks' wait must not load the server it times: a server that settles 100
     queued edits in order, one per poll interval, is asked about one edit a poll, and every
     final status comes back. (Asking after every pending edit each poll made 5,000 requests.)"""
     monkeypatch.syspath_prepend(str(ROOT / "bench"))
-    speed = importlib.import_module("speed")
+    harness = importlib.import_module("harness")
     ids = [f"e{i}" for i in range(100)]
     polls = 0  # the server settles edit i once the client has slept i + 1 times
     asked: list[str] = []
@@ -80,10 +80,10 @@ def test_waiting_on_a_burst_asks_after_one_edit_a_poll(monkeypatch: pytest.Monke
         status = "applied" if index < polls else ("applying" if index == polls else "queued")
         return httpx.Response(200, json={"status": status})
 
-    # speed's own name for the time module, so that no other thread's sleep is touched
-    monkeypatch.setattr(speed, "time", SimpleNamespace(sleep=sleep))
+    # harness's own name for the time module, so that no other thread's sleep is touched
+    monkeypatch.setattr(harness, "time", SimpleNamespace(sleep=sleep))
     client = httpx.Client(base_url="http://editserve", transport=httpx.MockTransport(serve))
-    status = speed.wait_done(client, ids)
+    status = harness.wait_done(client, ids)
     assert status == dict.fromkeys(ids, "applied")
     assert len(asked) <= 2 * len(ids)
     assert asked == sorted(asked, key=ids.index)  # the oldest pending edit first
