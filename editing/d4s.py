@@ -243,10 +243,10 @@ def cholesky_blocked(system: torch.Tensor, block: int = CHOLESKY_BLOCK) -> torch
     matrix does not on every host, and only the lower triangle is ever updated (a right-looking
     update of the whole trailing matrix does twice the arithmetic). One 1536 x 1536 float64
     factor, medians of 11 interleaved rounds on a 2-core EPYC: 0.029 s, against 0.040 s
-    right-looking and 0.029 s for LAPACK; on a 2-core Xeon the right-looking version had taken the
-    five edited layers' solves from 0.38 s with LAPACK to 0.31 s. The factor agrees with LAPACK's
-    to rounding (1e-15 relative); what it computes is fixed by the system alone, so replicas get
-    the same bits.
+    right-looking and 0.029 s for LAPACK (a second run: 0.036 s against 0.033 s for LAPACK); on a
+    2-core Xeon the right-looking version had taken the five edited layers' solves from 0.38 s
+    with LAPACK to 0.31 s. The factor agrees with LAPACK's to rounding (1e-15 relative); what it
+    computes is fixed by the system alone, so replicas get the same bits.
     """
     a = system.clone()
     n = a.shape[0]
