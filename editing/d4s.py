@@ -39,9 +39,13 @@ import torch
 from editing.facts import EditError
 
 #: Groups that the records' products are summed in (see the module docstring). An install or a
-#: revert recomputes one group's product, about 1 / GROUPS of the records; a rebuild makes one
-#: product per group. Part of the weights' definition: replicas must agree on it.
-GROUPS = 16
+#: revert makes one group's product twice (with and without the record), about 1 / GROUPS of
+#: the records; a rebuild makes one product per group. 64 rather than the first 16: with 1,000
+#: edits active a group holds about 16 rows instead of 62, and a layer's two products take 2.4
+#: instead of 6.6 ms on a 2-core EPYC (the 1536 x 1536 result, not the rows, then costs most),
+#: while a rebuild of 1,000 records makes 320 products instead of 80 (about 0.2 s more). Part of
+#: the weights' definition: replicas must agree on it.
+GROUPS = 64
 
 #: Most key rows (facts) that ``solve_low_rank`` takes. On a 2-core Xeon it is 3.9x faster than
 #: the full solve at 256 rows and 1.7x at 512 (``bench/speed.py --only solve``); the margin is
@@ -51,6 +55,10 @@ LOW_RANK_ROWS = 256
 #: Width of the diagonal blocks that ``cholesky_blocked`` factors with LAPACK. Like ``GROUPS``,
 #: part of the weights' definition (it fixes the order of the factorisation's sums).
 CHOLESKY_BLOCK = 256
+
+#: The dtype of the full solve's two triangular solves (``solve_factored``) in the service; the
+#: sums, the system and its Cholesky factor stay float64. See ``solve_update``.
+SOLVE_DTYPE = torch.float32
 
 #: The sums' units are 2^-UNIT_BITS of a layer's scale (``SumUnits``).
 UNIT_BITS = 30
@@ -134,10 +142,14 @@ class ExactSums:
     @classmethod
     def of(cls, keys: torch.Tensor, residual: torch.Tensor, units: SumUnits) -> ExactSums:
         """The products of one group of rows (keys ``n x in``, residual ``n x out``), made in
-        float64 and rounded to the units."""
-        sums = LayerSums.of(keys, residual)
-        kk, kk_bound = _to_units(sums.kk, units.kk)
-        rk, rk_bound = _to_units(sums.rk, units.rk)
+        float64 and rounded to whole counts of the units. The left factor of each product is
+        scaled by its unit's reciprocal first: a power of two, so every term and sum of the
+        product is scaled exactly, and the product comes out in counts (``LayerSums.of``'s
+        products times 1 / unit, to the bit) without a pass over the 1536 x 1536 result."""
+        k = keys.to(torch.float64)
+        r = residual.to(k.device, torch.float64)
+        kk, kk_bound = _whole((k * (1.0 / units.kk)).T @ k)
+        rk, rk_bound = _whole((r * (1.0 / units.rk)).T @ k)
         return cls(kk, rk, kk_bound, rk_bound)
 
     def __add__(self, other: ExactSums) -> ExactSums:
@@ -146,10 +158,24 @@ class ExactSums:
     def __sub__(self, other: ExactSums) -> ExactSums:
         return self._combined(other, -1)
 
-    def _combined(self, other: ExactSums, sign: int) -> ExactSums:
+    def regrouped(self, old: ExactSums | None, new: ExactSums | None) -> ExactSums:
+        """These sums less ``old`` and plus ``new`` (one group's products before and after its
+        members changed; None for none), in that order: ``self - old + new``, the same counts.
+
+        The result is written into the tensors of ``old`` and ``new``, fresh products that the
+        caller gives up, so that a revert allocates no sums of its own; ``self`` is left as it
+        was, also where the sums would overflow.
+        """
+        out = self if old is None else self._combined(old, -1, into=old)
+        if new is not None:
+            out = out._combined(new, +1, into=new if old is None else out)
+        return out
+
+    def _combined(self, other: ExactSums, sign: int, into: ExactSums | None = None) -> ExactSums:
         # Both operands' counts are below _LIMIT = 2^52, so the result is exact (below 2^53).
-        kk, kk_bound = _checked(self.kk, other.kk, sign, self.kk_bound + other.kk_bound)
-        rk, rk_bound = _checked(self.rk, other.rk, sign, self.rk_bound + other.rk_bound)
+        kk_into, rk_into = (None, None) if into is None else (into.kk, into.rk)
+        kk, kk_bound = _checked(self.kk, other.kk, sign, self.kk_bound + other.kk_bound, kk_into)
+        rk, rk_bound = _checked(self.rk, other.rk, sign, self.rk_bound + other.rk_bound, rk_into)
         return ExactSums(kk, rk, kk_bound, rk_bound)
 
     def value(self, units: SumUnits) -> LayerSums:
@@ -168,21 +194,22 @@ def _peak(counts: torch.Tensor) -> float:
     return max(-float(low), float(high))
 
 
-def _to_units(x: torch.Tensor, unit: float) -> tuple[torch.Tensor, float]:
-    """``x`` (float64) rounded to whole counts of ``unit``, and a bound on their magnitude.
-    ``x`` is overwritten."""
-    scaled = x.mul_(1.0 / unit)  # in place (x is a fresh product); a power of two: exact
-    low, high = (float(v) for v in torch.aminmax(scaled))
+def _whole(counts: torch.Tensor) -> tuple[torch.Tensor, float]:
+    """``counts`` (float64, a fresh product: overwritten) rounded to whole numbers, and their
+    largest magnitude; refused where that reaches the limit."""
+    whole = counts.round_()
+    low, high = (float(v) for v in torch.aminmax(whole))
     if not -_LIMIT < low <= high < _LIMIT:  # NaN fails this too
         raise SumsOverflowError("an edit's key or residual products exceed D4S's exact sums")
-    return scaled.round_(), max(-low, high) + 1.0
+    return whole, max(-low, high)
 
 
 def _checked(
-    a: torch.Tensor, b: torch.Tensor, sign: int, bound: float
+    a: torch.Tensor, b: torch.Tensor, sign: int, bound: float, into: torch.Tensor | None = None
 ) -> tuple[torch.Tensor, float]:
-    """a + sign * b and a bound on it, refused where the result reaches the limit."""
-    out = a + b if sign > 0 else a - b
+    """a + sign * b (written into ``into`` where given: a, b or a tensor of their shape) and a
+    bound on it, refused where the result reaches the limit."""
+    out = torch.add(a, b, alpha=sign) if into is None else torch.add(a, b, alpha=sign, out=into)
     if bound >= _LIMIT:
         bound = _peak(out)
         if bound >= _LIMIT:
@@ -203,8 +230,11 @@ def update_system(sums: LayerSums, c0: torch.Tensor, lam: float) -> torch.Tensor
     return torch.add(sums.kk, c0.to(torch.float64), alpha=lam)
 
 
-def solve_update(sums: LayerSums, c0: torch.Tensor, lam: float) -> torch.Tensor:
-    """dW = S_RK (lambda * C0 + S_KK)^-1, ``out x in`` float64, via a solve (never an inverse).
+def solve_update(
+    sums: LayerSums, c0: torch.Tensor, lam: float, dtype: torch.dtype = torch.float64
+) -> torch.Tensor:
+    """dW = S_RK (lambda * C0 + S_KK)^-1, ``out x in``, via a solve (never an inverse); the
+    system and its factor in float64, the triangular solves and dW in ``dtype``.
 
     The system is symmetric positive definite (lambda > 0, C0 a second moment of full rank, S_KK a
     Gram matrix), so a Cholesky factorisation solves it: half the factorisation work of LU, done
@@ -213,28 +243,34 @@ def solve_update(sums: LayerSums, c0: torch.Tensor, lam: float) -> torch.Tensor:
     here, so replicas get the same bits.
     """
     system = update_system(sums, c0, lam)
-    factor = cholesky_blocked(system)
+    factor = cholesky_blocked(system, overwrite=True)
     if factor is None:  # the system is symmetric, so dW^T = system^-1 S_RK^T
-        return torch.linalg.solve(system, sums.rk.T).T
-    return solve_factored(sums.rk, factor)
+        return torch.linalg.solve(update_system(sums, c0, lam), sums.rk.T).T.to(dtype)
+    return solve_factored(sums.rk, factor, dtype)
 
 
-def solve_factored(rk: torch.Tensor, factor: torch.Tensor) -> torch.Tensor:
+def solve_factored(
+    rk: torch.Tensor, factor: torch.Tensor, dtype: torch.dtype = torch.float64
+) -> torch.Tensor:
     """dW with dW L L^T = S_RK, for the lower Cholesky factor L of the system: two triangular
-    solves from the right, on S_RK as it is stored (``out x in``).
+    solves from the right, on S_RK as it is stored (``out x in``), in ``dtype``.
 
     LAPACK's own solve (``cholesky_solve``) wants the right-hand sides as columns, that is
     S_RK^T, a transposed view: for one 1536 x 1536 system with 576 right-hand sides on a 2-core
     EPYC it took 0.051 s against 0.043 s for these two BLAS solves (medians of 15 interleaved
     rounds), and the results agree to 1e-15.
     """
+    factor, rk = factor.to(dtype), rk.to(dtype)
     half = torch.linalg.solve_triangular(factor.T, rk, upper=True, left=False)  # dW L
     return torch.linalg.solve_triangular(factor, half, upper=False, left=False)
 
 
-def cholesky_blocked(system: torch.Tensor, block: int = CHOLESKY_BLOCK) -> torch.Tensor | None:
+def cholesky_blocked(
+    system: torch.Tensor, block: int = CHOLESKY_BLOCK, *, overwrite: bool = False
+) -> torch.Tensor | None:
     """The lower Cholesky factor of the symmetric ``system`` (``n x n``), or None where it is not
-    positive definite in floating point.
+    positive definite in floating point. ``overwrite``: the factor is made in ``system``'s own
+    memory (a system made for this one factorisation), not in a copy.
 
     Left-looking and blocked: each ``block``-wide column of the factor is first brought up to
     date by one matrix product with the columns already factored, then its diagonal block is
@@ -248,7 +284,7 @@ def cholesky_blocked(system: torch.Tensor, block: int = CHOLESKY_BLOCK) -> torch
     with LAPACK to 0.31 s. The factor agrees with LAPACK's to rounding (1e-15 relative); what it
     computes is fixed by the system alone, so replicas get the same bits.
     """
-    a = system.clone()
+    a = system if overwrite else system.clone()
     n = a.shape[0]
     for start in range(0, n, block):
         end = min(start + block, n)

@@ -22,6 +22,7 @@ from editing.adapters import adapter_for
 from editing.covariance import DEFAULT_TOKENS, covariance
 from editing.facts import EditError, Fact, InvalidFactError, NonFiniteUpdateError, validate_fact
 from editing.hparams import EditHparams
+from editing.memory import retain_freed_memory
 from editing.methods import EditMethod, State, make_method
 from editing.models import LoadedModel
 from editing.records import DeltaRecord
@@ -43,7 +44,11 @@ class ApplyResult:
 
 
 class Editor:
-    """Sequential knowledge editing of ``lm`` with ``method`` (``d4s`` by default)."""
+    """Sequential knowledge editing of ``lm`` with ``method`` (``d4s`` by default).
+
+    Every update allocates a few dozen transient float64 matrices, so an editor has the C
+    allocator keep freed memory for reuse in its process (``editing.memory``).
+    """
 
     def __init__(
         self,
@@ -57,6 +62,7 @@ class Editor:
         covariance_tokens: int = DEFAULT_TOKENS,
         progress: bool = True,
     ) -> None:
+        retain_freed_memory()
         self.lm = lm
         self.hp = hp or EditHparams()
         self.adapter = adapter_for(lm.model)

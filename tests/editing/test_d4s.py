@@ -5,6 +5,7 @@ import torch
 
 from editing.d4s import (
     GROUPS,
+    SOLVE_DTYPE,
     UNIT_BITS,
     ExactSums,
     LayerSums,
@@ -35,6 +36,32 @@ def test_update_matches_batch_memit_formula() -> None:
     sums = LayerSums.of(keys, resid)
     expected = resid.T @ keys @ torch.linalg.inv(lam * c0 + keys.T @ keys)
     assert torch.allclose(solve_update(sums, c0, lam), expected, atol=1e-10)
+
+
+def test_the_float32_solves_keep_float32s_precision() -> None:
+    """The service's full solve runs its two triangular solves in float32 (``SOLVE_DTYPE``) on
+    the float64 factor: the update agrees with the float64 solve's to float32 rounding."""
+    d_in, d_out, lam = 300, 40, 2.0
+    keys, resid = _random(400, d_in, d_out, 5)
+    g = torch.Generator().manual_seed(6)
+    a = torch.randn(d_in, d_in + 100, generator=g, dtype=torch.float64)
+    c0 = a @ a.T / d_in + 0.1 * torch.eye(d_in, dtype=torch.float64)
+    sums = LayerSums.of(keys, resid)
+    full, single = solve_update(sums, c0, lam), solve_update(sums, c0, lam, SOLVE_DTYPE)
+    assert full.dtype == torch.float64 and single.dtype == SOLVE_DTYPE == torch.float32
+    relative = (single.double() - full).norm() / full.norm()
+    assert 0 < relative < 1e-5  # it is float32 (not 0), and no worse than its rounding warrants
+
+
+def test_exact_products_are_the_float_products_in_counts() -> None:
+    """``ExactSums.of`` scales a factor by the unit's reciprocal before the product: the same
+    counts, to the bit, as the float64 product divided by the unit and rounded."""
+    keys, resid = _random(37, 64, 9, 7)
+    units = SumUnits(kk=2.0**-20, rk=2.0**-23)
+    exact, product = ExactSums.of(keys, resid, units), LayerSums.of(keys, resid)
+    assert torch.equal(exact.kk, (product.kk / units.kk).round())
+    assert torch.equal(exact.rk, (product.rk / units.rk).round())
+    assert exact.kk_bound == float(exact.kk.abs().max())
 
 
 def test_a_system_cholesky_refuses_is_still_solved() -> None:
