@@ -661,9 +661,12 @@ def fill_log(log: EditLog, records: list[DeltaRecord], *, applied: bool = True) 
     log.close()
 
 
-def _lapack_cholesky(system: torch.Tensor) -> torch.Tensor | None:
+def _lapack_cholesky(
+    system: torch.Tensor, block: int = 0, *, overwrite: bool = False
+) -> torch.Tensor | None:
     """LAPACK's lower Cholesky factor of the whole ``system``, as ``d4s.cholesky_blocked``
-    answers (None where it is not positive definite): what the blocked factorisation replaced."""
+    answers (None where it is not positive definite) and in its signature (``block`` and
+    ``overwrite`` do not apply): what the blocked factorisation replaced."""
     factor, info = torch.linalg.cholesky_ex(system)
     return factor if int(info) == 0 else None
 
@@ -677,7 +680,7 @@ def _revert_by_factorisation(editor: Editor, records: list[DeltaRecord]) -> dict
     try:
         for _ in range(7):
             for name, factorise in (("blocked", blocked), ("lapack", _lapack_cholesky)):
-                d4s.cholesky_blocked = factorise  # type: ignore[assignment]
+                d4s.cholesky_blocked = factorise
                 for record in (records[-1], records[0]):
                     start = time.perf_counter()
                     editor.plan_revert(record.id)

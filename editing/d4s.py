@@ -25,7 +25,8 @@ their scale: far below float32's precision, with room for about 4 million rows o
 
 With few rows the same update is cheaper through the push-through identity (``solve_low_rank``)
 than through the ``in x in`` factorisation; which of the two solves runs is a function of the
-records, so replicas agree.
+records, so replicas agree. The factorisation is float64 and its two triangular solves float32
+(``SOLVE_DTYPE``), the precision of the weights they write.
 """
 
 from __future__ import annotations
@@ -57,7 +58,15 @@ LOW_RANK_ROWS = 256
 CHOLESKY_BLOCK = 256
 
 #: The dtype of the full solve's two triangular solves (``solve_factored``) in the service; the
-#: sums, the system and its Cholesky factor stay float64. See ``solve_update``.
+#: sums, the system and its Cholesky factor stay float64, and the update goes into float32
+#: weights. On a 2-core EPYC one 576 x 1536 float32 solve took 0.011 s against 0.022 s in
+#: float64, and the five layers' whole solve 0.29 s against 0.35 s (``bench/speed.py --only
+#: solve``, interleaved rounds); the update agrees with the float64 solves' to 8e-7 of its
+#: largest entry. With 320 real CounterFact edits active (past ``LOW_RANK_ROWS``) the live
+#: weights then differ from the float64 solves' in 35% of their entries (RECT edits 40%) by a
+#: median 3 float32 ulps, RECT keeps 3 different entries of 4.4 million, and efficacy,
+#: paraphrase and neighbourhood come out the same to every digit. Part of the weights'
+#: definition.
 SOLVE_DTYPE = torch.float32
 
 #: The sums' units are 2^-UNIT_BITS of a layer's scale (``SumUnits``).
