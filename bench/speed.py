@@ -2,9 +2,9 @@
 
 - ``covariance``: computing C0 from scratch (200k tokens, the server's default);
 - ``edits``: edit latency by phase (single edits, warm) and revert latency;
-- ``solve``: the update's five solves in this process, by the blocked float64 Cholesky
-  factorisation and float32 triangular solves (what the service runs) against the same with
-  float64 solves, LAPACK's whole-matrix Cholesky and LU (``make bench-full`` only);
+- ``solve``: the update's five float64 solves in this process, by the blocked Cholesky
+  factorisation (what the service runs) against the same in float32 (``solve_dtype``),
+  LAPACK's whole-matrix Cholesky and LU (``make bench-full`` only);
 - ``zstar``: z* in this process for 16 CounterFact facts, batched and one at a time, on the fast
   path (cached prefix keys and values, rows in groups of similar width), on the fast path in one
   padded group, and on the whole-row reference path;
@@ -73,7 +73,6 @@ from serve_bench import (
 from editing import d4s
 from editing.covariance import cache_folder, covariance
 from editing.d4s import (
-    SOLVE_DTYPE,
     LayerSums,
     prior_factor,
     solve_factored,
@@ -380,9 +379,9 @@ def in_process_figures(lm: LoadedModel, n: int = 64) -> dict[str, float]:
 def section_solve(args: argparse.Namespace) -> dict[str, Any]:
     """The update solve that every install, replay and revert runs, on its own: the five edited
     layers' float64 systems (lambda C0 + S_KK) with 576 right-hand sides, by the blocked
-    Cholesky factorisation and ``SOLVE_DTYPE`` triangular solves (``solve_update``, what the
-    service runs past ``LOW_RANK_ROWS`` rows) against the same with float64 solves, LAPACK's
-    own Cholesky factorisation of the whole matrix and an LU solve, in interleaved rounds. S_KK
+    Cholesky factorisation (``solve_update``, what the service runs past ``LOW_RANK_ROWS`` rows)
+    against the same in float32 (``solve_dtype`` float32), LAPACK's own Cholesky factorisation
+    of the whole matrix and an LU solve, in interleaved rounds. S_KK
     and S_RK are of 64 CounterFact facts' real keys and random residuals (the values do not
     change the time). Then the low-rank solve that serves up to
     ``LOW_RANK_ROWS`` active rows, for a range of rows around it (random rows), against the
@@ -404,20 +403,20 @@ def section_solve(args: argparse.Namespace) -> dict[str, Any]:
         return torch.linalg.solve(system, sums[layer].rk.T).T
 
     def cholesky(layer: int) -> torch.Tensor:
-        return solve_update(sums[layer], c0[layer], hp.mom2_lambda, SOLVE_DTYPE)
-
-    def cholesky_float64(layer: int) -> torch.Tensor:
         return solve_update(sums[layer], c0[layer], hp.mom2_lambda)
+
+    def cholesky_float32(layer: int) -> torch.Tensor:
+        return solve_update(sums[layer], c0[layer], hp.mom2_lambda, torch.float32)
 
     def lapack_cholesky(layer: int) -> torch.Tensor:
         factor = _lapack_cholesky(update_system(sums[layer], c0[layer], hp.mom2_lambda))
         assert factor is not None
-        return solve_factored(sums[layer].rk, factor, SOLVE_DTYPE)
+        return solve_factored(sums[layer].rk, factor)
 
     solves = {
         "lu": lu,
         "cholesky": cholesky,
-        "cholesky_float64": cholesky_float64,
+        "cholesky_float32": cholesky_float32,
         "lapack_cholesky": lapack_cholesky,
     }
     times: dict[str, list[float]] = {name: [] for name in solves}
@@ -427,14 +426,14 @@ def section_solve(args: argparse.Namespace) -> dict[str, Any]:
             for layer in hp.layers:
                 solve(layer)
             times[name].append(time.perf_counter() - start)
-    differences: dict[str, list[float]] = {"cholesky": [], "cholesky_float64": []}
+    differences: dict[str, list[float]] = {"cholesky": [], "cholesky_float32": []}
     for layer in hp.layers:
         reference = lu(layer)
         for name, values in differences.items():
             error = (reference - solves[name](layer).double()).abs().max() / reference.abs().max()
             values.append(float(error))
     # The first round of each warms its code paths.
-    lu_s, cholesky_s, float64_s, lapack_s = (statistics.median(times[name][1:]) for name in solves)
+    lu_s, cholesky_s, float32_s, lapack_s = (statistics.median(times[name][1:]) for name in solves)
     priors = {layer: prior_factor(c0[layer], hp.mom2_lambda) for layer in hp.layers}
     low_rank = {}
     for rows in (1, 16, 64, 256, 512):
@@ -459,13 +458,12 @@ def section_solve(args: argparse.Namespace) -> dict[str, Any]:
         "lu_five_layers_s": lu_s,
         "cholesky_five_layers_s": cholesky_s,
         "lu_over_cholesky": lu_s / cholesky_s,
-        "solve_dtype": str(SOLVE_DTYPE).removeprefix("torch."),
-        "cholesky_float64_solves_five_layers_s": float64_s,
-        "float64_solves_over_service": float64_s / cholesky_s,
+        "cholesky_float32_five_layers_s": float32_s,
+        "cholesky_over_float32": cholesky_s / float32_s,
         "lapack_cholesky_five_layers_s": lapack_s,
         "lapack_over_blocked_cholesky": lapack_s / cholesky_s,
         "max_relative_difference": max(differences["cholesky"]),
-        "max_relative_difference_float64_solves": max(differences["cholesky_float64"]),
+        "max_relative_difference_float32": max(differences["cholesky_float32"]),
         "rounds": times,
     }
 

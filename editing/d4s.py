@@ -25,8 +25,8 @@ their scale: far below float32's precision, with room for about 4 million rows o
 
 With few rows the same update is cheaper through the push-through identity (``solve_low_rank``)
 than through the ``in x in`` factorisation; which of the two solves runs is a function of the
-records, so replicas agree. The factorisation is float64 and its two triangular solves float32
-(``SOLVE_DTYPE``), the precision of the weights they write.
+records, so replicas agree. The system is made in float64; it is factored and solved in float64
+too unless ``EditHparams.solve_dtype`` asks for float32 (``solve_update``).
 """
 
 from __future__ import annotations
@@ -56,18 +56,6 @@ LOW_RANK_ROWS = 256
 #: Width of the diagonal blocks that ``cholesky_blocked`` factors with LAPACK. Like ``GROUPS``,
 #: part of the weights' definition (it fixes the order of the factorisation's sums).
 CHOLESKY_BLOCK = 256
-
-#: The dtype of the full solve's two triangular solves (``solve_factored``) in the service; the
-#: sums, the system and its Cholesky factor stay float64, and the update goes into float32
-#: weights. On a 2-core EPYC one 576 x 1536 float32 solve took 0.011 s against 0.022 s in
-#: float64, and the five layers' whole solve 0.29 s against 0.35 s (``bench/speed.py --only
-#: solve``, interleaved rounds); the update agrees with the float64 solves' to 8e-7 of its
-#: largest entry. With 320 real CounterFact edits active (past ``LOW_RANK_ROWS``) the live
-#: weights then differ from the float64 solves' in 35% of their entries (RECT edits 40%) by a
-#: median 3 float32 ulps, RECT keeps 3 different entries of 4.4 million, and efficacy,
-#: paraphrase and neighbourhood come out the same to every digit. Part of the weights'
-#: definition.
-SOLVE_DTYPE = torch.float32
 
 #: The sums' units are 2^-UNIT_BITS of a layer's scale (``SumUnits``).
 UNIT_BITS = 30
@@ -243,16 +231,26 @@ def solve_update(
     sums: LayerSums, c0: torch.Tensor, lam: float, dtype: torch.dtype = torch.float64
 ) -> torch.Tensor:
     """dW = S_RK (lambda * C0 + S_KK)^-1, ``out x in``, via a solve (never an inverse); the
-    system and its factor in float64, the triangular solves and dW in ``dtype``.
+    system made in float64 (from the exact sums), its factorisation, the two triangular solves
+    and dW in ``dtype``.
 
     The system is symmetric positive definite (lambda > 0, C0 a second moment of full rank, S_KK a
     Gram matrix), so a Cholesky factorisation solves it: half the factorisation work of LU, done
     in blocks (``cholesky_blocked``). Where the factorisation fails (C0 singular in floating
-    point), an LU solve does the work. Every update of more than ``LOW_RANK_ROWS`` rows comes
-    here, so replicas get the same bits.
+    point), an LU solve in float64 does the work. Every update of more than ``LOW_RANK_ROWS``
+    rows comes here, so replicas get the same bits.
+
+    float32 (``EditHparams.solve_dtype``) is the precision of the weights the update goes into.
+    On a 2-core EPYC the five layers' solve took 0.21 s against 0.41 s in float64 (``bench/
+    speed.py --only solve``, interleaved), and a revert's plan with 1,000 edits active 0.37-0.46
+    s against 0.47-0.68 s; the update agreed with a float64 LU solve to 2e-6 of its largest
+    entry, and with 320 real CounterFact edits active the live weights differed from float64's
+    in 35-37% of their entries by a median 3.0-4.9 float32 ulps, with the same efficacy,
+    paraphrase and neighbourhood to every digit. Its error grows with the system's condition
+    number (290-450 for SmolLM2 at 1,000 synthetic edits; other models' C0 may be far worse
+    conditioned), which is why float64, as ALGORITHMS.md asks, stays the default.
     """
-    system = update_system(sums, c0, lam)
-    factor = cholesky_blocked(system, overwrite=True)
+    factor = cholesky_blocked(update_system(sums, c0, lam).to(dtype), overwrite=True)
     if factor is None:  # the system is symmetric, so dW^T = system^-1 S_RK^T
         return torch.linalg.solve(update_system(sums, c0, lam), sums.rk.T).T.to(dtype)
     return solve_factored(sums.rk, factor, dtype)

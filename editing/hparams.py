@@ -20,6 +20,10 @@ def parse_layers(text: str) -> tuple[int, ...]:
     return tuple(range(int(first), int(last or first) + 1))
 
 
+#: The dtypes that d4s's full solve may run in (``EditHparams.solve_dtype``).
+SOLVE_DTYPES = ("float64", "float32")
+
+
 @dataclass(frozen=True)
 class EditHparams:
     """How edits are computed and installed.
@@ -32,6 +36,9 @@ class EditHparams:
     rect_keep: share of the total update's entries kept by RECT (1.0 turns RECT off).
     alpha_l2, nullspace_threshold: AlphaEdit's ridge term and null-space eigenvalue cut-off
         (relative to the largest eigenvalue of C0).
+    solve_dtype: the dtype that d4s factors and solves its system in past ``LOW_RANK_ROWS``
+        rows (the system is made in float64 from the exact sums either way): "float64", as
+        ALGORITHMS.md asks, or "float32", about twice as fast (``editing.d4s.solve_update``).
     """
 
     layers: tuple[int, ...] = (3, 4, 5, 6, 7)
@@ -46,6 +53,7 @@ class EditHparams:
     rect_keep: float = 0.4
     alpha_l2: float = 10.0
     nullspace_threshold: float = 2e-2
+    solve_dtype: str = "float64"
     seed: int = 0
 
     def __post_init__(self) -> None:
@@ -57,6 +65,10 @@ class EditHparams:
             raise ValueError(f"rect_keep must be in (0, 1], got {self.rect_keep}")
         if self.mom2_lambda <= 0:
             raise ValueError(f"mom2_lambda must be positive, got {self.mom2_lambda}")
+        if self.solve_dtype not in SOLVE_DTYPES:
+            raise ValueError(
+                f"solve_dtype must be one of {', '.join(SOLVE_DTYPES)}, got {self.solve_dtype!r}"
+            )
         if not self.context_prefixes or self.context_prefixes[0] != "":
             raise ValueError("context_prefixes must start with the bare prompt ''")
 

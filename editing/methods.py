@@ -21,7 +21,6 @@ import torch
 
 from editing.d4s import (
     LOW_RANK_ROWS,
-    SOLVE_DTYPE,
     ExactSums,
     LayerSums,
     SumUnits,
@@ -163,7 +162,10 @@ class D4S(EditMethod):
         else:
             solved = {
                 layer: solve_update(
-                    sums.value(self.units[layer]), self.c0[layer], self.hp.mom2_lambda, SOLVE_DTYPE
+                    sums.value(self.units[layer]),
+                    self.c0[layer],
+                    self.hp.mom2_lambda,
+                    getattr(torch, self.hp.solve_dtype),
                 )
                 for layer, sums in state["sums"].items()
             }

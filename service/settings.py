@@ -43,6 +43,11 @@ class Settings(BaseSettings):
     layers: str | None = Field(default=None, description="edited blocks, e.g. 3-7")
     mom2_lambda: float = EditHparams().mom2_lambda
     rect_keep: float = EditHparams().rect_keep
+    solve_dtype: Literal["float64", "float32"] = Field(
+        default="float64",
+        description="dtype of d4s's full solve past 256 key rows: 'float64', or 'float32' for "
+        "about twice its speed at float32 weights' precision (README: Speed)",
+    )
     v_steps: int = EditHparams().v_steps
     covariance_tokens: int = 200_000
     corpus: str = "wiki"
@@ -118,6 +123,7 @@ class Settings(BaseSettings):
             "mom2_lambda": self.mom2_lambda,
             "rect_keep": self.rect_keep,
             "v_steps": self.v_steps,
+            "solve_dtype": self.solve_dtype,
         }
         if self.layers:
             changes["layers"] = parse_layers(self.layers)

@@ -5,7 +5,6 @@ import torch
 
 from editing.d4s import (
     GROUPS,
-    SOLVE_DTYPE,
     UNIT_BITS,
     ExactSums,
     LayerSums,
@@ -38,17 +37,17 @@ def test_update_matches_batch_memit_formula() -> None:
     assert torch.allclose(solve_update(sums, c0, lam), expected, atol=1e-10)
 
 
-def test_the_float32_solves_keep_float32s_precision() -> None:
-    """The service's full solve runs its two triangular solves in float32 (``SOLVE_DTYPE``) on
-    the float64 factor: the update agrees with the float64 solve's to float32 rounding."""
+def test_the_float32_solve_keeps_float32s_precision() -> None:
+    """``solve_dtype`` float32 factors and solves the float64 system in float32: the update
+    agrees with the float64 solve's to float32 rounding."""
     d_in, d_out, lam = 300, 40, 2.0
     keys, resid = _random(400, d_in, d_out, 5)
     g = torch.Generator().manual_seed(6)
     a = torch.randn(d_in, d_in + 100, generator=g, dtype=torch.float64)
     c0 = a @ a.T / d_in + 0.1 * torch.eye(d_in, dtype=torch.float64)
     sums = LayerSums.of(keys, resid)
-    full, single = solve_update(sums, c0, lam), solve_update(sums, c0, lam, SOLVE_DTYPE)
-    assert full.dtype == torch.float64 and single.dtype == SOLVE_DTYPE == torch.float32
+    full, single = solve_update(sums, c0, lam), solve_update(sums, c0, lam, torch.float32)
+    assert full.dtype == torch.float64 and single.dtype == torch.float32
     relative = (single.double() - full).norm() / full.norm()
     assert 0 < relative < 1e-5  # it is float32 (not 0), and no worse than its rounding warrants
 

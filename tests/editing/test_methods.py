@@ -246,3 +246,18 @@ def test_state_bytes_stay_bounded_as_edits_grow() -> None:
     counts = (MANY, 4 * MANY)
     sizes = [method.state_bytes(method.rebuild(_records(n, hp))) for n in counts]
     assert sizes[0] == sizes[1] > 0
+
+
+def test_a_float32_solve_is_the_float64_update_to_float32_rounding() -> None:
+    """``solve_dtype`` float32 reaches d4s's full solve (past ``LOW_RANK_ROWS``): the update is
+    the float64 one to float32 rounding, not the same bits. Anything else is refused."""
+    method, hp = _setup()
+    single = make_method("d4s", hp.with_(solve_dtype="float32"), method.c0, method.w0)
+    records = _records(MANY, hp)
+    assert sum(len(r.residual) for r in records) > LOW_RANK_ROWS
+    full, fast = method.update(method.rebuild(records)), single.update(single.rebuild(records))
+    for layer in hp.layers:
+        difference = (fast[layer] - full[layer]).abs().max() / full[layer].abs().max()
+        assert 0 < difference < 1e-5
+    with pytest.raises(ValueError, match="solve_dtype"):
+        hp.with_(solve_dtype="float16")
