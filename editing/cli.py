@@ -16,7 +16,7 @@ from editing.editor import Editor
 from editing.evaluate import find_dataset, run_sequential
 from editing.facts import Fact, load_facts
 from editing.files import write_atomically
-from editing.hparams import EditHparams, parse_layers
+from editing.hparams import SOLVE_DTYPES, EditHparams, parse_layers
 from editing.methods import METHODS
 from editing.models import DEFAULT_MODEL, default_cache_dir, load_model
 
@@ -40,6 +40,12 @@ def build_parser() -> tuple[argparse.ArgumentParser, argparse._SubParsersAction]
         )
         p.add_argument("--clamp", type=float, default=defaults.clamp_norm_factor)
         p.add_argument("--steps", type=int, default=defaults.v_steps)
+        p.add_argument(
+            "--solve-dtype",
+            choices=SOLVE_DTYPES,
+            default=defaults.solve_dtype,
+            help="d4s's full solve past 256 key rows: float64, or float32 at about twice the speed",
+        )
         p.add_argument("--covariance-tokens", type=int, default=None)
         p.add_argument(
             "--corpus", default="wiki", help="covariance text: wiki, a .txt/.json file, hf:NAME"
@@ -87,6 +93,7 @@ def _hparams(args: argparse.Namespace) -> EditHparams:
         "mom2_lambda": args.mom2_lambda,
         "clamp_norm_factor": args.clamp,
         "v_steps": args.steps,
+        "solve_dtype": args.solve_dtype,
     }
     if args.layers:
         changes["layers"] = parse_layers(args.layers)

@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import Any
 
 from editing import cli as engine_cli
+from editing.hparams import SOLVE_DTYPES
 
 
 def _add_commands(sub: Any) -> None:
@@ -39,6 +40,7 @@ def _add_commands(sub: Any) -> None:
     serve.add_argument("--layers")
     serve.add_argument("--covariance-tokens", type=int)
     serve.add_argument("--v-steps", type=int)
+    serve.add_argument("--solve-dtype", choices=list(SOLVE_DTYPES), help="see Settings")
     serve.add_argument("--cache-dir", type=Path)
     serve.add_argument(
         "--edit-batch", type=int, metavar="N", help="queued edits per batched z* (1: none)"
