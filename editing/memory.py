@@ -20,7 +20,6 @@ Elsewhere (musl, macOS) it does nothing and says so.
 from __future__ import annotations
 
 import ctypes
-import ctypes.util
 import logging
 
 log = logging.getLogger(__name__)
@@ -43,10 +42,9 @@ def retain_freed_memory(
 ) -> bool:
     """Make glibc keep up to ``retained`` bytes freed at the top of its heaps, and serve blocks
     under ``mmap_threshold`` from them, for the rest of the process. Whether it took effect."""
-    name = ctypes.util.find_library("c")
     try:
-        mallopt = ctypes.CDLL(name).mallopt
-    except (OSError, AttributeError, TypeError):
+        mallopt = ctypes.CDLL(None).mallopt  # the process's own C library, no search for it
+    except (OSError, AttributeError):
         log.info("no glibc mallopt here: freed memory is kept as the allocator decides")
         return False
     mallopt.argtypes, mallopt.restype = [ctypes.c_int, ctypes.c_int], ctypes.c_int

@@ -85,16 +85,24 @@ class EditMethod(ABC):
 
     def _shares(self, record: DeltaRecord) -> list[tuple[int, torch.Tensor, torch.Tensor]]:
         """(layer, keys n x in, residual share n x out) for each edited layer, in float64."""
+        return [(layer, keys, share) for layer, (keys, share) in self._stacked((record,)).items()]
+
+    def _stacked(
+        self, records: tuple[DeltaRecord, ...]
+    ) -> dict[int, tuple[torch.Tensor, torch.Tensor]]:
+        """Per layer, ``records``' keys and residual shares stacked row-wise (float64): one
+        concatenation and one conversion per tensor, not one per record (a group of a thousand
+        edits holds 60 records)."""
         m = len(self.hp.layers)
         device = self.c0[self.hp.layers[0]].device
-        return [
-            (
-                layer,
-                record.keys[layer].to(device, torch.float64),
-                residual_share(record.residual, i, m).to(device, torch.float64),
+        residual = torch.cat([record.residual for record in records])
+        return {
+            layer: (
+                torch.cat([record.keys[layer] for record in records]).to(device, torch.float64),
+                residual_share(residual, i, m).to(device, torch.float64),
             )
             for i, layer in enumerate(self.hp.layers)
-        ]
+        }
 
 
 class D4S(EditMethod):
@@ -200,23 +208,6 @@ class D4S(EditMethod):
             if records
             else {}
         )
-
-    def _stacked(
-        self, records: tuple[DeltaRecord, ...]
-    ) -> dict[int, tuple[torch.Tensor, torch.Tensor]]:
-        """Per layer, ``records``' keys and residual shares stacked row-wise (float64): the same
-        values as each record's ``_shares`` stacked, made by one concatenation and one conversion
-        per tensor instead of one per record (a group of a thousand edits holds 60 records)."""
-        m = len(self.hp.layers)
-        device = self.c0[self.hp.layers[0]].device
-        residual = torch.cat([record.residual for record in records])
-        return {
-            layer: (
-                torch.cat([record.keys[layer] for record in records]).to(device, torch.float64),
-                residual_share(residual, i, m).to(device, torch.float64),
-            )
-            for i, layer in enumerate(self.hp.layers)
-        }
 
 
 def _grouped(records: list[DeltaRecord]) -> dict[int, tuple[DeltaRecord, ...]]:
