@@ -12,8 +12,12 @@ Usage:
       [--checkpoints 100,500] [--check 130] [--layers 1-7] \
       [--out bench/results/sweep-1000]
 Each setting is written to OUT/lambdaL_rectK.json, in ``editserve eval``'s shape, so
-``bench/table.py`` reads it. Records missing from ``--record-cache`` are computed first, 16 facts
-per batched z* optimisation (about 20 min for 1,000 on 2 cores).
+``bench/table.py`` reads it. A setting may name the solve's dtype as a third field
+(``2000:0.4:float32``, written to OUT/lambdaL_rectK_float32.json); one whose float64 twin is in
+the same sweep also records how far its weights are from the twin's (``against_float64``: the
+share of entries that differ, the median and largest difference in float32 ulps, and the entries
+that RECT kept in one and dropped in the other). Records missing from ``--record-cache`` are
+computed first, 16 facts per batched z* optimisation (about 20 min for 1,000 on 2 cores).
 
 ``--layers A-B`` edits other blocks. Ending at the default last block, the default records serve:
 z* is optimised at the last edited block alone, so it does not change, and the added blocks' keys
@@ -32,6 +36,7 @@ from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 
 from editing import corpus, metrics
@@ -63,7 +68,9 @@ def main() -> int:
     parser.add_argument("--limit", type=int, default=1000)
     parser.add_argument("--checkpoints", default="", help="also evaluate after these N")
     parser.add_argument(
-        "--settings", default="2000:0.4", help="lambda:RECT keep pairs, e.g. 2000:0.4,1000:0.2"
+        "--settings",
+        default="2000:0.4",
+        help="lambda:RECT keep[:solve dtype], e.g. 2000:0.4,1000:0.2,2000:0.4:float32",
     )
     parser.add_argument("--record-cache", type=Path, default=Path(".cache/records"))
     parser.add_argument(
@@ -81,7 +88,7 @@ def main() -> int:
     facts_file = args.facts or find_dataset("counterfact", "counterfact-train.json")
     facts = load_facts(facts_file, args.limit)
     marks = sorted({int(n) for n in args.checkpoints.split(",") if n.strip()} | {len(facts)})
-    settings = [tuple(float(x) for x in pair.split(":")) for pair in args.settings.split(",")]
+    settings = [_setting(text) for text in args.settings.split(",")]
     lm = load_model(DEFAULT_MODEL)
     editor = Editor(lm, recorded, "d4s", cache_dir=default_cache_dir())
     cache = RecordCache(args.record_cache, editor)
@@ -121,26 +128,69 @@ def main() -> int:
         print(f"[sweep] replay of {args.check} records = one-at-a-time installs, bit for bit")
 
     args.out.mkdir(parents=True, exist_ok=True)
-    for lam, keep in settings:
-        hp = hp0.with_(mom2_lambda=lam, rect_keep=keep)
+    final: dict[tuple[float, float, str], dict[int, torch.Tensor]] = {}  # each setting's, at N
+    for lam, keep, dtype in sorted(settings, key=lambda s: s[2] != "float64"):
+        hp = hp0.with_(mom2_lambda=lam, rect_keep=keep, solve_dtype=dtype)
         results = []
         norms_at: dict[int, dict[str, Any]] = {}  # shared by the checkpoints of this setting
         for n in marks:
             result = _measure(
                 lm, hp, c0, records[:n], facts[:n], before[n], heldout, fluency_texts, norms_at
             )
+            if n == len(records):
+                final[(lam, keep, dtype)] = result.pop("weights")
+            else:
+                del result["weights"]
             results.append({**result, **unedited, "facts_file": str(facts_file), "replayed": True})
             print(
-                f"[sweep] layers {layers[0]}-{layers[-1]} lambda {lam:g} RECT {keep:g} N {n}: "
-                + ", ".join(f"{k} {result[k]:.3f}" for k in SHOWN),
+                f"[sweep] layers {layers[0]}-{layers[-1]} lambda {lam:g} RECT {keep:g} "
+                f"solve {dtype} N {n}: " + ", ".join(f"{k} {result[k]:.3f}" for k in SHOWN),
                 flush=True,
             )
+        twin = final.get((lam, keep, "float64"))
+        if dtype != "float64" and twin is not None:
+            results[-1]["against_float64"] = _compare(final[(lam, keep, dtype)], twin, editor.w0)
+            print(f"[sweep] against float64: {results[-1]['against_float64']}", flush=True)
         named = "" if layers == base.layers else f"layers{layers[0]}-{layers[-1]}_"
-        path = args.out / f"{named}lambda{lam:g}_rect{keep:g}.json"
+        solved = "" if dtype == "float64" else f"_{dtype}"
+        path = args.out / f"{named}lambda{lam:g}_rect{keep:g}{solved}.json"
         path.write_text(json.dumps({**results[-1], "checkpoints": results}, indent=1) + "\n")
         if editor.digest() != pristine:
             raise RuntimeError("the model's weights were left edited between settings")
     return 0
+
+
+def _setting(text: str) -> tuple[float, float, str]:
+    """``lambda:keep[:dtype]`` as (lambda, keep, the solve's dtype)."""
+    lam, keep, *dtype = text.split(":")
+    return float(lam), float(keep), dtype[0] if dtype else "float64"
+
+
+def _compare(
+    weights: dict[int, torch.Tensor],
+    reference: dict[int, torch.Tensor],
+    w0: dict[int, torch.Tensor],
+) -> dict[str, float]:
+    """How far ``weights`` are from ``reference``, over every edited matrix: the share of
+    entries that differ, the median and largest difference among those in float32 ulps (the
+    spacing of floats at the reference's value), and the entries where RECT kept the update
+    in one and dropped it in the other (equal to W0 in one only)."""
+
+    def flat(matrices: dict[int, torch.Tensor]) -> np.ndarray:
+        layers = sorted(reference)
+        return np.concatenate([matrices[layer].cpu().numpy().ravel() for layer in layers])
+
+    a, b, original = flat(weights), flat(reference), flat(w0)
+    differ = a != b
+    ulps = np.abs(a[differ].astype(np.float64) - b[differ]) / np.spacing(np.abs(b[differ]))
+    return {
+        "entries": int(a.size),
+        "share_differing": float(differ.mean()),
+        "median_ulps": float(np.median(ulps)) if ulps.size else 0.0,
+        "max_ulps": float(ulps.max()) if ulps.size else 0.0,
+        "max_abs_difference": float(np.abs(a - b).max()),
+        "rect_flips": int(((a == original) != (b == original)).sum()),
+    }
 
 
 def _with_keys(lm: LoadedModel, hp: EditHparams, records: list[DeltaRecord]) -> list[DeltaRecord]:
@@ -197,6 +247,7 @@ def _measure(
             for n in [*range(NORMS_EVERY, len(records), NORMS_EVERY), len(records)]
         ]
         result = evaluate_state(editor, facts, before, heldout, HELDOUT_TOKENS, fluency_texts)
+        weights = {layer: w.detach().cpu().clone() for layer, w in editor.live_weights().items()}
     finally:
         editor.replay([])
     # No per-edit time: nothing was installed one at a time (see replay_seconds instead).
@@ -205,6 +256,7 @@ def _measure(
         "trajectory": trajectory,
         "replay_seconds": replay_seconds,
         "seconds_per_edit": None,
+        "weights": weights,
     }
 
 

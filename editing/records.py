@@ -57,8 +57,9 @@ class DeltaRecord:
             },
         )
 
-    def to_bytes(self) -> bytes:
-        """Serialise with safetensors; the facts and stats travel in the metadata."""
+    def to_bytes(self, notes: dict[str, str] | None = None) -> bytes:
+        """Serialise with safetensors; the facts and stats travel in the metadata, and so do
+        ``notes``, which the record itself does not read back (:func:`record_notes` does)."""
         tensors = {f"keys.{layer}": k.contiguous() for layer, k in self.keys.items()}
         tensors["residual"] = self.residual.contiguous()
         meta = {
@@ -66,6 +67,8 @@ class DeltaRecord:
             "facts": json.dumps([fact_to_json(f) for f in self.facts]),
             "stats": json.dumps(self.stats),
         }
+        if notes:
+            meta["notes"] = json.dumps(notes)
         return st_save(tensors, metadata=meta)
 
     @classmethod
@@ -82,6 +85,12 @@ class DeltaRecord:
             residual=tensors["residual"],
             stats=json.loads(meta.get("stats", "{}")),
         )
+
+
+def record_notes(blob: bytes) -> dict[str, str]:
+    """The ``notes`` a record's bytes were written with (empty if none)."""
+    notes: dict[str, str] = json.loads(_metadata(blob).get("notes", "{}"))
+    return notes
 
 
 def _metadata(blob: bytes) -> dict[str, str]:

@@ -221,11 +221,12 @@ ROWS: list[tuple[str, list[tuple[str, str, list[tuple[str, str]], int, str]]]] =
                 "line",
             ),
             (
-                "Up (model ready, log reachable)",
+                "Up (model ready, log reachable) and diverged (weights unlike their peers')",
                 "short",
                 [
                     (f"editserve_up{{{SEL}}}", "ready {{instance}}"),
                     (f"editserve_log_up{{{SEL}}}", "log {{instance}}"),
+                    (f"editserve_weights_diverged{{{SEL}}}", "diverged {{instance}}"),
                 ],
                 8,
                 "line",

@@ -111,6 +111,13 @@ class Metrics:
             buckets=_BATCH_BUCKETS,
             registry=r,
         )
+        self.weights_checks = Counter(
+            f"{PREFIX}_weights_checks",
+            "Records computed by another replica after whose install this replica compared its "
+            "weights' digest with that replica's, by result (mismatch: the replicas diverged)",
+            ["result"],
+            registry=r,
+        )
         # Every label value exists from the start: a rate over a series that appears only at
         # its first event misses that event.
         for status in EDIT_OUTCOMES:
@@ -119,6 +126,8 @@ class Metrics:
             self.edit_seconds.labels(phase)
         for status in GENERATION_OUTCOMES:
             self.generation_requests.labels(status)
+        for result in ("match", "mismatch"):
+            self.weights_checks.labels(result)
         for guardrail in GUARDRAILS:
             for action in ("reject", "flag"):
                 self.guardrail_breaches.labels(guardrail, action)
@@ -200,6 +209,12 @@ class _StateCollector(Collector):
                 "Generation requests waiting for a batch",
                 w.batcher.waiting,
             )
+        yield _gauge(
+            "weights_diverged",
+            "1 when the last weights check found this replica's weights unlike those of the "
+            "replica that computed the record (GET /info: weights_mismatch), else 0",
+            int(state.weights_mismatch is not None),
+        )
         room = w.editor.room_used() if w.editor is not None else None
         if room is not None:
             yield _gauge(

@@ -216,6 +216,14 @@ class Readiness(BaseModel):
     detail: str | None = None
 
 
+class WeightsMismatch(BaseModel):
+    edit_id: str = Field(description="the edit whose record was checked")
+    model_version: int
+    computed_by: str | None = Field(description="the replica that computed the record")
+    theirs: str = Field(description="that replica's weights digest at this version")
+    ours: str = Field(description="this replica's")
+
+
 class Info(BaseModel):
     model: str
     device: str
@@ -227,4 +235,9 @@ class Info(BaseModel):
     active_edits: int
     active_facts: int
     weights_digest: str = Field(description="sha256 of the edited matrices' bytes")
+    weights_mismatch: WeightsMismatch | None = Field(
+        default=None,
+        description="set while this replica's weights differ from those of the replica that "
+        "computed the last record it checked (replicas on one log should be identical)",
+    )
     log: str

@@ -13,6 +13,10 @@ every process that follows the same log reports the same version for the same we
 
 On start the worker rebuilds the weights from the records already in the log (one rebuild, no
 z*), and only then reports ready.
+
+Replicas check that they stay identical: the replica that computes an edit notes in the record's
+bytes the digest of its weights once the edit took effect, and every replica that installs the
+record compares its own digest at the same version (``editserve_weights_checks_total``).
 """
 
 from __future__ import annotations
@@ -34,7 +38,7 @@ from editing.editor import Change, Editor, UnknownEditError
 from editing.facts import EditError, Fact, InvalidFactError
 from editing.metrics import weight_norms
 from editing.models import LoadedModel, copy_model, load_model
-from editing.records import DeltaRecord, fact_from_json
+from editing.records import DeltaRecord, fact_from_json, record_notes
 from service import __version__
 from service.editlog.base import (
     IN_FLIGHT,
@@ -74,6 +78,9 @@ class WorkerState:
     weight_norms: Norms = field(default_factory=dict)  # of the edited layers, as served
     probes: ProbeReport | None = None  # the latest probe pass
     last_target_probability: tuple[float, float] | None = None  # the last edit's, before/after
+    # Set when this replica's weights differed from those of the replica that computed an
+    # installed record (at the same version); cleared by a later check that agrees.
+    weights_mismatch: dict[str, Any] | None = None
 
 
 class ModelWorker:
@@ -322,7 +329,39 @@ class ModelWorker:
         assert self.editor is not None
         change = self.editor.plan_install(DeltaRecord.from_bytes(blob))
         self._publish(op.seq, change, {}, guarded=False, report=self._reported_probes(op))
+        self._check_weights(op, blob)
         self._mark_applied(op, change.superseded, None)
+
+    def _check_weights(self, op: Operation, blob: bytes) -> None:
+        """Compare this replica's weights with those of the replica that computed ``blob``,
+        where it noted them at the version this replica is at now: the last record of a batch
+        carries the batch's digest, the others none."""
+        assert self.editor is not None
+        notes = record_notes(blob)
+        if notes.get("model_version") != str(self.state.model_version):
+            return
+        ours, theirs = self.editor.digest(), notes["weights_digest"]
+        if ours == theirs:
+            self.metrics.weights_checks.labels("match").inc()
+            self.state.weights_mismatch = None
+            return
+        self.metrics.weights_checks.labels("mismatch").inc()
+        self.state.weights_mismatch = {
+            "edit_id": op.edit_id,
+            "model_version": self.state.model_version,
+            "computed_by": notes.get("computed_by"),
+            "theirs": theirs,
+            "ours": ours,
+        }
+        log.error(
+            "weights differ from replica %s's at version %d (edit %s): digest %s here, %s "
+            "there; replicas on one log need the same code, model and weight settings",
+            notes.get("computed_by"),
+            self.state.model_version,
+            op.edit_id,
+            ours[:12],
+            theirs[:12],
+        )
 
     def _reported_probes(self, op: Operation) -> ProbeReport | None:
         """The probe report that the replica which computed ``op`` stored with its scores, if
@@ -406,7 +445,7 @@ class ModelWorker:
             return
         scoring = time.perf_counter()
         after = snapshot(self.lm, facts)
-        self._finish(op, facts, record, change.superseded, (before, after), breaches)
+        self._finish(op, facts, record, change.superseded, (before, after), breaches, last=True)
         seconds["scores"] = time.perf_counter() - scoring
         seconds["total"] = time.perf_counter() - started
         self._account(seconds, 1)
@@ -453,11 +492,12 @@ class ModelWorker:
         scoring = time.perf_counter()
         after = snapshot(self.lm, every_fact)
         start = 0
-        for (op, facts), record in zip(work, records, strict=True):
+        for i, ((op, facts), record) in enumerate(zip(work, records, strict=True)):
             end = start + len(facts)
             gone = [old for old, new in change.superseded_by.items() if new == op.edit_id]
             around = (before.part(start, end), after.part(start, end))
-            self._finish(op, facts, record, gone, around, breaches, batch=len(work))
+            last = i == len(work) - 1
+            self._finish(op, facts, record, gone, around, breaches, batch=len(work), last=last)
             start = end
         seconds["scores"] = time.perf_counter() - scoring
         seconds["total"] = time.perf_counter() - started
@@ -472,15 +512,24 @@ class ModelWorker:
         around: tuple[Snapshot, Snapshot],
         breaches: list[Breach],
         batch: int | None = None,
+        last: bool = False,
     ) -> None:
         """Store the record of an edit now in effect and mark the edit applied with its scores
-        (``around``: its facts' snapshots before and after the swap)."""
-        assert self.lm is not None
+        (``around``: its facts' snapshots before and after the swap). The ``last`` record of a
+        swap carries the digest of the weights it left, for other replicas to check theirs."""
+        assert self.lm is not None and self.editor is not None
         before, after = around
         scores = self._scores(facts, before, after, breaches, batch)
+        notes = None
+        if last:
+            notes = {
+                "weights_digest": self.editor.digest(),
+                "model_version": str(self.state.model_version),
+                "computed_by": self.replica,
+            }
         # Stored only once in effect: a record in the log is one that took effect. Scored
         # first, so that another replica which sees the record soon sees the scores too.
-        if not self._store(op, record):  # another replica's record is in effect: score it
+        if not self._store(op, record, notes):  # another replica's record is in effect
             scores = self._scores(facts, before, snapshot(self.lm, facts), breaches, batch)
         self.state.last_target_probability = _target_probability(scores)
         self._mark_applied(op, superseded, scores)
@@ -510,12 +559,13 @@ class ModelWorker:
             for _ in range(edits):
                 self.metrics.edit_seconds.labels(phase).observe(value)
 
-    def _store(self, op: Operation, record: DeltaRecord) -> bool:
-        """Put ``record`` in the log; True if it is the one stored. Should another replica
-        have stored one first (it took the work over while this one stalled past its lease),
-        serve the stored one instead, so that every replica holds the same weights."""
+    def _store(self, op: Operation, record: DeltaRecord, notes: dict[str, str] | None) -> bool:
+        """Put ``record`` in the log, with ``notes``; True if it is the one stored. Should
+        another replica have stored one first (it took the work over while this one stalled
+        past its lease), serve the stored one instead, so that every replica holds the same
+        weights."""
         assert self.editor is not None
-        if self.log.put_record(op.edit_id, record.to_bytes()):
+        if self.log.put_record(op.edit_id, record.to_bytes(notes)):
             return True
         blob = self.log.get_record(op.edit_id)
         assert blob is not None
@@ -524,7 +574,9 @@ class ModelWorker:
         with self._exclusive():
             self._swap(ours)
         change = self.editor.plan_install(DeltaRecord.from_bytes(blob))
-        self._publish(op.seq, change, {}, guarded=False)
+        # The same log position as before the exchange (in a batch, the batch's last), and no
+        # weights check: the other replica's digest covers this edit alone, this batch more.
+        self._publish(self.state.model_version, change, {}, guarded=False)
         return False
 
     @contextlib.contextmanager
@@ -698,6 +750,7 @@ class ModelWorker:
             "active_edits": len(active),
             "active_facts": sum(len(r.facts) for r in active),
             "weights_digest": digest,
+            "weights_mismatch": self.state.weights_mismatch,
         }
 
 

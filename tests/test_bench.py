@@ -87,3 +87,31 @@ def test_waiting_on_a_burst_asks_after_one_edit_a_poll(monkeypatch: pytest.Monke
     assert status == dict.fromkeys(ids, "applied")
     assert len(asked) <= 2 * len(ids)
     assert asked == sorted(asked, key=ids.index)  # the oldest pending edit first
+
+
+def test_the_sweeps_precision_comparison_counts_ulps_and_rect_flips(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """``sweep_replay``'s float32-against-float64 figures on matrices built to known answers."""
+    monkeypatch.syspath_prepend(str(ROOT / "bench"))
+    sweep = importlib.import_module("sweep_replay")
+    import numpy as np
+    import torch
+
+    assert sweep._setting("2000:0.4") == (2000.0, 0.4, "float64")
+    assert sweep._setting("1000:0.6:float32") == (1000.0, 0.6, "float32")
+    w0 = {3: torch.ones(2, 4), 4: torch.full((2, 4), 2.0)}
+    reference = {3: torch.full((2, 4), 1.5), 4: torch.full((2, 4), 2.5)}
+    weights = {layer: w.clone() for layer, w in reference.items()}
+
+    def up(x: float, ulps: int) -> float:
+        return float(np.float32(x) + ulps * np.spacing(np.float32(x)))
+
+    weights[3][0, 0] = up(1.5, 3)  # 3 ulps
+    weights[4][1, 1] = up(2.5, 1)  # 1 ulp
+    weights[4][0, 2] = 2.0  # dropped by RECT here, kept in the reference
+    found = sweep._compare(weights, reference, w0)
+    assert found["entries"] == 16 and found["share_differing"] == 3 / 16
+    assert found["rect_flips"] == 1
+    assert found["median_ulps"] == 3.0  # of 1, 3 and the flip's 0.5 / spacing(2.5)
+    assert found["max_abs_difference"] == 0.5

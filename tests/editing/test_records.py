@@ -1,7 +1,7 @@
 import torch
 
 from editing.facts import Fact, Locality
-from editing.records import DeltaRecord
+from editing.records import DeltaRecord, record_notes
 
 
 def _record() -> DeltaRecord:
@@ -26,6 +26,16 @@ def test_roundtrip_is_exact() -> None:
     assert all(torch.equal(back.keys[k], record.keys[k]) for k in record.keys)
     assert torch.equal(back.residual, record.residual)
     assert back.stats == record.stats
+
+
+def test_notes_travel_with_the_bytes_and_leave_the_record_as_it_was() -> None:
+    record = _record()
+    plain, noted = record.to_bytes(), record.to_bytes({"weights_digest": "ab12", "version": "7"})
+    assert record_notes(plain) == {}
+    assert record_notes(noted) == {"weights_digest": "ab12", "version": "7"}
+    back = DeltaRecord.from_bytes(noted)
+    assert back.facts == record.facts and back.stats == record.stats
+    assert torch.equal(back.residual, record.residual)
 
 
 def test_without_drops_rows_of_superseded_facts() -> None:

@@ -14,6 +14,8 @@ from typing import Any
 import pytest
 from svc_helpers import RedisServer, server_settings
 
+from editing.editor import Editor
+from editing.hparams import EditHparams
 from editing.models import LoadedModel, default_cache_dir
 from service.settings import Settings
 
@@ -33,6 +35,14 @@ def server_cache(cache_dir: Path, lm: LoadedModel, c0: dict) -> Path:
     if not models.exists():
         models.symlink_to(default_cache_dir() / "models")
     return cache_dir
+
+
+@pytest.fixture
+def quick_editor(lm: LoadedModel, c0: dict) -> Iterator[Editor]:
+    """A d4s editor on the shared model with a short z* (3 steps); the model is left as found."""
+    editor = Editor(lm, EditHparams(v_steps=3), "d4s", c0=c0)
+    yield editor
+    editor.replay([])
 
 
 @pytest.fixture

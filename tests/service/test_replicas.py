@@ -1,7 +1,9 @@
 """Several replicas on one Redis log (real ``editserve serve`` processes and a real
 redis-server): one replica computes each edit under a lease, all install the records in log
 order and serve identical weights; a replica killed mid-edit loses its lease to another; a
-replica started late catches up before it is ready; ``min_version`` reads your own writes."""
+replica started late catches up before it is ready; ``min_version`` reads your own writes; each
+replica checks its weights against the digest that the computing replica noted, and one with
+another RECT share reports that it diverged."""
 
 from __future__ import annotations
 
@@ -12,6 +14,7 @@ from pathlib import Path
 
 import httpx
 import redis
+from prometheus_client.parser import text_string_to_metric_families
 from svc_helpers import RedisServer, wait_for, wait_status
 from test_server_process import BURST_STEPS, burst_facts, serve, server_env
 
@@ -30,12 +33,24 @@ def converged(clients: dict[str, httpx.Client]) -> dict[str, tuple[int, str]]:
     return seen
 
 
+def weights_checks(client: httpx.Client) -> dict[str, float]:
+    """A replica's weights checks by result, and its ``diverged`` gauge."""
+    found = {}
+    for family in text_string_to_metric_families(client.get("/metrics").text):
+        for sample in family.samples:
+            if sample.name == "editserve_weights_checks_total":
+                found[sample.labels["result"]] = sample.value
+            elif sample.name == "editserve_weights_diverged":
+                found["diverged"] = sample.value
+    return found
+
+
 def test_replicas_compute_each_edit_once_and_converge(
     server_cache: Path, covariance_tokens: int, tmp_path: Path, redis_server: RedisServer
 ) -> None:
     prefix = f"replicas-{tmp_path.name}"
 
-    def env(name: str) -> dict[str, str]:
+    def env(name: str, **changes: str) -> dict[str, str]:
         return server_env(
             server_cache,
             covariance_tokens,
@@ -49,6 +64,7 @@ def test_replicas_compute_each_edit_once_and_converge(
             # machine may need to install a record
             EDITSERVE_MIN_VERSION_WAIT_SECONDS="1" if name == "r2" else "60",
             EDITSERVE_PROBES="off",
+            **changes,
         )
 
     facts = burst_facts(50)
@@ -125,3 +141,35 @@ def test_replicas_compute_each_edit_once_and_converge(
         info = late.get("/info").json()  # ready means caught up: no wait here
         assert (info["model_version"], info["weights_digest"]) == next(iter(state.values()))
         assert info["active_edits"] == 50
+
+        # Every installed record whose computing replica noted a digest was checked, and agreed.
+        found = {name: weights_checks(client) for name, client in survivors.items()}
+        assert all(f["mismatch"] == 0 and f["diverged"] == 0 for f in found.values()), found
+        # (a record is noted when it ends a swap: a single edit, or the last of a batch)
+        assert sum(f["match"] for f in found.values()) >= 1, found
+
+        # A replica with another RECT share (a weight setting) on the same log: after the next
+        # edit, whichever replica computed it, the one and the others disagree, and it shows.
+        _, url = stack.enter_context(
+            serve(env("odd", EDITSERVE_RECT_KEEP="0.6"), tmp_path / "odd.log")
+        )
+        odd = stack.enter_context(httpx.Client(base_url=url, timeout=60))
+        edit_id = witness.post("/edits", json=burst_facts(63)[62]).json()["id"]
+        edit = wait_status(witness, edit_id, {"applied", "failed"}, 300)
+        assert edit["status"] == "applied", edit
+        computed_by, version = edit["computed_by"], edit["model_version"]
+        for client in (witness, odd):
+            wait_for(
+                lambda c=client: c.get("/info").json()["model_version"] >= version,
+                120,
+                "the edit's installation",
+            )
+        checked = [odd] if computed_by != "odd" else list(survivors.values())
+        for client in checked:
+            wait_for(lambda c=client: weights_checks(c)["diverged"] == 1, 60, "a mismatch")
+            mismatch = client.get("/info").json()["weights_mismatch"]
+            assert mismatch["computed_by"] == computed_by and mismatch["ours"] != mismatch["theirs"]
+        assert (
+            odd.get("/info").json()["weights_digest"]
+            != witness.get("/info").json()["weights_digest"]
+        )

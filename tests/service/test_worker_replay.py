@@ -6,7 +6,6 @@ operations, not one each. Real model, real SQLite log."""
 
 from __future__ import annotations
 
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -29,13 +28,6 @@ FACTS = {
     "e3": Fact("Eiffel Tower", PROMPT, "Berlin"),  # the same fact as e1, a new target
     "e4": Fact("Big Ben", "Big Ben is located in the city of", "Lima"),
 }
-
-
-@pytest.fixture
-def quick_editor(lm: LoadedModel, c0: dict) -> Iterator[Editor]:
-    editor = Editor(lm, EditHparams(v_steps=3), "d4s", c0=c0)
-    yield editor
-    editor.replay([])
 
 
 @pytest.fixture(scope="module")
