@@ -172,24 +172,28 @@ def _compare(
     w0: dict[int, torch.Tensor],
 ) -> dict[str, float]:
     """How far ``weights`` are from ``reference``, over every edited matrix: the share of
-    entries that differ, the median and largest difference among those in float32 ulps (the
-    spacing of floats at the reference's value), and the entries where RECT kept the update
-    in one and dropped it in the other (equal to W0 in one only)."""
+    entries that differ; among those where both kept RECT's update, the median and largest
+    difference in float32 ulps (the spacing of floats at the reference's value) and the largest
+    absolute one; and the entries where RECT kept the update in one and dropped it in the
+    other (equal to W0 in one only), with the largest difference there."""
 
     def flat(matrices: dict[int, torch.Tensor]) -> np.ndarray:
         layers = sorted(reference)
         return np.concatenate([matrices[layer].cpu().numpy().ravel() for layer in layers])
 
     a, b, original = flat(weights), flat(reference), flat(w0)
-    differ = a != b
-    ulps = np.abs(a[differ].astype(np.float64) - b[differ]) / np.spacing(np.abs(b[differ]))
+    flipped = (a == original) != (b == original)
+    kept = (a != b) & ~flipped
+    gap = np.abs(a.astype(np.float64) - b)
+    ulps = gap[kept] / np.spacing(np.abs(b[kept]))
     return {
         "entries": int(a.size),
-        "share_differing": float(differ.mean()),
+        "share_differing": float((a != b).mean()),
         "median_ulps": float(np.median(ulps)) if ulps.size else 0.0,
         "max_ulps": float(ulps.max()) if ulps.size else 0.0,
-        "max_abs_difference": float(np.abs(a - b).max()),
-        "rect_flips": int(((a == original) != (b == original)).sum()),
+        "max_abs_difference": float(gap[kept].max()) if ulps.size else 0.0,
+        "rect_flips": int(flipped.sum()),
+        "rect_flips_max_abs_difference": float(gap[flipped].max()) if flipped.any() else 0.0,
     }
 
 

@@ -112,6 +112,6 @@ def test_the_sweeps_precision_comparison_counts_ulps_and_rect_flips(
     weights[4][0, 2] = 2.0  # dropped by RECT here, kept in the reference
     found = sweep._compare(weights, reference, w0)
     assert found["entries"] == 16 and found["share_differing"] == 3 / 16
-    assert found["rect_flips"] == 1
-    assert found["median_ulps"] == 3.0  # of 1, 3 and the flip's 0.5 / spacing(2.5)
-    assert found["max_abs_difference"] == 0.5
+    assert found["median_ulps"] == 2.0 and found["max_ulps"] == 3.0  # of 1 and 3: not the flip
+    assert found["max_abs_difference"] == 3 * float(np.spacing(np.float32(1.5)))
+    assert found["rect_flips"] == 1 and found["rect_flips_max_abs_difference"] == 0.5
