@@ -121,6 +121,35 @@ def test_exact_sums_undo_what_they_add_bit_for_bit() -> None:
     assert torch.equal(minus.kk, rest.kk) and torch.equal(minus.rk, rest.rk)
 
 
+def test_regrouping_is_subtract_then_add_and_leaves_the_sums_alone() -> None:
+    """``ExactSums.regrouped`` (a group's old products out, its new ones in, written into those
+    products' tensors) gives ``self - old + new`` to the bit; ``self`` is untouched, also where
+    the result would overflow; either side may be None."""
+    keys, resid = _random(9, 10, 4, 3)
+    units = SumUnits.of(keys.T @ keys / 9, torch.randn(4, 10, dtype=torch.float64))
+
+    def part(rows: slice) -> ExactSums:
+        return ExactSums.of(keys[rows], resid[rows], units)
+
+    total, old, new = part(slice(0, 6)), part(slice(4, 6)), part(slice(6, 9))
+    kept = (total.kk.clone(), total.rk.clone())
+    expected = total - old + new
+    result = total.regrouped(part(slice(4, 6)), part(slice(6, 9)))
+    assert torch.equal(result.kk, expected.kk) and torch.equal(result.rk, expected.rk)
+    removed = total.regrouped(part(slice(4, 6)), None)
+    assert torch.equal(removed.kk, (total - old).kk)
+    added = total.regrouped(None, part(slice(6, 9)))
+    assert torch.equal(added.rk, (total + new).rk)
+    assert torch.equal(total.kk, kept[0]) and torch.equal(total.rk, kept[1])
+
+    near = torch.full((2, 2), 2.0**51 + 2.0**50, dtype=torch.float64)
+    small = torch.full((2, 2), 5.0, dtype=torch.float64)
+    big = ExactSums(near, small, kk_bound=2.0**51 + 2.0**50, rk_bound=5.0)
+    with pytest.raises(SumsOverflowError):
+        big.regrouped(None, ExactSums(near.clone(), small.clone(), 2.0**51 + 2.0**50, 5.0))
+    assert torch.equal(big.kk, near) and torch.equal(big.rk, small)
+
+
 def test_sum_units_are_powers_of_two_that_follow_the_scale() -> None:
     keys, _ = _random(50, 8, 3, 4)
     c0, w0 = keys.T @ keys / 50, torch.randn(3, 8, dtype=torch.float64)
