@@ -4,9 +4,36 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: setup serve demo openapi test lint eval bench bench-full clean
+.PHONY: setup system test-system serve demo openapi settings-table test test-fast lint eval bench bench-full clean
+
+# Debian packages, installed only where missing (apt needs root: sudo where there is one).
+# `command:package` pairs: the set-up needs venv; the tests start redis-server processes of their
+# own and run promtool and a real Prometheus.
+SETUP_PACKAGES := ensurepip:python3-venv
+TEST_PACKAGES := redis-server:redis-server promtool:prometheus
+SUDO := $(shell [ "$$(id -u)" = 0 ] || { command -v sudo >/dev/null && echo sudo; })
+define install_missing
+	@missing=""; for pair in $(1); do \
+		cmd=$${pair%%:*}; pkg=$${pair##*:}; \
+		if [ "$$cmd" = ensurepip ]; then $(PYTHON) -c 'import ensurepip' 2>/dev/null && continue; \
+		else command -v "$$cmd" >/dev/null && continue; fi; \
+		missing="$$missing $$pkg"; \
+	done; \
+	if [ -n "$$missing" ]; then \
+		echo "installing Debian packages:$$missing"; \
+		$(SUDO) apt-get update -qq && \
+		$(SUDO) env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq $$missing; \
+	fi
+endef
+
+system:
+	$(call install_missing,$(SETUP_PACKAGES))
+
+test-system:
+	$(call install_missing,$(TEST_PACKAGES))
 
 $(STAMP): pyproject.toml
+	$(MAKE) system
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet --upgrade pip
 	# torch first, pinned: an unpinned torch would pull several GB of CUDA packages.
@@ -34,8 +61,14 @@ lint: setup
 	$(VENV)/bin/mypy
 	$(VENV)/bin/mypy bench  # scripts, not a package: checked on their own
 
-test: setup lint
+# The whole suite: lint, types, and every test against the real model, SQLite, redis-server and
+# Prometheus.
+test: setup test-system lint
 	$(PY) -m pytest -q
+
+# The inner loop: the tests that need no model (pure logic, the edit logs, deploy files).
+test-fast: setup test-system
+	$(PY) -m pytest -q -m 'not model'
 
 eval: setup
 	$(VENV)/bin/editserve eval --limit 100 --json

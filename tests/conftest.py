@@ -20,6 +20,15 @@ DATA = Path(__file__).parent / "data"
 TEST_COVARIANCE_TOKENS = 6000
 
 
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    """Mark ``model`` every test that reaches the real model through a fixture, so that
+    ``-m 'not model'`` (``make test-fast``) leaves them out; tests that load it by other means
+    carry the mark themselves."""
+    for item in items:
+        if "lm" in getattr(item, "fixturenames", ()):
+            item.add_marker(pytest.mark.model)
+
+
 @pytest.fixture(scope="session")
 def lm() -> LoadedModel:
     return load_model("smollm2-135m", device="cpu", dtype="float32")
