@@ -36,7 +36,10 @@ def build_parser() -> tuple[argparse.ArgumentParser, argparse._SubParsersAction]
         p.add_argument("--rect-keep", type=float, default=defaults.rect_keep)
         p.add_argument("--lambda", dest="mom2_lambda", type=float, default=defaults.mom2_lambda)
         p.add_argument(
-            "--layers", default=None, help="first-last edited blocks, e.g. 3-7 (default: tuned)"
+            "--layers",
+            type=_layers,
+            default=None,
+            help="first-last edited blocks, e.g. 3-7 (default: tuned)",
         )
         p.add_argument("--clamp", type=float, default=defaults.clamp_norm_factor)
         p.add_argument("--steps", type=int, default=defaults.v_steps)
@@ -87,6 +90,13 @@ def build_parser() -> tuple[argparse.ArgumentParser, argparse._SubParsersAction]
     return parser, sub
 
 
+def _layers(text: str) -> tuple[int, ...]:
+    try:
+        return parse_layers(text)
+    except ValueError as exc:  # argparse shows an ArgumentTypeError's own words
+        raise argparse.ArgumentTypeError(str(exc)) from None
+
+
 def _hparams(args: argparse.Namespace) -> EditHparams:
     changes: dict[str, object] = {
         "rect_keep": args.rect_keep,
@@ -96,7 +106,7 @@ def _hparams(args: argparse.Namespace) -> EditHparams:
         "solve_dtype": args.solve_dtype,
     }
     if args.layers:
-        changes["layers"] = parse_layers(args.layers)
+        changes["layers"] = args.layers
     return EditHparams().with_(**changes)
 
 

@@ -15,9 +15,39 @@ DEFAULT_PREFIXES = ("", "Here is a fact. ", "I read this today. ", "Notes: ")
 
 
 def parse_layers(text: str) -> tuple[int, ...]:
-    """Blocks written ``FIRST-LAST`` (or one block, ``N``) as the consecutive run they name."""
-    first, _, last = text.partition("-")
-    return tuple(range(int(first), int(last or first) + 1))
+    """The edited blocks as a user writes them, ``FIRST-LAST`` (``3-7``), one block (``5``) or
+    a list (``3,4,5``), as the tuple of block indices they name.
+
+    The one parser of ``--layers`` and ``EDITSERVE_LAYERS``: raises ValueError, naming what was
+    given, unless the blocks are one consecutive run of non-negative indices.
+    """
+    try:
+        if "-" in text:
+            first, last = (int(x) for x in text.split("-"))
+            layers = tuple(range(first, last + 1))
+        else:
+            layers = tuple(int(x) for x in text.split(","))
+    except ValueError:
+        raise ValueError(
+            f"layers {text!r}: write the edited blocks as FIRST-LAST (e.g. 3-7)"
+        ) from None
+    check_layers(layers, written=text)
+    return layers
+
+
+def check_layers(layers: tuple[int, ...], written: str | None = None) -> None:
+    """Raise ValueError unless ``layers`` is one consecutive run of non-negative block indices,
+    the form that every method here assumes (``written``: the text it was parsed from)."""
+    given = repr(written) if written is not None else str(tuple(layers))
+    if not layers:
+        raise ValueError(f"layers {given}: name at least one block, FIRST-LAST with FIRST <= LAST")
+    if min(layers) < 0:
+        raise ValueError(f"layers {given}: block indices start at 0")
+    if list(layers) != list(range(layers[0], layers[0] + len(layers))):
+        raise ValueError(
+            f"layers {given}: the edited blocks must be consecutive, one run written "
+            f"FIRST-LAST (e.g. 3-7); got blocks {', '.join(map(str, layers))}"
+        )
 
 
 #: The dtypes that d4s's full solve may run in (``EditHparams.solve_dtype``).
@@ -57,10 +87,7 @@ class EditHparams:
     seed: int = 0
 
     def __post_init__(self) -> None:
-        if not self.layers or list(self.layers) != list(
-            range(self.layers[0], self.layers[0] + len(self.layers))
-        ):
-            raise ValueError(f"layers must be a non-empty consecutive run, got {self.layers}")
+        check_layers(self.layers)
         if not 0.0 < self.rect_keep <= 1.0:
             raise ValueError(f"rect_keep must be in (0, 1], got {self.rect_keep}")
         if self.mom2_lambda <= 0:

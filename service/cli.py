@@ -12,6 +12,8 @@ import sys
 from pathlib import Path
 from typing import Any
 
+from pydantic import ValidationError
+
 from editing import cli as engine_cli
 from editing.hparams import SOLVE_DTYPES
 
@@ -67,9 +69,16 @@ def _serve(args: argparse.Namespace) -> int:
     flags = {
         k: v for k, v in vars(args).items() if v is not None and k not in ("command", "log_level")
     }
-    settings = Settings(**flags)
     try:
+        settings = Settings(**flags)
         settings.check_exposure()
+    except ValidationError as exc:
+        for error in exc.errors():
+            name = str(error["loc"][0]) if error["loc"] else ""
+            where = f"--{name.replace('_', '-')} / EDITSERVE_{name.upper()}: " if name else ""
+            said = error["msg"].removeprefix("Value error, ")
+            print(f"editserve serve: {where}{said}", file=sys.stderr)
+        return 2
     except ValueError as exc:
         print(f"editserve serve: {exc}", file=sys.stderr)
         return 2

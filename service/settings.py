@@ -16,7 +16,7 @@ from typing import Literal
 from pydantic import Field, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
-from editing.hparams import EditHparams
+from editing.hparams import EditHparams, parse_layers
 from editing.models import DEFAULT_MODEL, default_cache_dir
 from service.guardrails import Guardrails
 
@@ -157,21 +157,6 @@ class Settings(BaseSettings):
                 f"refusing to listen on {self.host} without API keys: anyone could edit the "
                 "model. Set EDITSERVE_API_KEYS, listen on 127.0.0.1, or pass --insecure."
             )
-
-
-def parse_layers(text: str) -> tuple[int, ...]:
-    """``3-7`` or ``3,5,7`` -> the block indices."""
-    try:
-        if "-" in text:
-            first, last = (int(x) for x in text.split("-"))
-            layers = tuple(range(first, last + 1))
-        else:
-            layers = tuple(int(x) for x in text.split(","))
-    except ValueError:
-        raise ValueError(f"layers {text!r}: use first-last (3-7) or a list (3,5,7)") from None
-    if not layers or min(layers) < 0:
-        raise ValueError(f"layers {text!r}: name at least one block, none negative")
-    return layers
 
 
 def is_loopback(host: str) -> bool:
