@@ -72,16 +72,10 @@ from serve_bench import (
 
 from editing import d4s
 from editing.covariance import cache_folder, covariance
-from editing.d4s import (
-    LayerSums,
-    prior_factor,
-    solve_factored,
-    solve_low_rank,
-    solve_update,
-    update_system,
-)
+from editing.d4s import prior_factor, solve_factored, solve_low_rank, solve_update, update_system
 from editing.editor import Editor
 from editing.evaluate import RecordCache, find_dataset
+from editing.exact_sums import LayerSums
 from editing.facts import load_facts
 from editing.hparams import EditHparams
 from editing.metrics import counterfact_scores
@@ -663,7 +657,7 @@ def fill_log(log: EditLog, records: list[DeltaRecord], *, applied: bool = True) 
 def _lapack_cholesky(
     system: torch.Tensor, block: int = 0, *, overwrite: bool = False
 ) -> torch.Tensor | None:
-    """LAPACK's lower Cholesky factor of the whole ``system``, as ``d4s.cholesky_blocked``
+    """LAPACK's lower Cholesky factor of the whole ``system``, as ``cholesky.cholesky_blocked``
     answers (None where it is not positive definite) and in its signature (``block`` and
     ``overwrite`` do not apply): what the blocked factorisation replaced."""
     factor, info = torch.linalg.cholesky_ex(system)
@@ -673,7 +667,7 @@ def _lapack_cholesky(
 def _revert_by_factorisation(editor: Editor, records: list[DeltaRecord]) -> dict[str, float]:
     """A revert's plan (median over the newest and the oldest record, 7 interleaved rounds) with
     the service's blocked Cholesky factorisation against LAPACK's factorisation of the whole
-    matrix, swapped in for the comparison alone."""
+    matrix, swapped in for the comparison alone (as the name ``d4s.solve_update`` calls)."""
     blocked = d4s.cholesky_blocked
     times: dict[str, list[float]] = {"blocked": [], "lapack": []}
     try:

@@ -19,17 +19,8 @@ from typing import Any, ClassVar
 
 import torch
 
-from editing.d4s import (
-    LOW_RANK_ROWS,
-    ExactSums,
-    LayerSums,
-    SumUnits,
-    group_of,
-    prior_factor,
-    residual_share,
-    solve_low_rank,
-    solve_update,
-)
+from editing.d4s import LOW_RANK_ROWS, prior_factor, residual_share, solve_low_rank, solve_update
+from editing.exact_sums import ExactSums, LayerSums, SumUnits, group_of
 from editing.hparams import EditHparams
 from editing.records import DeltaRecord
 from editing.rect import rect
@@ -120,7 +111,7 @@ class D4S(EditMethod):
 
     def empty(self) -> State:
         # sums: the exact sums of every active record, per layer; groups: the active records by
-        # group (see editing.d4s), each group in install order; count and rows: what they hold.
+        # group (``editing.exact_sums``), each group in install order; count and rows: their size.
         return _d4s_state({}, {})
 
     def fold(self, state: State, record: DeltaRecord) -> State:
@@ -211,7 +202,7 @@ class D4S(EditMethod):
 
 
 def _grouped(records: list[DeltaRecord]) -> dict[int, tuple[DeltaRecord, ...]]:
-    """``records`` by group (``editing.d4s.group_of``), each group in the records' order."""
+    """``records`` by group (``editing.exact_sums.group_of``), each group in the records' order."""
     groups: dict[int, tuple[DeltaRecord, ...]] = {}
     for record in records:
         group = group_of(record.id)

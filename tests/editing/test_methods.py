@@ -6,7 +6,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from editing.d4s import LOW_RANK_ROWS, SumsOverflowError, group_of, residual_share
+from editing.d4s import LOW_RANK_ROWS, residual_share
+from editing.exact_sums import SumsOverflowError, group_of
 from editing.facts import Fact
 from editing.hparams import EditHparams
 from editing.methods import D4S, make_method
