@@ -54,7 +54,7 @@ from service.generation import Batcher
 
 #: name -> (config, edited blocks). Llama-3-8B: 32 blocks, hidden 4096, MLP 14336, grouped-query
 #: attention (32 heads, 8 for keys and values), a 128,256-token vocabulary; edited blocks 4-8, as
-#: the MEMIT family does on Llama-2-7B (ALGORITHMS.md section 1).
+#: the MEMIT family does on Llama-2-7B (docs/algorithms.md, section 1).
 SHAPES: dict[str, tuple[LlamaConfig, tuple[int, ...]]] = {
     "llama3-8b": (
         LlamaConfig(
