@@ -12,7 +12,7 @@ from service.settings import Settings
 
 
 def test_the_solve_dtype_setting_reaches_the_hparams(monkeypatch: pytest.MonkeyPatch) -> None:
-    assert Settings().hparams().solve_dtype == "float64"  # ALGORITHMS.md's, the default
+    assert Settings().hparams().solve_dtype == "float64"  # the default: see docs/algorithms.md
     monkeypatch.setenv("EDITSERVE_SOLVE_DTYPE", "float32")
     assert Settings().hparams().solve_dtype == "float32"
     monkeypatch.setenv("EDITSERVE_SOLVE_DTYPE", "float16")
