@@ -1,6 +1,7 @@
 """``editserve``: the engine's commands (``eval``, ``demo``) plus the server's.
 
-editserve serve [--host 127.0.0.1] [--port 8000] [--redis-url URL] [--insecure] ...
+editserve serve [--host 127.0.0.1] [--port 8000] [--redis-url URL] [--insecure] ... (a flag
+    for every setting in service/settings.py but api_keys)
 editserve openapi [--output openapi.yaml]
 """
 
@@ -10,72 +11,77 @@ import argparse
 import logging
 import sys
 from pathlib import Path
-from typing import Any
+from types import UnionType
+from typing import Any, Literal, Union, get_args, get_origin
 
 from pydantic import ValidationError
+from pydantic.fields import FieldInfo
 
 from editing import cli as engine_cli
-from editing.hparams import SOLVE_DTYPES
+from service.settings import Settings, env_var, flag, shown_default
 
 
 def _add_commands(sub: Any) -> None:
-    serve = sub.add_parser("serve", help="run the HTTP server (settings: EDITSERVE_* too)")
-    serve.add_argument("--host")
-    serve.add_argument("--port", type=int)
-    serve.add_argument(
-        "--insecure",
-        action="store_true",
-        default=None,
-        help="allow a non-loopback address without API keys",
+    serve = sub.add_parser(
+        "serve",
+        help="run the HTTP server",
+        description="Run the HTTP server. Every setting is also an EDITSERVE_* variable; a flag "
+        "wins over its variable. API keys are set by EDITSERVE_API_KEYS alone.",
     )
-    serve.add_argument("--redis-url", help="follow a Redis Streams log instead of SQLite")
-    serve.add_argument("--redis-prefix", help="key prefix of the log in Redis")
-    serve.add_argument("--replica-id", help="this replica's name in edit leases")
-    serve.add_argument("--data-dir", type=Path, help="where the SQLite log lives")
-    serve.add_argument("--model")
-    serve.add_argument("--device")
-    serve.add_argument("--dtype")
+    for name, field in Settings.model_fields.items():
+        if (option := flag(name)) is not None:
+            serve.add_argument(option, dest=name, **_flag_kwargs(name, field))
     serve.add_argument(
-        "--serve-dtype", choices=["auto", "float32", "bfloat16", "float16"], help="see Settings"
+        "--log-level",
+        default="info",
+        choices=["critical", "error", "warning", "info", "debug", "trace"],
+        help="the server's log level (default: info)",
     )
-    serve.add_argument("--method")
-    serve.add_argument("--layers")
-    serve.add_argument("--covariance-tokens", type=int)
-    serve.add_argument("--v-steps", type=int)
-    serve.add_argument("--solve-dtype", choices=list(SOLVE_DTYPES), help="see Settings")
-    serve.add_argument("--cache-dir", type=Path)
-    serve.add_argument(
-        "--edit-batch", type=int, metavar="N", help="queued edits per batched z* (1: none)"
-    )
-    serve.add_argument("--probes", help="locality probe set: default, a .jsonl file, or off")
-    serve.add_argument("--guard-min-agreement", type=float, metavar="SHARE")
-    serve.add_argument("--guard-max-delta-growth", type=float, metavar="SHARE")
-    serve.add_argument("--guard-max-perplexity-ratio", type=float, metavar="RATIO")
-    serve.add_argument(
-        "--guard-action", choices=["reject", "flag"], help="what a guardrail breach does"
-    )
-    serve.add_argument("--log-level", default="info")
 
     spec = sub.add_parser("openapi", help="write the OpenAPI document of the server")
     spec.add_argument("--output", type=Path, default=Path("openapi.yaml"))
+
+
+def _flag_kwargs(name: str, field: FieldInfo) -> dict[str, Any]:
+    """argparse's arguments for one setting's flag: its type, or choices, from the annotation;
+    its help from the description. The default is None, so that a flag not given leaves the
+    setting to its EDITSERVE_* variable or its default."""
+    help_text = f"{field.description} (default: {shown_default(name)}; {env_var(name)})"
+    kwargs: dict[str, Any] = {"default": None, "help": help_text.replace("%", "%%")}
+    kind = field.annotation
+    if get_origin(kind) in (Union, UnionType):  # X | None: a flag gives the X
+        kind = next(arg for arg in get_args(kind) if arg is not type(None))
+    if kind is bool:
+        return {**kwargs, "action": "store_true"}
+    if get_origin(kind) is Literal:
+        choices = list(get_args(kind))
+        return {**kwargs, "choices": choices, "type": type(choices[0])}
+    metavars = {str: "TEXT", int: "INTEGER", float: "NUMBER", Path: "PATH"}
+    if kind in metavars:
+        return {**kwargs, "type": kind, "metavar": metavars[kind]}
+    raise TypeError(f"setting {name}: no flag for a {kind}; add it to settings.ENV_ONLY")
+
+
+def settings_from(args: argparse.Namespace) -> Settings:
+    """The settings of ``editserve serve``'s parsed ``args``: the flags given, over the
+    EDITSERVE_* variables, over the defaults."""
+    given = {k: v for k, v in vars(args).items() if v is not None and k in Settings.model_fields}
+    return Settings(**given)
 
 
 def _serve(args: argparse.Namespace) -> int:
     import uvicorn
 
     from service.app import create_app
-    from service.settings import Settings
 
-    flags = {
-        k: v for k, v in vars(args).items() if v is not None and k not in ("command", "log_level")
-    }
     try:
-        settings = Settings(**flags)
+        settings = settings_from(args)
         settings.check_exposure()
     except ValidationError as exc:
         for error in exc.errors():
             name = str(error["loc"][0]) if error["loc"] else ""
-            where = f"--{name.replace('_', '-')} / EDITSERVE_{name.upper()}: " if name else ""
+            names = [n for n in (flag(name), env_var(name)) if n] if name else []
+            where = f"{' / '.join(names)}: " if names else ""
             said = error["msg"].removeprefix("Value error, ")
             print(f"editserve serve: {where}{said}", file=sys.stderr)
         return 2

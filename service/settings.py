@@ -9,6 +9,7 @@ API keys map a bearer token to a role::
 from __future__ import annotations
 
 import ipaddress
+import json
 from enum import StrEnum
 from pathlib import Path
 from typing import Literal
@@ -26,82 +27,205 @@ class Role(StrEnum):
     editor = "editor"  # may also edit and revert
 
 
+_HPARAMS = EditHparams()
+_DTYPES = Literal["auto", "float32", "bfloat16", "float16"]
+
+
 class Settings(BaseSettings):
+    """Each field's description is its one account: ``editserve serve --help`` and the README's
+    table (``scripts/build_settings_table.py``) are made from it."""
+
     model_config = SettingsConfigDict(env_prefix="EDITSERVE_", extra="ignore")
 
     # -- the model and the editing method --
-    model: str = DEFAULT_MODEL
-    device: str = "auto"
-    dtype: str = "auto"
-    serve_dtype: Literal["auto", "float32", "bfloat16", "float16"] = Field(
-        default="auto",
-        description="weights that generation reads: 'auto' (the model's own) or a copy in this "
-        "dtype, kept in step with every edit; edits are computed in `dtype` either way",
+    model: str = Field(
+        default=DEFAULT_MODEL,
+        description="The model to serve: an alias (smollm2-135m), a local Hugging Face "
+        "directory or a hub id.",
     )
-    cache_dir: Path = Field(default_factory=default_cache_dir)
-    method: str = "d4s"
-    layers: str | None = Field(default=None, description="edited blocks, e.g. 3-7")
-    mom2_lambda: float = EditHparams().mom2_lambda
-    rect_keep: float = EditHparams().rect_keep
+    device: str = Field(
+        default="auto",
+        description="Where the model runs: auto (CUDA when present, else the CPU), cpu, cuda "
+        "or cuda:N.",
+    )
+    dtype: _DTYPES = Field(
+        default="auto",
+        description="The dtype the model is loaded and edits are computed in: auto is float32 "
+        "on the CPU and bfloat16 on a GPU.",
+    )
+    serve_dtype: _DTYPES = Field(
+        default="auto",
+        description="The weights generation reads: auto (the model's own) or a copy in this "
+        "dtype that every edit keeps in step; edits are computed at the dtype setting either "
+        "way.",
+    )
+    cache_dir: Path = Field(
+        default_factory=default_cache_dir,
+        description="Where converted models, covariance statistics and probe baselines are "
+        "kept ($XDG_CACHE_HOME/editserve when XDG_CACHE_HOME is set).",
+        json_schema_extra={"shown_default": "~/.cache/editserve"},
+    )
+    method: str = Field(
+        default="d4s",
+        description="The editing method: d4s, or one of the sequential baselines memit-seq "
+        "and alphaedit.",
+    )
+    layers: str = Field(
+        default=f"{_HPARAMS.layers[0]}-{_HPARAMS.layers[-1]}",
+        description="The edited blocks: one consecutive run, written FIRST-LAST.",
+    )
+    mom2_lambda: float = Field(
+        default=_HPARAMS.mom2_lambda,
+        description="The weight of the covariance C0 in the system every update solves, "
+        "lambda * C0 + the sum of k k^T over the edits' keys.",
+    )
+    rect_keep: float = Field(
+        default=_HPARAMS.rect_keep,
+        description="The share of each matrix's update entries that RECT keeps, the largest "
+        "relative to W0 (1 turns RECT off).",
+    )
     solve_dtype: Literal["float64", "float32"] = Field(
         default="float64",
-        description="dtype of d4s's full solve past 256 key rows: 'float64', or 'float32' for "
-        "about twice its speed at float32 weights' precision (README: Speed)",
+        description="The dtype of d4s's full solve past 256 key rows: float32 is about twice "
+        "as fast, at float32 weights' precision.",
     )
-    v_steps: int = EditHparams().v_steps
-    covariance_tokens: int = 200_000
-    corpus: str = "wiki"
+    v_steps: int = Field(
+        default=_HPARAMS.v_steps,
+        description="The most Adam steps of each edit's z* optimisation (it stops sooner once "
+        "every fact's target is learnt).",
+    )
+    covariance_tokens: int = Field(
+        default=200_000,
+        description="Corpus tokens the covariance C0 is computed over (once per model, "
+        "corpus and count; cached in cache_dir).",
+    )
+    corpus: str = Field(
+        default="wiki",
+        description="The covariance's text: wiki (the bundled Wikipedia sample), a .txt, "
+        ".json or .jsonl file, or hf:NAME.",
+    )
 
     # -- locality probes and guardrails (service/guardrails.py) --
     probes: str = Field(
-        default="default", description="probe set: 'default', a .jsonl file, or 'off'"
+        default="default",
+        description="The locality probe set checked after every edit: default, a .jsonl "
+        "file, or off.",
     )
-    guard_min_agreement: float | None = Field(default=None, ge=0, le=1)
-    guard_max_delta_growth: float | None = Field(default=None, gt=0)
-    guard_max_perplexity_ratio: float | None = Field(default=None, gt=0)
-    guard_action: Literal["reject", "flag"] = "reject"
+    guard_min_agreement: float | None = Field(
+        default=None,
+        ge=0,
+        le=1,
+        description="Guardrail: the least share of locality probes that must keep the "
+        "unedited model's top next token (unset: off).",
+    )
+    guard_max_delta_growth: float | None = Field(
+        default=None,
+        gt=0,
+        description="Guardrail: the most one edit may raise an edited matrix's mean "
+        "|W - W0|, as a share of its mean |W0| (unset: off).",
+    )
+    guard_max_perplexity_ratio: float | None = Field(
+        default=None,
+        gt=0,
+        description="Guardrail: the highest held-out perplexity allowed, as a multiple of the "
+        "unedited model's (unset: off).",
+    )
+    guard_action: Literal["reject", "flag"] = Field(
+        default="reject",
+        description="What a guardrail breach does: reject rolls the edit back, flag keeps it "
+        "and marks it.",
+    )
 
     # -- the edit log --
-    data_dir: Path = Path("data")
-    redis_url: str | None = None
-    redis_prefix: str = "editserve"
+    data_dir: Path = Field(
+        default=Path("data"),
+        description="The folder of the SQLite edit log, used when redis_url is unset.",
+    )
+    redis_url: str | None = Field(
+        default=None,
+        description="Follow the edit log in this Redis (redis://host:port/db) instead of "
+        "SQLite; replicas share it.",
+    )
+    redis_prefix: str = Field(
+        default="editserve",
+        description="The prefix of the log's keys in Redis: replicas of one model share it.",
+    )
 
     # -- replicas on one log --
     replica_id: str | None = Field(
-        default=None, description="this replica's name in leases (default: host name and pid)"
+        default=None,
+        description="This replica's name in edit leases (unset: host name and process id).",
     )
     lease_seconds: float = Field(
         default=15.0,
         gt=0,
-        description="an edit's lease: a replica that dies computing an edit loses it after this",
+        description="Seconds an edit's lease lasts unrenewed: a replica that dies computing an "
+        "edit loses it to another after this.",
     )
     min_version_wait_seconds: float = Field(
         default=10.0,
         ge=0,
-        description="how long a request with `min_version` waits for this replica to catch up "
-        "before a 503 with Retry-After",
+        description="Seconds a request with min_version waits for this replica to catch up "
+        "before a 503 with Retry-After.",
     )
 
     # -- the network and access --
-    host: str = "127.0.0.1"
-    port: int = 8000
-    insecure: bool = False
-    api_keys: dict[str, Role] = Field(default_factory=dict)
+    host: str = Field(
+        default="127.0.0.1",
+        description="The address to listen on; beyond loopback it needs api_keys or insecure.",
+    )
+    port: int = Field(default=8000, description="The TCP port to listen on.")
+    insecure: bool = Field(
+        default=False,
+        description="Allow listening beyond loopback without API keys: anyone who reaches the "
+        "port may edit the model.",
+    )
+    api_keys: dict[str, Role] = Field(
+        default_factory=dict,
+        description="A JSON object mapping each bearer token to its role, reader or editor "
+        "(unset: no keys, loopback only).",
+    )
 
     # -- limits --
-    max_body_bytes: int = 1_000_000
-    max_prompt_tokens: int = 1536
-    max_new_tokens: int = 512
-    max_queued_edits: int = 64
-    max_queued_requests: int = 256
-    max_batch_size: int = 8
-    batch_window_ms: float = 10.0
-    max_facts_per_edit: int = 32
+    max_body_bytes: int = Field(
+        default=1_000_000,
+        description="The largest request body accepted, in bytes (413 beyond it).",
+    )
+    max_prompt_tokens: int = Field(
+        default=1536,
+        description="The longest prompt, and the longest fact text, accepted, in tokens.",
+    )
+    max_new_tokens: int = Field(
+        default=512,
+        description="The most tokens one generation request may ask for.",
+    )
+    max_queued_edits: int = Field(
+        default=64,
+        description="Edit operations that may wait for this replica; POST /edits answers 429 "
+        "with Retry-After beyond them.",
+    )
+    max_queued_requests: int = Field(
+        default=256,
+        description="Generation requests that may wait for a batch; more are answered 429.",
+    )
+    max_batch_size: int = Field(
+        default=8,
+        description="The most generation requests decoded together in one batch.",
+    )
+    batch_window_ms: float = Field(
+        default=10.0,
+        description="Milliseconds the batcher waits for more requests once one has arrived, "
+        "so that they share a batch.",
+    )
+    max_facts_per_edit: int = Field(
+        default=32,
+        description="The most facts one POST /edits may carry.",
+    )
     edit_batch: int = Field(
         default=16,
         ge=1,
-        description="queued edits that share one batched z* optimisation, one solve and one "
-        "probe pass (methods whose z* depend on W0 only; the sequential baselines take 1)",
+        description="Queued edits that share one batched z* optimisation, one solve and one "
+        "probe pass (d4s only; the sequential baselines take 1).",
     )
 
     @model_validator(mode="after")
@@ -113,9 +237,8 @@ class Settings(BaseSettings):
 
     @field_validator("layers")
     @classmethod
-    def _layers_form(cls, value: str | None) -> str | None:
-        if value is not None:
-            parse_layers(value)
+    def _layers_form(cls, value: str) -> str:
+        parse_layers(value)
         return value
 
     def hparams(self) -> EditHparams:
@@ -124,9 +247,8 @@ class Settings(BaseSettings):
             "rect_keep": self.rect_keep,
             "v_steps": self.v_steps,
             "solve_dtype": self.solve_dtype,
+            "layers": parse_layers(self.layers),
         }
-        if self.layers:
-            changes["layers"] = parse_layers(self.layers)
         return EditHparams().with_(**changes)
 
     def guardrails(self) -> Guardrails:
@@ -157,6 +279,41 @@ class Settings(BaseSettings):
                 f"refusing to listen on {self.host} without API keys: anyone could edit the "
                 "model. Set EDITSERVE_API_KEYS, listen on 127.0.0.1, or pass --insecure."
             )
+
+
+# Settings that no flag sets: bearer tokens on a command line would show in `ps` and in shell
+# histories.
+ENV_ONLY = frozenset({"api_keys"})
+
+
+def env_var(name: str) -> str:
+    """The environment variable of setting ``name``: ``EDITSERVE_<NAME>``."""
+    return f"{Settings.model_config.get('env_prefix', '')}{name.upper()}"
+
+
+def flag(name: str) -> str | None:
+    """The ``editserve serve`` flag of setting ``name``: ``--<name-with-dashes>``, or None for
+    one that only the environment sets (``ENV_ONLY``)."""
+    return None if name in ENV_ONLY else "--" + name.replace("_", "-")
+
+
+def shown_default(name: str) -> str:
+    """Setting ``name``'s default as a user would write it: ``unset`` for None, ``true`` and
+    ``false``, ``15`` for 15.0; a default made at start-up shows its ``shown_default``."""
+    field = Settings.model_fields[name]
+    extra = field.json_schema_extra
+    if isinstance(extra, dict) and "shown_default" in extra:
+        return str(extra["shown_default"])
+    value = field.get_default(call_default_factory=True)
+    if value is None or value == {}:
+        return "unset"
+    if isinstance(value, bool):
+        return str(value).lower()
+    if isinstance(value, float) and value.is_integer():
+        return str(int(value))
+    if isinstance(value, dict):
+        return json.dumps(value)
+    return str(value)
 
 
 def is_loopback(host: str) -> bool:

@@ -1,6 +1,9 @@
-"""Settings reach the edit hyper-parameters they name."""
+"""Settings: each described once, each with its flag, each reaching what it names."""
 
 from __future__ import annotations
+
+import argparse
+import os
 
 import pytest
 from pydantic import ValidationError
@@ -8,7 +11,7 @@ from pydantic import ValidationError
 from editing import cli as engine_cli
 from editing.hparams import EditHparams
 from service import cli as service_cli
-from service.settings import Settings
+from service.settings import ENV_ONLY, Settings, env_var, flag
 
 
 def test_the_solve_dtype_setting_reaches_the_hparams(monkeypatch: pytest.MonkeyPatch) -> None:
@@ -67,3 +70,89 @@ def test_layers_with_gaps_are_refused_at_start_with_what_was_given(
         parser.parse_args(["eval", "--layers", "3,5,7"])
     said = capsys.readouterr().err
     assert "consecutive" in said and "3,5,7" in said
+
+
+def serve_parser() -> argparse.ArgumentParser:
+    parser, sub = engine_cli.build_parser()
+    service_cli._add_commands(sub)
+    return parser
+
+
+def serve_options() -> dict[str, argparse.Action]:
+    parser = serve_parser()
+    sub = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction))
+    return dict(sub.choices["serve"]._option_string_actions)
+
+
+def test_every_setting_is_described_once_and_has_its_flag() -> None:
+    """A new setting gets its flag, help and choices from its field alone."""
+    options = serve_options()
+    for name, field in Settings.model_fields.items():
+        assert field.description and len(field.description) > 20, f"{name} has no description"
+        option = flag(name)
+        if name in ENV_ONLY:
+            assert option is None
+            continue
+        assert option in options, f"{name} has no flag"
+        action = options[option]
+        assert field.description in (action.help or ""), name
+        assert env_var(name) in (action.help or ""), name
+    assert "--api-keys" not in options  # bearer tokens stay off command lines
+    assert options["--guard-action"].choices == ["reject", "flag"]
+    assert options["--serve-dtype"].choices == ["auto", "float32", "bfloat16", "float16"]
+    helps = " ".join(a.help or "" for a in options.values())
+    assert "see Settings" not in helps
+
+
+def test_the_flags_in_use_keep_their_names_and_reach_the_settings(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Flags that bench/, the tests and the README pass; a flag not given leaves the variable."""
+    for key in list(os.environ):
+        if key.startswith("EDITSERVE_"):
+            monkeypatch.delenv(key)
+    monkeypatch.setenv("EDITSERVE_PORT", "9001")
+    monkeypatch.setenv("EDITSERVE_MAX_QUEUED_EDITS", "1000")
+    parser = serve_parser()
+    argv = {
+        "--host": "0.0.0.0",
+        "--redis-url": "redis://127.0.0.1:6379/0",
+        "--redis-prefix": "conv",
+        "--replica-id": "r1",
+        "--data-dir": "/tmp/d",
+        "--model": "smollm2-135m",
+        "--device": "cpu",
+        "--dtype": "float32",
+        "--serve-dtype": "bfloat16",
+        "--method": "alphaedit",
+        "--layers": "2-6",
+        "--covariance-tokens": "6000",
+        "--v-steps": "3",
+        "--solve-dtype": "float32",
+        "--cache-dir": "/tmp/c",
+        "--edit-batch": "4",
+        "--probes": "off",
+        "--guard-max-delta-growth": "0.5",
+        "--guard-action": "flag",
+    }
+    args = parser.parse_args(
+        [
+            "serve",
+            *[x for pair in argv.items() for x in pair],
+            "--insecure",
+            "--log-level",
+            "warning",
+        ]
+    )
+    settings = service_cli.settings_from(args)
+    for option, text in argv.items():
+        value = getattr(settings, option[2:].replace("-", "_"))
+        assert str(value) == text, option
+    assert settings.insecure is True and args.log_level == "warning"
+    assert (settings.port, settings.max_queued_edits) == (9001, 1000)  # from the environment
+    assert service_cli.settings_from(parser.parse_args(["serve", "--port", "9002"])).port == 9002
+    assert service_cli.settings_from(parser.parse_args(["serve"])).insecure is False
+    with pytest.raises(SystemExit):
+        parser.parse_args(["serve", "--guard-action", "maybe"])
+    with pytest.raises(SystemExit):
+        parser.parse_args(["serve", "--port", "eighty"])
