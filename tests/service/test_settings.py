@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import argparse
 import os
+import sys
+from pathlib import Path
 
 import pytest
 from pydantic import ValidationError
@@ -12,6 +14,8 @@ from editing import cli as engine_cli
 from editing.hparams import EditHparams
 from service import cli as service_cli
 from service.settings import ENV_ONLY, Settings, env_var, flag
+
+ROOT = Path(__file__).resolve().parents[2]
 
 
 def test_the_solve_dtype_setting_reaches_the_hparams(monkeypatch: pytest.MonkeyPatch) -> None:
@@ -156,3 +160,18 @@ def test_the_flags_in_use_keep_their_names_and_reach_the_settings(
         parser.parse_args(["serve", "--guard-action", "maybe"])
     with pytest.raises(SystemExit):
         parser.parse_args(["serve", "--port", "eighty"])
+
+
+def test_the_readme_settings_table_is_generated_from_the_settings() -> None:
+    """Like openapi.yaml: the README's table is made from the fields, and fails when stale."""
+    sys.path.insert(0, str(ROOT / "scripts"))
+    try:
+        import build_settings_table
+    finally:
+        sys.path.remove(str(ROOT / "scripts"))
+    readme = (ROOT / "README.md").read_text()
+    stale = "README.md's settings table is stale: python scripts/build_settings_table.py"
+    assert build_settings_table.rewrite(readme) == readme, stale
+    table = readme.split(build_settings_table.BEGIN)[1]
+    for name in Settings.model_fields:
+        assert f"`{env_var(name)}`" in table, name
