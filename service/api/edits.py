@@ -129,8 +129,8 @@ def revert_edit(
         raise Problem(409, str(exc), kind="revert-conflict", edit_status=str(exc.status)) from None
     except EditLogError as exc:
         raise _log_down(exc) from None
+    position = _pending(rt)  # a 503 too, when the log went down after the revert was stored
     response.headers["Location"] = f"/edits/{entry.id}"
-    position = max(rt.log.last_seq() - rt.worker.state.processed, 0)
     return EditAccepted(id=entry.id, status=entry.status, position=position)
 
 
