@@ -15,6 +15,7 @@ from service.editlog.base import (
     EditLogError,
     EditStatus,
     IdempotencyConflict,
+    QueueFull,
     RevertConflict,
     UnknownEdit,
     request_fingerprint,
@@ -48,17 +49,21 @@ def post_edit(
     facts = body.facts if isinstance(body, BatchIn) else [body]
     docs = [f.model_dump() for f in facts]
     _check_facts(rt, docs)
-    pending = _pending(rt)
-    if pending >= rt.settings.max_queued_edits:
-        raise Problem(
-            429,
-            f"{pending} edit operations are waiting; retry later",
-            headers={"Retry-After": str(_retry_after(rt, pending))},
-        )
     try:
         entry, created = rt.log.append_edit(
-            uuid.uuid4().hex, docs, idempotency_key, request_fingerprint(docs)
+            uuid.uuid4().hex,
+            docs,
+            idempotency_key,
+            request_fingerprint(docs),
+            max_pending=rt.settings.max_queued_edits,
+            after=rt.worker.state.processed,
         )
+    except QueueFull as exc:
+        raise Problem(
+            429,
+            f"{exc.pending} edit operations are waiting; retry later",
+            headers={"Retry-After": str(_retry_after(rt, exc.pending))},
+        ) from None
     except IdempotencyConflict as exc:
         raise Problem(422, str(exc), kind="idempotency-key-reused") from None
     except EditLogError as exc:

@@ -65,6 +65,14 @@ class RevertConflict(EditLogError):
         self.status = status
 
 
+class QueueFull(EditLogError):
+    """An append refused: ``pending`` operations already wait (see ``EditLog.append_edit``)."""
+
+    def __init__(self, pending: int) -> None:
+        super().__init__(f"{pending} edit operations are waiting")
+        self.pending = pending
+
+
 class IdempotencyConflict(EditLogError):
     """An Idempotency-Key was reused with a different request body."""
 
@@ -186,12 +194,19 @@ class EditLog(ABC):
         facts: list[dict[str, Any]],
         idempotency_key: str | None = None,
         fingerprint: str | None = None,
+        *,
+        max_pending: int | None = None,
+        after: int = 0,
     ) -> tuple[EditEntry, bool]:
-        """Append an ``apply`` operation for a new queued edit, atomically with its key.
+        """Append an ``apply`` operation for a new queued edit, atomically with its key and
+        with the queue limit.
 
         Returns (the entry, whether it was created). A key seen before returns the edit it
-        created, and ``False``; the same key with another ``fingerprint`` raises
-        :class:`IdempotencyConflict`.
+        created, and ``False``, full queue or not; the same key with another ``fingerprint``
+        raises :class:`IdempotencyConflict`. With ``max_pending``, raises :class:`QueueFull`
+        instead of appending when ``max_pending`` or more operations lie past seq ``after``
+        (the position the caller's replica has handled): the count and the append are one
+        step, so concurrent appends cannot overshoot the limit.
         """
 
     @abstractmethod

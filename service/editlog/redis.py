@@ -30,6 +30,7 @@ from service.editlog.base import (
     EditStatus,
     IdempotencyConflict,
     Operation,
+    QueueFull,
     Transition,
     UnknownEdit,
     revert_outcome,
@@ -37,12 +38,19 @@ from service.editlog.base import (
 
 T = TypeVar("T")
 
-# KEYS: ops, seq, edit, edits, idem, counts   ARGV: edit id, idempotency key or "", fingerprint, doc
-# Returns {1, seq} when created, {0, existing id, fingerprint} for a known key.
+# KEYS: ops, seq, edit, edits, idem, counts   ARGV: edit id, idempotency key or "", fingerprint,
+# doc, max pending or "", the seq the caller has handled
+# Returns {1, seq} when created, {0, existing id, fingerprint} for a known key, {2, pending} when
+# max pending or more operations lie past that seq (a script runs alone: nobody appends between
+# the count and the append).
 _APPEND = """
 if ARGV[2] ~= '' then
   local seen = redis.call('HMGET', KEYS[5], 'id', 'fingerprint')
   if seen[1] then return {0, seen[1], seen[2] or ''} end
+end
+if ARGV[5] ~= '' then
+  local pending = tonumber(redis.call('GET', KEYS[2]) or '0') - tonumber(ARGV[6])
+  if pending >= tonumber(ARGV[5]) then return {2, pending} end
 end
 local seq = redis.call('INCR', KEYS[2])
 redis.call('XADD', KEYS[1], seq .. '-0', 'kind', 'apply', 'id', ARGV[1])
@@ -159,6 +167,9 @@ class RedisEditLog(EditLog):
         facts: list[dict[str, Any]],
         idempotency_key: str | None = None,
         fingerprint: str | None = None,
+        *,
+        max_pending: int | None = None,
+        after: int = 0,
     ) -> tuple[EditEntry, bool]:
         # seq 0 for now: the script assigns it, and the hash's seq field is authoritative.
         entry = EditEntry.queued(edit_id, 0, facts, idempotency_key)
@@ -170,8 +181,12 @@ class RedisEditLog(EditLog):
             self._key("idem", idempotency_key or ""),
             self._key("counts"),
         ]
-        args = [edit_id, idempotency_key or "", fingerprint or "", entry.to_json()]
+        limit = "" if max_pending is None else str(max_pending)
+        args: list[str | int] = [edit_id, idempotency_key or "", fingerprint or ""]
+        args += [entry.to_json(), limit, after]
         result: Any = self._call(lambda: self._append(keys=keys, args=args))
+        if int(result[0]) == 2:
+            raise QueueFull(int(result[1]))
         if int(result[0]) == 0:
             existing_id, seen_fingerprint = result[1].decode(), result[2].decode()
             if fingerprint and seen_fingerprint != fingerprint:

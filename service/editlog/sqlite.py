@@ -22,6 +22,7 @@ from service.editlog.base import (
     EditStatus,
     IdempotencyConflict,
     Operation,
+    QueueFull,
     Transition,
     UnknownEdit,
     revert_outcome,
@@ -106,7 +107,12 @@ class SqliteEditLog(EditLog):
         facts: list[dict[str, Any]],
         idempotency_key: str | None = None,
         fingerprint: str | None = None,
+        *,
+        max_pending: int | None = None,
+        after: int = 0,
     ) -> tuple[EditEntry, bool]:
+        # BEGIN IMMEDIATE takes the write lock before the count: no other writer, in this
+        # process or another, appends between the count and the append.
         with self._write() as db:
             if idempotency_key is not None:
                 row = db.execute(
@@ -118,6 +124,11 @@ class SqliteEditLog(EditLog):
                         raise IdempotencyConflict(idempotency_key)
                     doc = db.execute("SELECT doc FROM edits WHERE id = ?", (row[0],)).fetchone()
                     return EditEntry.from_json(doc[0]), False
+            if max_pending is not None:
+                head = db.execute("SELECT COALESCE(MAX(seq), 0) FROM ops").fetchone()[0]
+                if head - after >= max_pending:
+                    raise QueueFull(head - after)
+            if idempotency_key is not None:
                 db.execute(
                     "INSERT INTO idempotency (key, edit_id, fingerprint) VALUES (?, ?, ?)",
                     (idempotency_key, edit_id, fingerprint),

@@ -7,6 +7,7 @@ import threading
 import time
 import uuid
 from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
@@ -17,6 +18,7 @@ from service.editlog.base import (
     EditLogError,
     EditStatus,
     IdempotencyConflict,
+    QueueFull,
     RevertConflict,
     Transition,
     UnknownEdit,
@@ -94,6 +96,50 @@ def test_concurrent_retries_with_one_key_create_one_edit(edit_log: EditLog) -> N
         t.join()
     assert len(set(results)) == 1
     assert len(edit_log.read(0)) == 1
+
+
+def test_the_queue_limit_holds_exactly_under_concurrent_appends(edit_log: EditLog) -> None:
+    """The count of pending operations and the append are one step: of many appends at once
+    with ``max_pending`` 5, exactly 5 are made and each other one raises QueueFull."""
+    limit, appends = 5, 24
+    start = threading.Barrier(appends)
+    made: list[str] = []
+    refused: list[int] = []
+
+    def append(_: int) -> None:
+        start.wait()
+        try:
+            made.append(edit_log.append_edit(new_id(), [FACT], max_pending=limit)[0].id)
+        except QueueFull as exc:
+            refused.append(exc.pending)
+
+    with ThreadPoolExecutor(appends) as pool:
+        list(pool.map(append, range(appends)))
+    assert (len(made), len(refused)) == (limit, appends - limit)
+    assert set(refused) == {limit}
+    assert sorted(op.edit_id for op in edit_log.read(0)) == sorted(made)
+    assert edit_log.last_seq() == limit
+
+
+def test_the_queue_limit_counts_past_the_handled_seq_and_spares_retries(
+    edit_log: EditLog,
+) -> None:
+    first, _ = edit_log.append_edit(new_id(), [FACT], "key-1", "fp", max_pending=1)
+    with pytest.raises(QueueFull) as raised:
+        edit_log.append_edit(new_id(), [FACT], max_pending=1)
+    assert raised.value.pending == 1
+    again, created = edit_log.append_edit(new_id(), [FACT], "key-1", "fp", max_pending=1)
+    assert (again.id, created) == (first.id, False)  # a retry queues nothing new
+    with pytest.raises(IdempotencyConflict):
+        edit_log.append_edit(new_id(), [FACT], "key-1", "other", max_pending=1)
+    with pytest.raises(QueueFull):
+        edit_log.append_edit(new_id(), [FACT], "key-2", "fp", max_pending=1)
+    _, created = edit_log.append_edit(new_id(), [FACT], max_pending=1, after=first.seq)
+    assert created  # the first is handled: one may wait again
+    edit_log.append_edit(new_id(), [FACT])  # no limit asked for: none applied
+    assert edit_log.last_seq() == 3
+    _, created = edit_log.append_edit(new_id(), [FACT], "key-2", "fp", max_pending=3, after=1)
+    assert created  # key-2 was not kept by its refused append
 
 
 def test_revert_of_queued_edit_cancels_it(edit_log: EditLog) -> None:

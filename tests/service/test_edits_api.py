@@ -4,8 +4,10 @@ not started, so nothing is applied and every posted edit stays queued."""
 
 from __future__ import annotations
 
+import threading
 import uuid
 from collections.abc import Callable, Iterator
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
@@ -100,3 +102,28 @@ def test_a_revert_answers_503_when_the_log_goes_down(
     assert int(r.headers["retry-after"]) >= 1
     problem = r.json()
     assert problem["status"] == 503 and "unreachable" in problem["detail"]
+
+
+def test_concurrent_posts_never_queue_more_than_max_queued_edits(
+    make_client: Callable[..., TestClient],
+) -> None:
+    """The limit is checked in the log, atomically with the append: of many posts at once,
+    exactly ``max_queued_edits`` are queued and every other is a 429 with Retry-After."""
+    limit, posts = 4, 24
+    client = make_client(max_queued_edits=limit)
+    start = threading.Barrier(posts)
+    answers: list[Any] = []
+
+    def post(i: int) -> None:
+        start.wait()
+        answers.append(client.post("/edits", json={**FACT, "target_new": f"City {i}"}))
+
+    with ThreadPoolExecutor(posts) as pool:
+        list(pool.map(post, range(posts)))
+    codes = sorted(r.status_code for r in answers)
+    assert codes == [202] * limit + [429] * (posts - limit), codes
+    for full in (r for r in answers if r.status_code == 429):
+        assert full.headers["content-type"] == "application/problem+json"
+        assert int(full.headers["retry-after"]) >= 1
+    runtime: Runtime = client.app.state.runtime  # type: ignore[attr-defined]
+    assert runtime.log.last_seq() == limit
