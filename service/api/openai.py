@@ -8,138 +8,39 @@ import json
 import time
 import uuid
 from collections.abc import AsyncIterator
-from typing import Annotated, Any, Literal
+from typing import Annotated, Any
 
 from fastapi import APIRouter, Depends
 from fastapi.responses import StreamingResponse
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel
 
+from service.api.openai_schemas import (
+    AssistantMessage,
+    ChatChoice,
+    ChatChunkChoice,
+    ChatCompletion,
+    ChatCompletionChunk,
+    ChatDelta,
+    ChatMessage,
+    ChatRequest,
+    Completion,
+    CompletionChoice,
+    CompletionRequest,
+    FinishReason,
+    ModelCard,
+    ModelList,
+    Usage,
+)
 from service.auth import require
 from service.errors import SSE_EVENT, Problem, problem_responses
 from service.generation import Finished, SamplingParams, Token
 from service.runtime import Runtime, runtime
-from service.schemas import min_version_field
 from service.settings import Role
 
 router = APIRouter(prefix="/v1", tags=["openai"], dependencies=[Depends(require(Role.reader))])
 
 _ERRORS = problem_responses(401, 413, 422, 429, 503)
 _SSE = {"text/event-stream": {"schema": SSE_EVENT}}
-
-
-class _Request(BaseModel):
-    # Unknown OpenAI options (user, logit_bias, ...) are accepted and ignored, as other
-    # compatible servers do; the ones that change the answer are checked below.
-    model_config = ConfigDict(extra="allow", strict=True)
-
-    model: str | None = None
-    max_tokens: int | None = Field(default=None, ge=1)
-    temperature: float = Field(default=1.0, ge=0.0, le=2.0)
-    top_p: float = Field(default=1.0, gt=0.0, le=1.0)
-    n: int = Field(default=1, ge=1, le=1, description="only 1 is supported")
-    stream: bool = False
-    stop: str | list[str] | None = None
-    seed: int | None = Field(default=None, ge=0, le=2**63 - 1)
-    frequency_penalty: float = Field(default=0.0, ge=-2.0, le=2.0)
-    presence_penalty: float = Field(default=0.0, ge=-2.0, le=2.0)
-    min_version: int | None = min_version_field()
-
-    def sampling(self, default_max: int) -> SamplingParams:
-        stop = [self.stop] if isinstance(self.stop, str) else list(self.stop or [])
-        if len(stop) > 4:
-            raise Problem(422, "stop: at most 4 sequences")
-        return SamplingParams(
-            max_new_tokens=self.max_tokens or default_max,
-            temperature=self.temperature,
-            top_p=self.top_p,
-            do_sample=self.temperature > 0,
-            seed=self.seed,
-            stop=tuple(s for s in stop if s),
-        )
-
-
-class CompletionRequest(_Request):
-    prompt: (
-        Annotated[str, Field(min_length=1)]
-        | Annotated[list[Annotated[str, Field(min_length=1)]], Field(min_length=1, max_length=1)]
-    ) = Field(description="one prompt (a list of one is accepted)")
-    max_tokens: int | None = Field(default=16, ge=1)
-    echo: bool = False
-
-
-class ChatMessage(BaseModel):
-    model_config = ConfigDict(extra="allow")
-
-    role: Literal["system", "user", "assistant", "developer", "tool"]
-    content: str | list[dict[str, Any]] | None = None
-
-    def text(self) -> str:
-        if isinstance(self.content, list):
-            return "".join(part.get("text", "") for part in self.content)
-        return self.content or ""
-
-
-class ChatRequest(_Request):
-    messages: list[ChatMessage] = Field(min_length=1)
-    max_completion_tokens: int | None = Field(default=None, ge=1)
-
-
-class ModelCard(BaseModel):
-    id: str
-    object: Literal["model"] = "model"
-    created: int
-    owned_by: str = "editserve"
-
-
-class ModelList(BaseModel):
-    object: Literal["list"] = "list"
-    data: list[ModelCard]
-
-
-class Usage(BaseModel):
-    prompt_tokens: int
-    completion_tokens: int
-    total_tokens: int
-
-
-class CompletionChoice(BaseModel):
-    index: int
-    text: str
-    finish_reason: Literal["stop", "length"] | None
-    logprobs: None = None
-
-
-class Completion(BaseModel):
-    id: str
-    object: Literal["text_completion"] = "text_completion"
-    created: int
-    model: str
-    choices: list[CompletionChoice]
-    usage: Usage | None = None
-    system_fingerprint: str
-    model_version: int
-
-
-class AssistantMessage(BaseModel):
-    role: Literal["assistant"] = "assistant"
-    content: str
-
-
-class ChatChoice(BaseModel):
-    index: int
-    message: AssistantMessage
-    finish_reason: Literal["stop", "length"]
-
-
-class ChatCompletion(BaseModel):
-    id: str
-    object: Literal["chat.completion"] = "chat.completion"
-    created: int
-    model: str
-    choices: list[ChatChoice]
-    usage: Usage
-    system_fingerprint: str
-    model_version: int
 
 
 @router.get("/models", response_model=ModelList, responses=problem_responses(401))
@@ -163,12 +64,12 @@ async def completions(
     cid, created, name = f"cmpl-{uuid.uuid4().hex}", int(time.time()), rt.settings.model
     prefix = prompts[0] if body.echo else ""
 
-    def chunk(text: str, finish: str | None, version: int) -> Completion:
+    def chunk(text: str, finish: FinishReason | None, version: int) -> Completion:
         return Completion(
             id=cid,
             created=created,
             model=name,
-            choices=[CompletionChoice(index=0, text=text, finish_reason=finish)],  # type: ignore[arg-type]
+            choices=[CompletionChoice(index=0, text=text, finish_reason=finish)],
             system_fingerprint=f"editserve-v{version}",
             model_version=version,
         )
@@ -180,10 +81,10 @@ async def completions(
             async for event in rt.generate(ids, params):
                 if isinstance(event, Token) and (event.text or first):
                     text = prefix + event.text if first else event.text
-                    yield _data(chunk(text, None, event.model_version))
+                    yield _data(chunk(text, None, event.model_version), exclude_none=True)
                     first = False
                 elif isinstance(event, Finished):
-                    yield _data(chunk("", _reason(event), event.model_version))
+                    yield _data(chunk("", _reason(event), event.model_version), exclude_none=True)
             yield "data: [DONE]\n\n"
 
         return StreamingResponse(_guarded(sse()), media_type="text/event-stream")
@@ -212,33 +113,30 @@ async def chat_completions(
 
     if body.stream:
 
+        def chunk(delta: ChatDelta, finish: FinishReason | None, version: int) -> str:
+            choice = ChatChunkChoice(index=0, delta=delta, finish_reason=finish)
+            return _data(
+                ChatCompletionChunk(
+                    id=cid,
+                    created=created,
+                    model=name,
+                    choices=[choice],
+                    system_fingerprint=f"editserve-v{version}",
+                    model_version=version,
+                )
+            )
+
         async def sse() -> AsyncIterator[str]:
             first = True
             async for event in rt.generate(ids, params):
-                delta: dict[str, Any] = {}
-                finish = None
-                if isinstance(event, Token):
-                    if first:
-                        delta["role"] = "assistant"
-                    if event.text:
-                        delta["content"] = event.text
-                    if not delta:
-                        continue
-                    version = event.model_version
+                if isinstance(event, Token) and (event.text or first):
+                    delta = ChatDelta(
+                        role="assistant" if first else None, content=event.text or None
+                    )
+                    yield chunk(delta, None, event.model_version)
+                    first = False
                 elif isinstance(event, Finished):
-                    finish, version = _reason(event), event.model_version
-                first = False
-                yield _data(
-                    {
-                        "id": cid,
-                        "object": "chat.completion.chunk",
-                        "created": created,
-                        "model": name,
-                        "system_fingerprint": f"editserve-v{version}",
-                        "model_version": version,
-                        "choices": [{"index": 0, "delta": delta, "finish_reason": finish}],
-                    }
-                )
+                    yield chunk(ChatDelta(), _reason(event), event.model_version)
             yield "data: [DONE]\n\n"
 
         return StreamingResponse(_guarded(sse()), media_type="text/event-stream")
@@ -252,7 +150,7 @@ async def chat_completions(
             ChatChoice(
                 index=0,
                 message=AssistantMessage(content=done.text),
-                finish_reason=_reason(done),  # type: ignore[arg-type]
+                finish_reason=_reason(done),
             )
         ],
         usage=_usage(done),
@@ -280,7 +178,7 @@ async def _finished(rt: Runtime, ids: list[int], params: SamplingParams) -> Fini
     raise RuntimeError("generation ended without finishing")
 
 
-def _reason(done: Finished) -> str:
+def _reason(done: Finished) -> FinishReason:
     return "length" if done.finish_reason == "length" else "stop"
 
 
@@ -292,9 +190,9 @@ def _usage(done: Finished) -> Usage:
     )
 
 
-def _data(payload: BaseModel | dict[str, Any]) -> str:
+def _data(payload: BaseModel | dict[str, Any], *, exclude_none: bool = False) -> str:
     if isinstance(payload, BaseModel):
-        return f"data: {payload.model_dump_json(exclude_none=True)}\n\n"
+        return f"data: {payload.model_dump_json(exclude_none=exclude_none)}\n\n"
     return f"data: {json.dumps(payload)}\n\n"
 
 
