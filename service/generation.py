@@ -23,14 +23,12 @@ import time
 from collections.abc import Callable
 from contextlib import AbstractContextManager, suppress
 from dataclasses import dataclass, field
-from typing import Any
 
 import torch
-import torch.nn.functional as F
-from transformers import DynamicCache
-from transformers.cache_utils import DynamicLayer
 
-from editing.models import LoadedModel, with_cache
+from editing.models import LoadedModel
+from service.kv_batch import KVBatch
+from service.sampling import RowSampler, SamplingParams, choose
 from service.threads import on_own_thread
 
 log = logging.getLogger(__name__)
@@ -38,23 +36,6 @@ log = logging.getLogger(__name__)
 
 class QueueFull(Exception):
     """Too many generation requests are waiting."""
-
-
-@dataclass(frozen=True)
-class SamplingParams:
-    max_new_tokens: int = 20
-    temperature: float = 1.0
-    top_p: float = 1.0
-    top_k: int = 0  # 0: no top-k cut
-    do_sample: bool = False
-    seed: int | None = None
-    stop: tuple[str, ...] = ()
-    repetition_penalty: float = 1.0
-
-    @property
-    def greedy(self) -> bool:
-        # Below ~1e-3 sampling is argmax anyway, and dividing by it overflows.
-        return not self.do_sample or self.temperature < 1e-3
 
 
 @dataclass
@@ -93,8 +74,7 @@ class Job:
 @dataclass
 class _Row:
     job: Job
-    generator: torch.Generator | None
-    seen: torch.Tensor  # token ids the repetition penalty applies to
+    sampler: RowSampler
     ids: list[int] = field(default_factory=list)
     emitted: int = 0  # characters of the text already sent
 
@@ -197,23 +177,27 @@ class Batcher:
     @torch.inference_mode()
     def _decode(self, jobs: list[Job], version: int, everyone: list[Job]) -> None:
         """Decode ``jobs`` and any that join on the way (added to ``everyone``) at ``version``."""
-        batch: _Batch | None = None
+        batch: KVBatch | None = None
         rows: list[_Row] = []
         logits = torch.empty(0)
         while True:
             if jobs:
-                joining, first = self._prefill(jobs)
+                joining, first = KVBatch.prefill(self.lm, [j.prompt_ids for j in jobs])
                 if batch is None:
                     batch = joining
                 else:
                     batch.join(joining)
                     self.joined += len(jobs)
                 logits = torch.cat([logits, first]) if rows else first
-                rows += [_new_row(job, self.lm.device) for job in jobs]
+                vocab, device = first.shape[-1], self.lm.device
+                rows += [
+                    _Row(job, RowSampler.start(job.params, job.prompt_ids, vocab, device))
+                    for job in jobs
+                ]
                 if self._on_batch is not None:
                     self._on_batch(len(rows))
             assert batch is not None
-            chosen, logprobs = _choose(logits.float(), rows)
+            chosen, logprobs = choose(logits.float(), [row.sampler for row in rows])
             keep = [
                 i
                 for i, row in enumerate(rows)
@@ -233,29 +217,6 @@ class Batcher:
                 continue
             logits = batch.step(self.lm, chosen)
 
-    def _prefill(self, jobs: list[Job]) -> tuple[_Batch, torch.Tensor]:
-        """A batch of ``jobs`` alone, their prompts left-padded and run once; and the logits
-        of each row's first new token."""
-        lm, device = self.lm, self.lm.device
-        pad = lm.tokenizer.pad_token_id or 0
-        width = max(len(j.prompt_ids) for j in jobs)
-        ids = torch.full((len(jobs), width), pad, dtype=torch.long)
-        mask = torch.zeros_like(ids)
-        for i, job in enumerate(jobs):
-            ids[i, width - len(job.prompt_ids) :] = torch.tensor(job.prompt_ids)
-            mask[i, width - len(job.prompt_ids) :] = 1
-        ids, mask = ids.to(device), mask.to(device)
-        cache = DynamicCache()
-        positions = (mask.cumsum(-1) - 1).clamp(min=0)
-        logits = lm.model(
-            input_ids=ids,
-            attention_mask=mask,
-            position_ids=positions,
-            **with_cache(lm.model, cache),
-            logits_to_keep=1,
-        ).logits[:, -1, :]
-        return _Batch(cache=cache, mask=mask, positions=positions[:, -1:]), logits
-
     def _advance(self, row: _Row, token: int, logprob: float, version: int) -> bool:
         """Add ``token`` to ``row`` and send what it adds; False once the row is done."""
         job, tok = row.job, self.lm.tokenizer
@@ -264,7 +225,7 @@ class Batcher:
         special = token in self._eos
         if not special:
             row.ids.append(token)
-            row.seen = torch.cat([row.seen, row.seen.new_tensor([token])])
+            row.sampler.add(token)
         text = str(tok.decode(row.ids, skip_special_tokens=True))
         cut = _stop_at(text, job.params.stop)
         reason = None
@@ -292,144 +253,6 @@ class Batcher:
             )
         )
         return False
-
-
-@dataclass
-class _Batch:
-    """The rows decoding together: their KV cache, attention mask (B x T, 0 on left padding)
-    and last positions (B x 1)."""
-
-    cache: DynamicCache
-    mask: torch.Tensor
-    positions: torch.Tensor
-
-    def step(self, lm: LoadedModel, tokens: torch.Tensor) -> torch.Tensor:
-        """Feed each row its next token; the logits that follow it."""
-        self.mask = torch.cat([self.mask, self.mask.new_ones(len(tokens), 1)], dim=1)
-        self.positions = self.positions + 1
-        out = lm.model(
-            input_ids=tokens[:, None],
-            attention_mask=self.mask,
-            position_ids=self.positions,
-            **with_cache(lm.model, self.cache),
-        )
-        return out.logits[:, -1, :]
-
-    def select(self, keep: list[int]) -> None:
-        """Keep the rows at ``keep``, and drop the leading columns that only padding uses."""
-        index = torch.tensor(keep, device=self.mask.device)
-        self.mask, self.positions = self.mask[index], self.positions[index]
-        self.cache.batch_select_indices(index)
-        used = self.mask.any(dim=0).nonzero()
-        first = int(used[0]) if len(used) else 0
-        if first > 0:
-            self.mask = self.mask[:, first:]
-            for layer in _kv_layers(self.cache):
-                layer.keys = layer.keys[:, :, first:]
-                layer.values = layer.values[:, :, first:]
-
-    def join(self, other: _Batch) -> None:
-        """Append ``other``'s rows, left-padding whichever cache is shorter."""
-        width = max(self.mask.shape[1], other.mask.shape[1])
-        self.mask = _stacked(self.mask, other.mask, width, 1)
-        self.positions = torch.cat([self.positions, other.positions])
-        for mine, theirs in zip(_kv_layers(self.cache), _kv_layers(other.cache), strict=True):
-            mine.keys = _stacked(mine.keys, theirs.keys, width, 2)
-            mine.values = _stacked(mine.values, theirs.values, width, 2)
-
-
-def _kv_layers(cache: DynamicCache) -> list[Any]:
-    """The cache's layers, each with ``keys`` and ``values`` (B x heads x T x head_dim)."""
-    assert all(isinstance(layer, DynamicLayer) for layer in cache.layers)
-    return list(cache.layers)
-
-
-def _stacked(top: torch.Tensor, bottom: torch.Tensor, width: int, dim: int) -> torch.Tensor:
-    """``top``'s rows above ``bottom``'s, each left-padded with zeros along ``dim`` to
-    ``width``."""
-    return torch.cat([_left_pad(top, width, dim), _left_pad(bottom, width, dim)])
-
-
-def _left_pad(t: torch.Tensor, width: int, dim: int) -> torch.Tensor:
-    """``t`` with zeros prepended along ``dim`` up to ``width``."""
-    missing = width - t.shape[dim]
-    if missing == 0:
-        return t
-    shape = list(t.shape)
-    shape[dim] = missing
-    return torch.cat([t.new_zeros(shape), t], dim=dim)
-
-
-def _new_row(job: Job, device: torch.device) -> _Row:
-    generator = None
-    if not job.params.greedy:
-        generator = torch.Generator(device=device)
-        if job.params.seed is not None:
-            generator.manual_seed(job.params.seed)
-        else:
-            generator.seed()
-    seen = torch.tensor(job.prompt_ids, dtype=torch.long, device=device)
-    return _Row(job=job, generator=generator, seen=seen)
-
-
-def _choose(logits: torch.Tensor, rows: list[_Row]) -> tuple[torch.Tensor, torch.Tensor]:
-    """Next token and its log-probability for each row (logits: B x V, float32)."""
-    chosen = torch.empty(len(rows), dtype=torch.long, device=logits.device)
-    logprobs = torch.empty(len(rows), dtype=torch.float32)
-    # Plain greedy rows (the common case) are chosen together, in one pass over the batch.
-    plain = [
-        i
-        for i, r in enumerate(rows)
-        if r.job.params.greedy and r.job.params.repetition_penalty == 1.0
-    ]
-    if plain:
-        index = torch.tensor(plain, device=logits.device)
-        logp = F.log_softmax(logits[index], dim=-1)
-        best = logp.argmax(dim=-1)
-        chosen[index] = best
-        logprobs[index.cpu()] = logp.gather(1, best[:, None])[:, 0].cpu()
-    for i, row in enumerate(rows):
-        if i in plain:
-            continue
-        p = row.job.params
-        scores = logits[i]
-        if p.repetition_penalty != 1.0:
-            # CTRL's penalty (Keskar et al. 2019), as transformers applies it.
-            seen = scores[row.seen]
-            scores = scores.clone()
-            scores[row.seen] = torch.where(
-                seen > 0, seen / p.repetition_penalty, seen * p.repetition_penalty
-            )
-        if p.greedy:
-            token = scores.argmax()
-            logprobs[i] = F.log_softmax(scores, dim=-1)[token]
-        else:
-            scores = scores / p.temperature
-            logp = F.log_softmax(scores, dim=-1)
-            filtered = _top_k_top_p(scores, p.top_k, p.top_p)
-            probs = F.softmax(filtered, dim=-1)
-            if torch.isfinite(probs).all() and probs.sum() > 0:
-                token = torch.multinomial(probs, 1, generator=row.generator)[0]
-            else:  # degenerate parameters: fall back to the most likely token
-                token = scores.argmax()
-            logprobs[i] = logp[token]
-        chosen[i] = token
-    return chosen, logprobs
-
-
-def _top_k_top_p(scores: torch.Tensor, top_k: int, top_p: float) -> torch.Tensor:
-    """``scores`` (V) with the tokens outside the top-k and the top-p nucleus set to -inf."""
-    if top_k > 0 and top_k < scores.numel():
-        kth = torch.topk(scores, top_k).values[-1]
-        scores = scores.masked_fill(scores < kth, float("-inf"))
-    if top_p < 1.0:
-        sorted_scores, order = torch.sort(scores, descending=True)
-        cumulative = F.softmax(sorted_scores, dim=-1).cumsum(-1)
-        # Drop a token once the tokens before it already reach top_p (the first always stays).
-        drop = (cumulative - F.softmax(sorted_scores, dim=-1)) >= top_p
-        scores = scores.clone()
-        scores[order[drop]] = float("-inf")
-    return scores
 
 
 def _stop_at(text: str, stops: tuple[str, ...]) -> int | None:
