@@ -127,3 +127,23 @@ def test_concurrent_posts_never_queue_more_than_max_queued_edits(
         assert int(full.headers["retry-after"]) >= 1
     runtime: Runtime = client.app.state.runtime  # type: ignore[attr-defined]
     assert runtime.log.last_seq() == limit
+
+
+def test_every_edits_route_answers_503_while_the_log_is_down(
+    backend: Backend, make_client: Callable[..., TestClient]
+) -> None:
+    client = make_client()
+    edit = client.post("/edits", json=FACT)
+    assert edit.status_code == 202, edit.text
+    edit_id = edit.json()["id"]
+    runtime: Runtime = client.app.state.runtime  # type: ignore[attr-defined]
+    backend.take_down(runtime.log)
+    for r in (
+        client.post("/edits", json={**FACT, "target_new": "Oslo"}),
+        client.post(f"/edits/{edit_id}/revert"),
+        client.get(f"/edits/{edit_id}"),
+        client.get("/edits"),
+    ):
+        assert r.status_code == 503, (r.request.url, r.text)
+        assert r.headers["content-type"] == "application/problem+json"
+        assert int(r.headers["retry-after"]) >= 1
