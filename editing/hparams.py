@@ -60,15 +60,17 @@ class EditHparams:
 
     layers: the consecutive blocks whose MLP output matrix is edited.
     mom2_lambda: weight of the covariance C0 in ``(lambda * C0 + S_KK)``.
-    v_*: Adam on the residual delta at the last edited block (ALGORITHMS.md section 1).
+    v_*: Adam on the residual delta at the last edited block (docs/algorithms.md, section 1,
+        "Keys and the target z*").
     v_loss_threshold: stop once every fact's mean target NLL is below it (nats per token).
     clamp_norm_factor: ``|delta| <= clamp_norm_factor * |h|``.
     rect_keep: share of the total update's entries kept by RECT (1.0 turns RECT off).
     alpha_l2, nullspace_threshold: AlphaEdit's ridge term and null-space eigenvalue cut-off
         (relative to the largest eigenvalue of C0).
     solve_dtype: the dtype that d4s factors and solves its system in past ``LOW_RANK_ROWS``
-        rows (the system is made in float64 from the exact sums either way): "float64", as
-        ALGORITHMS.md asks, or "float32", about twice as fast (``editing.d4s.solve_update``).
+        rows (the system is made in float64 from the exact sums either way): "float64", the
+        default (docs/algorithms.md, section 2, "The D4S update"), or "float32", faster, at the
+        precision of the weights it writes (``editing.d4s.solve_update``).
     """
 
     layers: tuple[int, ...] = (3, 4, 5, 6, 7)

@@ -86,8 +86,8 @@ class Settings(BaseSettings):
     )
     solve_dtype: Literal["float64", "float32"] = Field(
         default="float64",
-        description="The dtype of d4s's full solve past 256 key rows: float32 is about twice "
-        "as fast, at float32 weights' precision.",
+        description="The dtype of d4s's full solve past 256 key rows: float32 is faster, at "
+        "the precision of float32 weights.",
     )
     v_steps: int = Field(
         default=_HPARAMS.v_steps,
