@@ -47,7 +47,8 @@ def build_parser() -> tuple[argparse.ArgumentParser, argparse._SubParsersAction]
             "--solve-dtype",
             choices=SOLVE_DTYPES,
             default=defaults.solve_dtype,
-            help="d4s's full solve past 256 key rows: float64, or float32 at about twice the speed",
+            help="d4s's full solve past 256 key rows: float64, or float32, faster at the weights' "
+            "precision",
         )
         p.add_argument("--covariance-tokens", type=int, default=None)
         p.add_argument(
