@@ -24,6 +24,8 @@ class SamplingParams:
     seed: int | None = None
     stop: tuple[str, ...] = ()
     repetition_penalty: float = 1.0
+    frequency_penalty: float = 0.0  # OpenAI's: subtracted from a logit once per use in the output
+    presence_penalty: float = 0.0  # OpenAI's: subtracted once from the logit of a used token
 
     @property
     def greedy(self) -> bool:
@@ -38,6 +40,7 @@ class RowSampler:
     params: SamplingParams
     generator: torch.Generator | None  # None when greedy
     seen: torch.Tensor | None  # [V] bool: prompt and output tokens, for the repetition penalty
+    counts: torch.Tensor | None  # [V] float32: uses of each token in the output, for OpenAI's
 
     @classmethod
     def start(
@@ -54,17 +57,22 @@ class RowSampler:
         if params.repetition_penalty != 1.0:
             seen = torch.zeros(vocab, dtype=torch.bool, device=device)
             seen[torch.tensor(prompt_ids, device=device)] = True
-        return cls(params, generator, seen)
+        counts = None
+        if params.frequency_penalty or params.presence_penalty:
+            counts = torch.zeros(vocab, dtype=torch.float32, device=device)
+        return cls(params, generator, seen, counts)
 
     @property
     def plain(self) -> bool:
         """Greedy with nothing to change the logits: the argmax of the step's logits."""
-        return self.params.greedy and self.seen is None
+        return self.params.greedy and self.seen is None and self.counts is None
 
     def add(self, token: int) -> None:
         """Note ``token`` as part of the output."""
         if self.seen is not None:
             self.seen[token] = True
+        if self.counts is not None:
+            self.counts[token] += 1
 
     def choose(self, logits: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """The next token (a 0-d long tensor) and its log-probability, from ``logits`` ([V],
@@ -73,6 +81,10 @@ class RowSampler:
         scores = logits
         if self.seen is not None:
             scores = repetition_penalty(scores, self.seen, p.repetition_penalty)
+        if self.counts is not None:
+            scores = frequency_presence_penalty(
+                scores, self.counts, p.frequency_penalty, p.presence_penalty
+            )
         if p.greedy:
             token = scores.argmax()
             return token, F.log_softmax(scores, dim=-1)[token]
@@ -106,6 +118,14 @@ def repetition_penalty(scores: torch.Tensor, seen: torch.Tensor, penalty: float)
     positive scores divided by ``penalty``, their negative ones multiplied (scores, seen: [V])."""
     penalized = torch.where(scores > 0, scores / penalty, scores * penalty)
     return torch.where(seen, penalized, scores)
+
+
+def frequency_presence_penalty(
+    scores: torch.Tensor, counts: torch.Tensor, frequency: float, presence: float
+) -> torch.Tensor:
+    """OpenAI's penalties: ``frequency`` times each token's count in the output and ``presence``
+    once for every token it holds, subtracted from ``scores`` (scores, counts: [V])."""
+    return scores - frequency * counts - presence * (counts > 0).float()
 
 
 def top_k_top_p(scores: torch.Tensor, top_k: int, top_p: float) -> torch.Tensor:

@@ -42,6 +42,8 @@ class _Request(BaseModel):
             do_sample=self.temperature > 0,
             seed=self.seed,
             stop=tuple(s for s in stop if s),
+            frequency_penalty=self.frequency_penalty,
+            presence_penalty=self.presence_penalty,
         )
 
 

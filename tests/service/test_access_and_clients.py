@@ -133,6 +133,28 @@ def test_openai_client_works_unchanged(live: Live) -> None:
         client.completions.create(model="smollm2-135m", prompt="hi", max_tokens=1000)
 
 
+def test_openai_penalties_change_a_repetitive_answer(live: Live) -> None:
+    """frequency_penalty and presence_penalty reach the sampler: greedy decoding that repeats
+    itself answers otherwise with either."""
+    client = openai.OpenAI(base_url=f"{live.url}/v1", api_key=READER)
+    prompt = "one, two, one, two, one, two, one, two,"
+
+    def complete(presence: float = 0.0, frequency: float = 0.0) -> str:
+        answer = client.completions.create(
+            model="smollm2-135m",
+            prompt=prompt,
+            max_tokens=16,
+            temperature=0,
+            presence_penalty=presence,
+            frequency_penalty=frequency,
+        )
+        return answer.choices[0].text
+
+    plain = complete()
+    assert complete(presence=2.0) != plain
+    assert complete(frequency=2.0) != plain
+
+
 def test_openapi_yaml_is_generated_from_the_app() -> None:
     committed = (ROOT / "openapi.yaml").read_text()
     assert committed == render(), "openapi.yaml is stale: run `editserve openapi`"

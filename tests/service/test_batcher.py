@@ -7,6 +7,7 @@ from __future__ import annotations
 import threading
 import time
 from collections.abc import Iterator
+from typing import Any
 
 import pytest
 import torch
@@ -23,19 +24,21 @@ PROMPTS = [
 
 
 class Request:
-    def __init__(self, lm: LoadedModel, prompt: str, n: int) -> None:
+    def __init__(self, lm: LoadedModel, prompt: str, n: int, **params: Any) -> None:
         self.tokens = 0
+        self.ids: list[int] = []
         self.first_token_at = self.finished_at = 0.0
         self.started = threading.Event()  # two tokens out: the batch is decoding
         self.done = threading.Event()
         self.finished: Finished | None = None
         self.error: BaseException | None = None
         ids = lm.tokenizer(prompt)["input_ids"]
-        self.job = Job(ids, SamplingParams(max_new_tokens=n), self.sink)
+        self.job = Job(ids, SamplingParams(max_new_tokens=n, **params), self.sink)
 
     def sink(self, event: Event) -> None:
         if isinstance(event, Token):
             self.tokens += 1
+            self.ids.append(event.id)
             self.first_token_at = self.first_token_at or time.monotonic()
             if self.tokens >= 2:
                 self.started.set()
@@ -132,3 +135,25 @@ def test_an_idle_batcher_leaves_no_openmp_pool(lm: LoadedModel, batcher: Batcher
     batcher.submit(request.job)
     assert request.text()
     assert settled_threads(before) == before, "the batch's OpenMP pool outlived it"
+
+
+def test_openai_penalties_count_the_output_and_not_the_prompt(
+    lm: LoadedModel, batcher: Batcher
+) -> None:
+    """Greedy decoding repeats itself on a repetitive prompt; with a large presence or frequency
+    penalty no token comes twice, and the first token, which only the prompt precedes, is the
+    unpenalised one."""
+    prompt = "one, two, one, two, one, two, one, two,"
+
+    def ids(**params: float) -> list[int]:
+        request = Request(lm, prompt, 24, **params)
+        batcher.submit(request.job)
+        request.text()
+        return request.ids
+
+    plain = ids()
+    assert len(set(plain)) < len(plain)
+    for penalty in ({"presence_penalty": 100.0}, {"frequency_penalty": 100.0}):
+        penalized = ids(**penalty)
+        assert len(set(penalized)) == len(penalized), penalty
+        assert penalized[0] == plain[0], penalty
