@@ -39,13 +39,31 @@ from service.settings import Role
 
 router = APIRouter(prefix="/v1", tags=["openai"], dependencies=[Depends(require(Role.reader))])
 
-_ERRORS = problem_responses(401, 413, 422, 429, 503)
+_ERRORS = problem_responses(401, 404, 413, 422, 429, 503)
 _SSE = {"text/event-stream": {"schema": SSE_EVENT}}
 
 
 @router.get("/models", response_model=ModelList, responses=problem_responses(401))
 def models(rt: Annotated[Runtime, Depends(runtime)]) -> ModelList:
-    return ModelList(data=[ModelCard(id=rt.settings.model, created=rt.started)])
+    return ModelList(data=[ModelCard(id=name, created=rt.started) for name in _served(rt)])
+
+
+def _served(rt: Runtime) -> list[str]:
+    """The model names a request may ask for: the one this server runs, as configured."""
+    return [rt.settings.model]
+
+
+def _check_model(rt: Runtime, name: str | None) -> None:
+    """A 404 for a model this server does not run, as OpenAI answers; no name means ours."""
+    served = _served(rt)
+    if name is not None and name not in served:
+        raise Problem(
+            404,
+            f"model {name!r} is not served here; /v1/models lists {', '.join(served)}",
+            kind="model-not-found",
+            title="Model not found",
+            model=name,
+        )
 
 
 @router.post(
@@ -57,6 +75,7 @@ def models(rt: Annotated[Runtime, Depends(runtime)]) -> ModelList:
 async def completions(
     body: CompletionRequest, rt: Annotated[Runtime, Depends(runtime)]
 ) -> Completion | StreamingResponse:
+    _check_model(rt, body.model)
     prompts = [body.prompt] if isinstance(body.prompt, str) else body.prompt
     params = body.sampling(16)
     await rt.await_version(body.min_version)
@@ -104,6 +123,7 @@ async def completions(
 async def chat_completions(
     body: ChatRequest, rt: Annotated[Runtime, Depends(runtime)]
 ) -> ChatCompletion | StreamingResponse:
+    _check_model(rt, body.model)
     if body.max_completion_tokens is not None:
         body.max_tokens = body.max_completion_tokens
     params = body.sampling(min(256, rt.settings.max_new_tokens))

@@ -155,6 +155,29 @@ def test_openai_penalties_change_a_repetitive_answer(live: Live) -> None:
     assert complete(frequency=2.0) != plain
 
 
+def test_openai_requests_name_a_model_that_models_lists(live: Live) -> None:
+    """An unknown model is a 404 problem naming it and what /v1/models lists (the official
+    client's NotFoundError); the listed name, or none, is served."""
+    client = openai.OpenAI(base_url=f"{live.url}/v1", api_key=READER)
+    listed = [m.id for m in client.models.list()]
+    messages = [{"role": "user", "content": "Hi"}]
+    for path, body in (
+        ("/v1/completions", {"prompt": "The capital of France is", "max_tokens": 2}),
+        ("/v1/chat/completions", {"messages": messages, "max_tokens": 2}),
+    ):
+        r = live.client.post(path, json={**body, "model": "gpt-4o"}, headers=auth(READER))
+        assert r.status_code == 404, r.text
+        assert r.headers["content-type"] == "application/problem+json"
+        problem = r.json()
+        assert problem["type"].endswith("/model-not-found") and problem["model"] == "gpt-4o"
+        assert "gpt-4o" in problem["detail"] and all(name in problem["detail"] for name in listed)
+        for name in (*listed, None):
+            named = {**body, "model": name} if name else body
+            assert live.client.post(path, json=named, headers=auth(READER)).status_code == 200
+    with pytest.raises(openai.NotFoundError):
+        client.completions.create(model="gpt-4o", prompt="hi", max_tokens=1)
+
+
 def test_openapi_yaml_is_generated_from_the_app() -> None:
     committed = (ROOT / "openapi.yaml").read_text()
     assert committed == render(), "openapi.yaml is stale: run `editserve openapi`"
