@@ -78,7 +78,7 @@ eval: setup
 # RECT, which shares its z* records, for about 2.5 min more). Both re-measure: the quick study's
 # folder is cleared first. C0 is timed first, and on a first run stored for the study to use.
 # The speed study's diagnostic sections (zstar, batcher) are in bench-full only. About 20 min on
-# a 2-core Xeon, 27 min on a 2-core EPYC (README, Speed).
+# a 2-core Xeon, 27 min on a 2-core EPYC (docs/benchmarks.md).
 QUICK_METHODS ?= d4s-rect0.4
 QUICK_OUT ?= bench/results/quick-100
 # Where the speed study writes (sections merge into the file): another host's run can keep its own.
