@@ -14,6 +14,7 @@ import time
 import uuid
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import torch
 
@@ -23,7 +24,7 @@ from editing.covariance import DEFAULT_TOKENS, covariance
 from editing.facts import EditError, Fact, InvalidFactError, NonFiniteUpdateError, validate_fact
 from editing.hparams import EditHparams
 from editing.memory import retain_freed_memory
-from editing.methods import EditMethod, State, make_method
+from editing.methods import EditMethod, MethodState, make_method
 from editing.models import LoadedModel
 from editing.records import DeltaRecord
 from editing.tracing import instrument
@@ -81,10 +82,13 @@ class Editor:
                 weights=self.w0,
                 progress=progress,
             )
-        self.method: EditMethod = make_method(method, self.hp, c0, self.w0)
+        self.method: EditMethod[Any] = make_method(method, self.hp, c0, self.w0)
         self._records: list[DeltaRecord] = []
-        self._state: State = self.method.empty()
-        self._room: tuple[State | None, float | None] = (None, None)  # room_used's last answer
+        self._state: MethodState = self.method.empty()
+        self._room: tuple[MethodState | None, float | None] = (
+            None,
+            None,
+        )  # room_used's last answer
         self.version = 0
 
     # -- reading -------------------------------------------------------------------------------
@@ -259,7 +263,7 @@ class Editor:
         self._state = change.state
         self.version += 1
 
-    def _plan(self, records: list[DeltaRecord], state: State) -> Change:
+    def _plan(self, records: list[DeltaRecord], state: MethodState) -> Change:
         update = self.method.update(state)
         weights = {}
         for layer in self.hp.layers:
@@ -277,7 +281,7 @@ class Change:
     """A planned state of the editor: the active records, the method state, the new weights."""
 
     records: list[DeltaRecord]
-    state: State
+    state: MethodState
     weights: dict[int, torch.Tensor]
     superseded: list[str] = field(default_factory=list)
     superseded_by: dict[str, str] = field(default_factory=dict)  # old record id -> new one

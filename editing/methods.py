@@ -15,7 +15,8 @@ weights (the sequential baselines, whose later records depend on earlier ones).
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
-from typing import Any, ClassVar
+from dataclasses import dataclass
+from typing import Any, ClassVar, Generic, TypeVar
 
 import torch
 
@@ -25,11 +26,49 @@ from editing.hparams import EditHparams
 from editing.records import DeltaRecord
 from editing.rect import rect
 
-State = dict[str, Any]
+
+@dataclass(frozen=True, eq=False)
+class D4SState:
+    """D4S's state: the exact sums of every active record, per layer, and the active records by
+    group (``editing.exact_sums.group_of``), each group in install order."""
+
+    sums: dict[int, ExactSums]
+    groups: dict[int, tuple[DeltaRecord, ...]]
+    count: int  # records in the groups
+    rows: int  # their key rows (facts)
+
+    @classmethod
+    def of(cls, sums: dict[int, ExactSums], groups: dict[int, tuple[DeltaRecord, ...]]) -> D4SState:
+        """A state of these sums and groups, with the counts of records and rows they hold."""
+        members = [record for group in groups.values() for record in group]
+        return cls(sums, groups, len(members), sum(len(record.residual) for record in members))
 
 
-class EditMethod(ABC):
-    """Computes the live weights' update from delta records."""
+@dataclass(frozen=True, eq=False)
+class MemitSeqState:
+    """MEMIT-seq's state: the sum of the records' own updates, per layer (``out x in`` float64)."""
+
+    dw: dict[int, torch.Tensor]
+
+
+@dataclass(frozen=True, eq=False)
+class AlphaEditState:
+    """AlphaEdit's state: the sum of the records' projected updates (``out x in``) and the keys'
+    Gram matrix K^T K of the records so far (``in x in``), per layer, float64."""
+
+    dw: dict[int, torch.Tensor]
+    kk: dict[int, torch.Tensor]
+
+
+#: Any method's state. States are compared by identity (``eq=False``): a state that a change left
+#: alone is the same object.
+MethodState = D4SState | MemitSeqState | AlphaEditState
+
+S = TypeVar("S", D4SState, MemitSeqState, AlphaEditState)
+
+
+class EditMethod(ABC, Generic[S]):
+    """Computes the live weights' update from delta records; ``S`` is its state."""
 
     name: ClassVar[str]
     against_original: ClassVar[bool]
@@ -42,37 +81,37 @@ class EditMethod(ABC):
         self.w0 = w0
 
     @abstractmethod
-    def empty(self) -> State: ...
+    def empty(self) -> S: ...
 
     @abstractmethod
-    def fold(self, state: State, record: DeltaRecord) -> State: ...
+    def fold(self, state: S, record: DeltaRecord) -> S: ...
 
     @abstractmethod
-    def update(self, state: State) -> dict[int, torch.Tensor]:
+    def update(self, state: S) -> dict[int, torch.Tensor]:
         """dW per layer (``out x in``, float32); an empty dict when there is nothing to apply."""
 
-    def rebuild(self, records: list[DeltaRecord]) -> State:
+    def rebuild(self, records: list[DeltaRecord]) -> S:
         state = self.empty()
         for record in records:
             state = self.fold(state, record)
         return state
 
-    def without(self, state: State, records: list[DeltaRecord], index: int) -> State:
+    def without(self, state: S, records: list[DeltaRecord], index: int) -> S:
         """The state of ``records`` less ``records[index]``; ``state`` is that of ``records``."""
         return self.reconcile(state, [*records[:index], *records[index + 1 :]])
 
-    def reconcile(self, state: State, records: list[DeltaRecord]) -> State:
+    def reconcile(self, state: S, records: list[DeltaRecord]) -> S:
         """The state of ``records``, given ``state`` of records much like them: a supersede or
         a revert shortens or drops a few and keeps the rest (as the same objects, in order).
         Equal to ``rebuild(records)``; this default is one."""
         return self.rebuild(records)
 
-    def room_used(self, state: State) -> float | None:
+    def room_used(self, state: S) -> float | None:
         """How much of the state's numeric range is used, 0 to 1 (None: it has no limit)."""
         return None
 
-    def state_bytes(self, state: State) -> int:
-        return sum(t.numel() * t.element_size() for t in _tensors(state))
+    def state_bytes(self, state: S) -> int:
+        return sum(t.numel() * t.element_size() for t in _tensors(vars(state)))
 
     def _shares(self, record: DeltaRecord) -> list[tuple[int, torch.Tensor, torch.Tensor]]:
         """(layer, keys n x in, residual share n x out) for each edited layer, in float64."""
@@ -96,7 +135,7 @@ class EditMethod(ABC):
         }
 
 
-class D4S(EditMethod):
+class D4S(EditMethod[D4SState]):
     name = "d4s"
     against_original = True
 
@@ -109,54 +148,52 @@ class D4S(EditMethod):
         # the first edit): five 1536 x 1536 float64 factors are 94 MB a server may never need.
         self._priors: dict[int, torch.Tensor | None] = {}
 
-    def empty(self) -> State:
-        # sums: the exact sums of every active record, per layer; groups: the active records by
-        # group (``editing.exact_sums``), each group in install order; count and rows: their size.
-        return _d4s_state({}, {})
+    def empty(self) -> D4SState:
+        return D4SState.of({}, {})
 
-    def fold(self, state: State, record: DeltaRecord) -> State:
+    def fold(self, state: D4SState, record: DeltaRecord) -> D4SState:
         group = group_of(record.id)
-        return self._regrouped(state, group, (*state["groups"].get(group, ()), record))
+        return self._regrouped(state, group, (*state.groups.get(group, ()), record))
 
-    def reconcile(self, state: State, records: list[DeltaRecord]) -> State:
+    def reconcile(self, state: D4SState, records: list[DeltaRecord]) -> D4SState:
         # Only the groups whose members changed are made again (a revert: the record's own
         # group; a supersede: the groups of the records it shortens or drops). The sums are
         # exact, so the result is rebuild(records)'s, bit for bit.
         wanted = _grouped(records)
-        for group in sorted(set(wanted) | set(state["groups"])):
+        for group in sorted(set(wanted) | set(state.groups)):
             members = wanted.get(group, ())
-            if not _same_members(members, state["groups"].get(group, ())):
+            if not _same_members(members, state.groups.get(group, ())):
                 state = self._regrouped(state, group, members)
         return state
 
-    def rebuild(self, records: list[DeltaRecord]) -> State:
+    def rebuild(self, records: list[DeltaRecord]) -> D4SState:
         groups = _grouped(records)
         sums: dict[int, ExactSums] = {}
         for members in groups.values():
             sums = _regrouped_sums(sums, {}, self._products(members))
-        return _d4s_state(sums, groups)
+        return D4SState.of(sums, groups)
 
-    def room_used(self, state: State) -> float | None:
+    def room_used(self, state: D4SState) -> float | None:
         # The largest count of any layer's sums against the largest the sums hold exactly.
-        return max((s.room_used() for s in state["sums"].values()), default=0.0)
+        return max((s.room_used() for s in state.sums.values()), default=0.0)
 
-    def _regrouped(self, state: State, group: int, members: tuple[DeltaRecord, ...]) -> State:
+    def _regrouped(self, state: D4SState, group: int, members: tuple[DeltaRecord, ...]) -> D4SState:
         """``state`` with ``group`` holding ``members``: the group's old product out, the new in."""
-        old = state["groups"].get(group, ())
-        sums = _regrouped_sums(state["sums"], self._products(old), self._products(members))
-        groups = {g: m for g, m in state["groups"].items() if g != group}
+        old = state.groups.get(group, ())
+        sums = _regrouped_sums(state.sums, self._products(old), self._products(members))
+        groups = {g: m for g, m in state.groups.items() if g != group}
         if members:
             groups[group] = members
-        return _d4s_state(sums, groups)
+        return D4SState.of(sums, groups)
 
-    def state_bytes(self, state: State) -> int:
+    def state_bytes(self, state: D4SState) -> int:
         # The records in the groups are the editor's own (and the log's), not extra state.
-        return sum(t.numel() * t.element_size() for t in _tensors(state["sums"]))
+        return sum(t.numel() * t.element_size() for t in _tensors(state.sums))
 
-    def update(self, state: State) -> dict[int, torch.Tensor]:
-        if state["count"] == 0:
+    def update(self, state: D4SState) -> dict[int, torch.Tensor]:
+        if state.count == 0:
             return {}
-        if state["rows"] <= LOW_RANK_ROWS:
+        if state.rows <= LOW_RANK_ROWS:
             solved = self._solve_low_rank(state)
         else:
             solved = {
@@ -166,17 +203,17 @@ class D4S(EditMethod):
                     self.hp.mom2_lambda,
                     getattr(torch, self.hp.solve_dtype),
                 )
-                for layer, sums in state["sums"].items()
+                for layer, sums in state.sums.items()
             }
         return {
             layer: rect(dw.float(), self.w0[layer], self.hp.rect_keep)
             for layer, dw in solved.items()
         }
 
-    def _solve_low_rank(self, state: State) -> dict[int, torch.Tensor]:
+    def _solve_low_rank(self, state: D4SState) -> dict[int, torch.Tensor]:
         """dW per layer from the active records' rows themselves (few of them): the low-rank
         solve, with the groups' rows in group order."""
-        records = tuple(r for g in sorted(state["groups"]) for r in state["groups"][g])
+        records = tuple(r for g in sorted(state.groups) for r in state.groups[g])
         out = {}
         for layer, (keys, residual) in self._stacked(records).items():
             if layer not in self._priors:
@@ -216,17 +253,6 @@ def _same_members(a: tuple[DeltaRecord, ...], b: tuple[DeltaRecord, ...]) -> boo
     return len(a) == len(b) and all(x is y for x, y in zip(a, b, strict=True))
 
 
-def _d4s_state(sums: dict[int, ExactSums], groups: dict[int, tuple[DeltaRecord, ...]]) -> State:
-    """A D4S state, with the counts of records and rows that its groups hold."""
-    members = [record for group in groups.values() for record in group]
-    return {
-        "sums": sums,
-        "groups": groups,
-        "count": len(members),
-        "rows": sum(len(record.residual) for record in members),
-    }
-
-
 def _regrouped_sums(
     sums: dict[int, ExactSums], old: dict[int, ExactSums], new: dict[int, ExactSums]
 ) -> dict[int, ExactSums]:
@@ -242,26 +268,26 @@ def _regrouped_sums(
     return out
 
 
-class MemitSeq(EditMethod):
+class MemitSeq(EditMethod[MemitSeqState]):
     name = "memit-seq"
     against_original = False
 
-    def empty(self) -> State:
-        return {"dw": {}}
+    def empty(self) -> MemitSeqState:
+        return MemitSeqState(dw={})
 
-    def fold(self, state: State, record: DeltaRecord) -> State:
-        dw = dict(state["dw"])
+    def fold(self, state: MemitSeqState, record: DeltaRecord) -> MemitSeqState:
+        dw = dict(state.dw)
         for layer, keys, share in self._shares(record):
             system = self.hp.mom2_lambda * self.c0[layer] + keys.T @ keys
             step = torch.linalg.solve(system, keys.T @ share).T  # out x in
             dw[layer] = dw[layer] + step if layer in dw else step
-        return {"dw": dw}
+        return MemitSeqState(dw=dw)
 
-    def update(self, state: State) -> dict[int, torch.Tensor]:
-        return {layer: d.float() for layer, d in state["dw"].items()}
+    def update(self, state: MemitSeqState) -> dict[int, torch.Tensor]:
+        return {layer: d.float() for layer, d in state.dw.items()}
 
 
-class AlphaEdit(EditMethod):
+class AlphaEdit(EditMethod[AlphaEditState]):
     name = "alphaedit"
     against_original = False
 
@@ -277,11 +303,11 @@ class AlphaEdit(EditMethod):
         small = vectors[:, values < self.hp.nullspace_threshold * values.max()]
         return small @ small.T
 
-    def empty(self) -> State:
-        return {"dw": {}, "kk": {}}
+    def empty(self) -> AlphaEditState:
+        return AlphaEditState(dw={}, kk={})
 
-    def fold(self, state: State, record: DeltaRecord) -> State:
-        dw, kk = dict(state["dw"]), dict(state["kk"])
+    def fold(self, state: AlphaEditState, record: DeltaRecord) -> AlphaEditState:
+        dw, kk = dict(state.dw), dict(state.kk)
         for layer, keys, share in self._shares(record):
             p = self.projector[layer]
             earlier = kk.get(layer, torch.zeros_like(p))
@@ -291,18 +317,18 @@ class AlphaEdit(EditMethod):
             step = torch.linalg.solve(system, p @ keys.T @ share).T  # out x in
             dw[layer] = dw[layer] + step if layer in dw else step
             kk[layer] = earlier + keys.T @ keys
-        return {"dw": dw, "kk": kk}
+        return AlphaEditState(dw=dw, kk=kk)
 
-    def update(self, state: State) -> dict[int, torch.Tensor]:
-        return {layer: d.float() for layer, d in state["dw"].items()}
+    def update(self, state: AlphaEditState) -> dict[int, torch.Tensor]:
+        return {layer: d.float() for layer, d in state.dw.items()}
 
 
-METHODS: dict[str, type[EditMethod]] = {m.name: m for m in (D4S, MemitSeq, AlphaEdit)}
+METHODS: dict[str, type[EditMethod[Any]]] = {m.name: m for m in (D4S, MemitSeq, AlphaEdit)}
 
 
 def make_method(
     name: str, hp: EditHparams, c0: dict[int, torch.Tensor], w0: dict[int, torch.Tensor]
-) -> EditMethod:
+) -> EditMethod[Any]:
     if name not in METHODS:
         raise ValueError(f"unknown method {name!r}; choose one of {', '.join(METHODS)}")
     return METHODS[name](hp, c0, w0)

@@ -10,7 +10,7 @@ from editing.d4s import LOW_RANK_ROWS, residual_share
 from editing.exact_sums import SumsOverflowError, group_of
 from editing.facts import Fact
 from editing.hparams import EditHparams
-from editing.methods import D4S, make_method
+from editing.methods import D4S, D4SState, make_method
 from editing.records import DeltaRecord
 
 D_IN, D_OUT = 24, 7
@@ -60,7 +60,7 @@ def _same_sums(a: dict, b: dict) -> bool:
     )
 
 
-def _same_update(method: D4S, a: dict, b: dict) -> bool:
+def _same_update(method: D4S, a: D4SState, b: D4SState) -> bool:
     x, y = method.update(a), method.update(b)
     return x.keys() == y.keys() and all(torch.equal(x[layer], y[layer]) for layer in x)
 
@@ -73,9 +73,9 @@ def test_folding_one_at_a_time_gives_the_rebuilds_bits() -> None:
         state = method.fold(state, record)
         method.update(state)
     rebuilt = method.rebuild(records)
-    assert state["rows"] == rebuilt["rows"] > LOW_RANK_ROWS
-    assert len(rebuilt["groups"]) > 1
-    assert _same_sums(state["sums"], rebuilt["sums"])
+    assert state.rows == rebuilt.rows > LOW_RANK_ROWS
+    assert len(rebuilt.groups) > 1
+    assert _same_sums(state.sums, rebuilt.sums)
     assert _same_update(method, state, rebuilt)
 
 
@@ -86,9 +86,9 @@ def test_the_exact_sums_are_the_float_sums_to_their_units() -> None:
     for i, layer in enumerate(hp.layers):
         keys = torch.cat([r.keys[layer] for r in records]).double()
         resid = torch.cat([residual_share(r.residual, i, len(hp.layers)) for r in records]).double()
-        sums, units = state["sums"][layer].value(method.units[layer]), method.units[layer]
+        sums, units = state.sums[layer].value(method.units[layer]), method.units[layer]
         # each group's product is rounded to the units once: half a unit per group at most
-        within = len(state["groups"]) / 2
+        within = len(state.groups) / 2
         assert sums.kk.dtype == torch.float64
         assert (sums.kk - keys.T @ keys).abs().max() <= within * units.kk
         assert (sums.rk - resid.T @ keys).abs().max() <= within * units.rk
@@ -137,11 +137,11 @@ def test_without_a_record_gives_the_rebuilds_bits_and_keeps_the_other_groups() -
     for index in (0, 3, MANY // 2, len(records) - 1):
         rest = [*records[:index], *records[index + 1 :]]
         dropped, fresh = method.without(state, records, index), method.rebuild(rest)
-        assert dropped["count"] == len(rest) and dropped["rows"] == fresh["rows"]
-        assert _same_sums(dropped["sums"], fresh["sums"])
+        assert dropped.count == len(rest) and dropped.rows == fresh.rows
+        assert _same_sums(dropped.sums, fresh.sums)
         assert _same_update(method, dropped, fresh)
         own = group_of(records[index].id)
-        assert all(dropped["groups"][g] is m for g, m in state["groups"].items() if g != own)
+        assert all(dropped.groups[g] is m for g, m in state.groups.items() if g != own)
     small = _records(5, hp)  # the low-rank solve's range
     dropped = method.without(method.rebuild(small), small, 2)
     assert _same_update(method, dropped, method.rebuild([*small[:2], *small[3:]]))
@@ -165,10 +165,10 @@ def test_a_supersede_remakes_only_the_groups_it_changes(monkeypatch: pytest.Monk
     monkeypatch.undo()
     fresh = method.rebuild(kept)
     lost = len(records[shortened].facts) - 1 + len(records[dropped].facts)
-    assert reconciled["rows"] == fresh["rows"] == state["rows"] - lost
-    assert _same_sums(reconciled["sums"], fresh["sums"])
+    assert reconciled.rows == fresh.rows == state.rows - lost
+    assert _same_sums(reconciled.sums, fresh.sums)
     assert _same_update(method, reconciled, fresh)
-    assert all(reconciled["groups"][g] is m for g, m in state["groups"].items() if g not in changed)
+    assert all(reconciled.groups[g] is m for g, m in state.groups.items() if g not in changed)
     assert method.reconcile(state, records) is state  # nothing changed: nothing made
 
 
@@ -178,7 +178,7 @@ def test_room_used_grows_with_the_sums_and_is_zero_without_edits() -> None:
     records = _records(MANY, hp)
     few, many = method.rebuild(records[:5]), method.rebuild(records)
     assert 0.0 < method.room_used(few) < method.room_used(many) < 1.0
-    peak = max(float(t.abs().max()) for s in many["sums"].values() for t in (s.kk, s.rk))
+    peak = max(float(t.abs().max()) for s in many.sums.values() for t in (s.kk, s.rk))
     assert method.room_used(many) == peak / 2.0**52
     emptied = method.reconcile(many, [])
     assert method.room_used(emptied) == 0.0
@@ -194,7 +194,7 @@ def test_installs_and_reverts_in_any_interleaving_reach_the_same_bits() -> None:
         state, active = method.fold(state, record), [*active, record]
         if i % 3 == 2:  # drop the oldest now and then
             state, active = method.without(state, active, 0), active[1:]
-    assert _same_sums(state["sums"], method.rebuild(active)["sums"])
+    assert _same_sums(state.sums, method.rebuild(active).sums)
     assert _same_update(method, state, method.rebuild(active))
     while active:
         state, active = (
@@ -204,8 +204,8 @@ def test_installs_and_reverts_in_any_interleaving_reach_the_same_bits() -> None:
                 *active[len(active) // 2 + 1 :],
             ],
         )
-    assert state["count"] == state["rows"] == 0 and method.update(state) == {}
-    assert all(not s.kk.any() and not s.rk.any() for s in state["sums"].values())
+    assert state.count == state.rows == 0 and method.update(state) == {}
+    assert all(not s.kk.any() and not s.rk.any() for s in state.sums.values())
 
 
 def test_an_edit_that_would_overflow_the_sums_is_refused_and_changes_nothing() -> None:
@@ -217,12 +217,12 @@ def test_an_edit_that_would_overflow_the_sums_is_refused_and_changes_nothing() -
         keys={layer: torch.full((1, D_IN), 1e30) for layer in hp.layers},
         residual=torch.ones(1, D_OUT),
     )
-    before = {layer: (s.kk.clone(), s.rk.clone()) for layer, s in state["sums"].items()}
+    before = {layer: (s.kk.clone(), s.rk.clone()) for layer, s in state.sums.items()}
     with pytest.raises(SumsOverflowError):
         method.fold(state, huge)
     assert all(
         torch.equal(s.kk, before[layer][0]) and torch.equal(s.rk, before[layer][1])
-        for layer, s in state["sums"].items()
+        for layer, s in state.sums.items()
     )
 
 
@@ -230,12 +230,12 @@ def test_fold_leaves_the_earlier_state_as_it_was() -> None:
     method, hp = _setup()
     records = _records(MANY, hp)
     state = method.rebuild(records[:-1])
-    sums = {layer: (s.kk.clone(), s.rk.clone()) for layer, s in state["sums"].items()}
+    sums = {layer: (s.kk.clone(), s.rk.clone()) for layer, s in state.sums.items()}
     before = method.update(state)
     grown = method.fold(state, records[-1])
     assert all(
         torch.equal(s.kk, sums[layer][0]) and torch.equal(s.rk, sums[layer][1])
-        for layer, s in state["sums"].items()
+        for layer, s in state.sums.items()
     )
     after = method.update(state)
     assert all(torch.equal(before[layer], after[layer]) for layer in hp.layers)
@@ -262,3 +262,21 @@ def test_a_float32_solve_is_the_float64_update_to_float32_rounding() -> None:
         assert 0 < difference < 1e-5
     with pytest.raises(ValueError, match="solve_dtype"):
         hp.with_(solve_dtype="float16")
+
+
+@pytest.mark.parametrize("name", ["memit-seq", "alphaedit"])
+def test_a_baselines_fold_leaves_its_state_and_counts_its_tensors(name: str) -> None:
+    """The sequential baselines' states: a fold makes a new state and leaves the old one's
+    tensors as they were, and ``state_bytes`` counts every float64 tensor a state holds."""
+    d4s, hp = _setup()
+    method = make_method(name, hp, d4s.c0, d4s.w0)
+    records = _records(3, hp)
+    state = method.rebuild(records[:2])
+    before = [t.clone() for field in vars(state).values() for t in field.values()]
+    grown = method.fold(state, records[2])
+    kept = [t for field in vars(state).values() for t in field.values()]
+    assert all(torch.equal(a, b) for a, b in zip(before, kept, strict=True))
+    new = [t for field in vars(grown).values() for t in field.values()]
+    assert not all(torch.equal(a, b) for a, b in zip(before, new, strict=True))
+    per_layer = D_OUT * D_IN + (D_IN * D_IN if name == "alphaedit" else 0)  # dW, and K^T K
+    assert method.state_bytes(grown) == len(hp.layers) * per_layer * 8
