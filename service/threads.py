@@ -3,13 +3,12 @@
 libgomp keeps a pool of OpenMP threads for every thread that has run a parallel torch op, for
 as long as that thread lives, and once a process holds more OpenMP threads than CPUs, every pool
 spins 100 times between parallel regions instead of 300,000 before it sleeps (libgomp manual,
-``GOMP_SPINCOUNT``), so each region pays a wake-up. On 2 cores a model worker that had loaded
-the model or applied an edit on its own long-lived thread made batch-8 decoding on the
-generation thread about 25% slower for good. A thread that ends takes its pool with it: heavy
-work off the generation thread goes through :func:`on_own_thread`, and decoding is slowed only
-while that work actually runs. The same holds the other way: each generation batch decodes on a
-thread of its own, so an idle generator holds no pool, and an edit beside it runs at full speed
-(z* 3.6 s a fact against 6.1 s beside an idle pool, on a 2-core Xeon).
+``GOMP_SPINCOUNT``), so each region pays a wake-up. A model worker that had loaded the model or
+applied an edit on its own long-lived thread would slow decoding on the generation thread for
+as long as the process lives. A thread that ends takes its pool with it: heavy work off the
+generation thread goes through :func:`on_own_thread`, and decoding is slowed only while that
+work actually runs. The same holds the other way: each generation batch decodes on a thread of
+its own, so an idle generator holds no pool to slow an edit beside it.
 """
 
 from __future__ import annotations
