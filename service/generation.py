@@ -12,6 +12,9 @@ of it. Columns that only padding still uses are dropped as rows leave.
 A batch holds the weights lock from its first prefill to its last token: every request is
 generated entirely at one model version. A swap that is waiting (``swap_waiting``) closes the
 batch to new requests, so it waits for at most the requests already in it.
+
+Each row's next token is chosen in :mod:`service.sampling`, its text decoded in
+:mod:`service.detokenize`; the batch's KV cache is kept in :mod:`service.kv_batch`.
 """
 
 from __future__ import annotations
@@ -27,6 +30,7 @@ from dataclasses import dataclass, field
 import torch
 
 from editing.models import LoadedModel
+from service.detokenize import Detokenizer
 from service.kv_batch import KVBatch
 from service.sampling import RowSampler, SamplingParams, choose
 from service.threads import on_own_thread
@@ -45,6 +49,7 @@ class Token:
     logprob: float
     special: bool
     model_version: int
+    last: bool = False  # no token follows: the request's Finished comes next, at once
 
 
 @dataclass
@@ -75,8 +80,7 @@ class Job:
 class _Row:
     job: Job
     sampler: RowSampler
-    ids: list[int] = field(default_factory=list)
-    emitted: int = 0  # characters of the text already sent
+    output: Detokenizer
 
 
 class Batcher:
@@ -191,7 +195,11 @@ class Batcher:
                 logits = torch.cat([logits, first]) if rows else first
                 vocab, device = first.shape[-1], self.lm.device
                 rows += [
-                    _Row(job, RowSampler.start(job.params, job.prompt_ids, vocab, device))
+                    _Row(
+                        job,
+                        RowSampler.start(job.params, job.prompt_ids, vocab, device),
+                        Detokenizer(self.lm.tokenizer, job.params.stop),
+                    )
                     for job in jobs
                 ]
                 if self._on_batch is not None:
@@ -219,60 +227,37 @@ class Batcher:
 
     def _advance(self, row: _Row, token: int, logprob: float, version: int) -> bool:
         """Add ``token`` to ``row`` and send what it adds; False once the row is done."""
-        job, tok = row.job, self.lm.tokenizer
+        job, output = row.job, row.output
         if job.cancelled.is_set():
             return False
         special = token in self._eos
-        if not special:
-            row.ids.append(token)
-            row.sampler.add(token)
-        text = str(tok.decode(row.ids, skip_special_tokens=True))
-        cut = _stop_at(text, job.params.stop)
-        reason = None
         if special:
+            output.flush()
+        else:
+            row.sampler.add(token)
+            output.add(token, flush=len(output.ids) + 1 >= job.params.max_new_tokens)
+        reason = None
+        if output.stopped:
+            reason = "stop_sequence"
+        elif special:
             reason = "eos_token"
-        elif cut is not None:
-            reason, text = "stop_sequence", text[:cut]
-        elif len(row.ids) >= job.params.max_new_tokens:
+        elif len(output.ids) >= job.params.max_new_tokens:
             reason = "length"
         if reason is None:
-            # Hold back an unfinished character and any tail that may begin a stop sequence.
-            safe = len(text) - _held_back(text, job.params.stop)
-            job.sink(Token(token, text[row.emitted : safe], logprob, special, version))
-            row.emitted = max(row.emitted, safe)
+            job.sink(Token(token, output.sendable(), logprob, special, version))
             return True
-        job.sink(Token(token, text[row.emitted :], logprob, special, version))
+        job.sink(Token(token, output.rest(), logprob, special, version, last=True))
         job.sink(
             Finished(
-                text=text,
+                text=output.text,
                 finish_reason=reason,
-                generated_tokens=len(row.ids) + int(special),
+                generated_tokens=len(output.ids) + int(special),
                 prompt_tokens=len(job.prompt_ids),
                 seed=job.params.seed,
                 model_version=version,
             )
         )
         return False
-
-
-def _stop_at(text: str, stops: tuple[str, ...]) -> int | None:
-    """Where the first stop sequence in ``text`` begins, if any."""
-    hits = [text.find(s) for s in stops if s and s in text]
-    return min(hits) if hits else None
-
-
-def _held_back(text: str, stops: tuple[str, ...]) -> int:
-    """How many trailing characters of ``text`` to hold: an unfinished character, or the
-    longest tail that a stop sequence begins with."""
-    if text.endswith("\ufffd"):
-        return 1
-    longest = 0
-    for stop in stops:
-        for n in range(min(len(stop) - 1, len(text)), longest, -1):
-            if text.endswith(stop[:n]):
-                longest = n
-                break
-    return longest
 
 
 def _eos_ids(lm: LoadedModel) -> set[int]:

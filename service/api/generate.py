@@ -102,13 +102,13 @@ async def generate_stream(
 
     async def sse() -> AsyncIterator[str]:
         index = 0
-        last: Token | None = None
+        last: Token | None = None  # the final token waits for its Finished, which follows it
         try:
             async for event in events:
-                if isinstance(event, Token):
-                    if last is not None:
-                        yield _event(index, last, None)
-                        index += 1
+                if isinstance(event, Token) and not event.last:
+                    yield _event(index, event, None)
+                    index += 1
+                elif isinstance(event, Token):
                     last = event
                 elif isinstance(event, Finished) and last is not None:
                     yield _event(index, last, event)

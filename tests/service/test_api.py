@@ -6,10 +6,13 @@ import json
 import threading
 from collections.abc import Iterator
 
+import httpx
 import pytest
+import torch
 from svc_helpers import Live, live_server, server_settings, wait_status
 
 from editing.models import LoadedModel
+from service.kv_batch import KVBatch
 
 EIFFEL = {
     "subject": "Eiffel Tower",
@@ -194,6 +197,38 @@ def test_generate_stream_speaks_tgi_sse(live: Live) -> None:
     assert last["details"]["finish_reason"] in ("length", "eos_token")
     assert last["generated_text"] == greedy(live, body["inputs"])["generated_text"]
     assert "".join(e["token"]["text"] for e in events) == last["generated_text"]
+
+
+def test_generate_stream_sends_a_token_before_the_next_is_computed(
+    live: Live, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The decoding step after the first token waits until the client has read the first
+    event: a stream that held each token until the next one came would time out here."""
+    gate = threading.Event()
+    step = KVBatch.step
+
+    def gated(self: KVBatch, lm: LoadedModel, tokens: torch.Tensor) -> torch.Tensor:
+        gate.wait(30)
+        return step(self, lm, tokens)
+
+    monkeypatch.setattr(KVBatch, "step", gated)
+    body = {"inputs": "The capital of Italy is", "parameters": {"max_new_tokens": 3}}
+    try:
+        with live.client.stream(
+            "POST", "/generate_stream", json=body, timeout=httpx.Timeout(60, read=10)
+        ) as r:
+            lines = (json.loads(line[5:]) for line in r.iter_lines() if line.startswith("data:"))
+            first = next(lines)
+            assert not gate.is_set()
+            gate.set()
+            events = [first, *lines]
+    finally:
+        gate.set()
+    assert first["index"] == 1 and first["token"]["text"] and first["generated_text"] is None
+    assert [e["index"] for e in events] == [1, 2, 3]
+    last = events[-1]
+    assert last["generated_text"] == "".join(e["token"]["text"] for e in events)
+    assert last["generated_text"] == greedy(live, body["inputs"], 3)["generated_text"]
 
 
 def test_concurrent_requests_are_batched_and_match_single_streams(live: Live) -> None:

@@ -157,3 +157,25 @@ def test_openai_penalties_count_the_output_and_not_the_prompt(
         penalized = ids(**penalty)
         assert len(set(penalized)) == len(penalized), penalty
         assert penalized[0] == plain[0], penalty
+
+
+def test_each_token_costs_a_bounded_decode(
+    lm: LoadedModel, batcher: Batcher, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The batcher decodes a short window of ids per token, not the whole output again; and
+    the text is still the whole output's decode."""
+    lengths: list[int] = []
+    decode = lm.tokenizer.decode
+
+    def counted(ids: list[int], *args: Any, **kwargs: Any) -> str:
+        lengths.append(len(ids))
+        return str(decode(ids, *args, **kwargs))
+
+    monkeypatch.setattr(lm.tokenizer, "decode", counted)
+    request = Request(lm, PROMPTS[0], 48)
+    batcher.submit(request.job)
+    text = request.text()
+    monkeypatch.undo()
+    assert len(request.ids) == 48  # no end of text comes this early on this prompt
+    assert len(lengths) <= 2 * 48 and max(lengths) <= 8
+    assert text == lm.tokenizer.decode(request.ids, skip_special_tokens=True)
