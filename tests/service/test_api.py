@@ -9,9 +9,10 @@ from collections.abc import Iterator
 import httpx
 import pytest
 import torch
-from svc_helpers import Live, live_server, server_settings, wait_status
+from svc_helpers import Live, live_server, server_settings, wait_for, wait_status
 
 from editing.models import LoadedModel
+from service.generation import Batcher
 from service.kv_batch import KVBatch
 
 EIFFEL = {
@@ -256,29 +257,54 @@ def test_concurrent_requests_are_batched_and_match_single_streams(live: Live) ->
     assert live.runtime.worker.batcher.batches - batches_before < len(prompts)
 
 
-def test_a_request_sees_one_model_version(live: Live) -> None:
-    """A swap waits for the batch in flight: the long request started before the edit reports
-    the old version and the old answer, the one after reports the new."""
-    worker = live.runtime.worker
-    long_request: dict = {}
-
-    def run() -> None:
-        long_request.update(greedy(live, EIFFEL["prompt"], 48))
-
+def test_a_request_sees_one_model_version(live: Live, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A swap waits for the batch in flight. The request pauses between its first two tokens
+    until an edit is computed and waiting for the weights (or, were the weights not held for
+    the whole batch, applied); its tokens and log-probabilities must still be those the old
+    model gives alone, to the bit, and the edit must come after it."""
+    batcher = live.runtime.worker.batcher
+    n = 12
     version = live.client.get("/info").json()["model_version"]
-    edit = live.client.post("/edits", json=EIFFEL).json()
-    thread = threading.Thread(target=run)
+    body = {"inputs": EIFFEL["prompt"], "parameters": {"max_new_tokens": n, "details": True}}
+    alone = live.client.post("/generate", json=body).json()
+
+    paused, go = threading.Event(), threading.Event()
+    late_arrivals = Batcher._late_arrivals
+
+    def pause_once(self: Batcher, room: int) -> list:
+        if not paused.is_set():
+            paused.set()
+            go.wait(180)
+        return late_arrivals(self, room)
+
+    monkeypatch.setattr(Batcher, "_late_arrivals", pause_once)
+    during: dict = {}
+    thread = threading.Thread(
+        target=lambda: during.update(live.client.post("/generate", json=body).json())
+    )
     thread.start()
-    wait_status(live.client, edit["id"], {"applied"})
-    thread.join()
-    applied = live.client.get(f"/edits/{edit['id']}").json()
-    if long_request["model_version"] == version:
-        assert long_request["generated_text"].startswith(" Paris")
-    else:
-        assert long_request["model_version"] == applied["model_version"]
-        assert long_request["generated_text"].startswith(" Rome")
-    with worker.weights_lock:
-        pass
+    try:
+        assert paused.wait(60)
+        edit = live.client.post("/edits", json=EIFFEL).json()
+        wait_for(
+            lambda: (
+                batcher._swap_waiting()
+                or live.client.get(f"/edits/{edit['id']}").json()["status"] == "applied"
+            ),
+            180,
+            "the edit to wait for the weights",
+        )
+        swap_waited = batcher._swap_waiting()
+    finally:
+        go.set()
+        thread.join(120)
+    applied = wait_status(live.client, edit["id"], {"applied"})
+    assert during["details"]["tokens"] == alone["details"]["tokens"]
+    assert during["generated_text"] == alone["generated_text"]
+    assert during["model_version"] == version < applied["model_version"]
+    assert swap_waited
+    # The edit changes this answer, so a request that took its weights halfway would show.
+    assert greedy(live, EIFFEL["prompt"], n)["generated_text"] != alone["generated_text"]
     live.client.post(f"/edits/{edit['id']}/revert")
     wait_status(live.client, edit["id"], {"reverted"})
 
