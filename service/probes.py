@@ -13,8 +13,12 @@ The pass scores *given* weights for the edited matrices (through a trace, see
 Editing changes only the edited blocks and those above them, so the pass starts from the hidden
 state that enters the first edited block, recorded once with the rest: the blocks below it never
 run again. On a CPU the pass runs on a bfloat16 copy of the model where that measures faster than
-float32 (about three times, on a CPU with AVX512-BF16 units that pay); the baseline is recorded
-on the same copy, so an unedited model scores exactly agreement 1 and KL 0.
+float32 (see :func:`bfloat16_faster`); the baseline is recorded on the same copy, so an unedited
+model scores exactly agreement 1 and KL 0.
+
+The model's inputs live on the model's device; the pass brings the last positions' logits to the
+CPU, and the original log-probabilities they are compared with live there too, whether computed
+at start-up or read from the cache (:meth:`_Batch.placed`).
 """
 
 from __future__ import annotations
@@ -25,7 +29,7 @@ import json
 import logging
 import math
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import torch
@@ -107,6 +111,19 @@ class _Batch:
     text_nll: float  # the original summed NLL of the text rows
     text_tokens: int
 
+    def placed(self, device: torch.device) -> _Batch:
+        """This batch with the model's inputs on ``device`` and the original log-probabilities
+        on the CPU, where :meth:`Prober._run` returns the logits to compare with them."""
+        return replace(
+            self,
+            ids=self.ids.to(device),
+            mask=self.mask.to(device),
+            last=self.last.to(device),
+            text_rows=self.text_rows.to(device),
+            start=None if self.start is None else self.start.to(device),
+            logp=self.logp.cpu(),
+        )
+
 
 class Prober:
     """Scores weights of the edited matrices against the original model on a probe set.
@@ -150,6 +167,11 @@ class Prober:
         blob = json.dumps([[p.kind, p.prompt] for p in self.probes]).encode()
         return hashlib.sha256(blob).hexdigest()[:16]
 
+    def probe_set(self) -> str:
+        """Which probes, scored in which dtype: a replica takes another's probe report for the
+        same weights only when both name the same probe set."""
+        return f"{self.fingerprint()}-{self.dtype}"
+
     @torch.no_grad()
     def measure(self, weights: dict[int, torch.Tensor]) -> ProbeReport:
         """Score the model with ``weights`` (layer -> ``out x in``) in its edited matrices."""
@@ -190,7 +212,7 @@ class Prober:
             out = base(input_ids=batch.ids, use_cache=False)
         hidden = out.last_hidden_state
         rows = torch.arange(len(batch.ids), device=hidden.device)
-        last_logits = head(hidden[rows, batch.last]).float().cpu()
+        last_logits = head(hidden[rows, batch.last]).float().cpu()  # compared on the CPU
         if not len(batch.text_rows):
             return last_logits, 0.0, 0
         mask = batch.mask[batch.text_rows, 1:].bool()
@@ -212,7 +234,8 @@ class Prober:
             path = cache_dir / "probes" / model_fingerprint(self.lm) / name
             if path.exists():
                 try:
-                    return [_Batch(**b) for b in torch.load(path, map_location=self.lm.device)]
+                    saved = torch.load(path, map_location="cpu")
+                    return [_Batch(**b).placed(self.lm.device) for b in saved]
                 except Exception as exc:  # a damaged cache is recomputed, not fatal
                     log.warning("ignoring the probe cache %s: %s", path, exc)
         started = time.perf_counter()
@@ -243,15 +266,14 @@ class Prober:
         if path is not None:
             path.parent.mkdir(parents=True, exist_ok=True)
             tmp = path.with_suffix(".tmp")
-            torch.save([b.__dict__ for b in batches], tmp)
+            torch.save([b.placed(torch.device("cpu")).__dict__ for b in batches], tmp)
             tmp.replace(path)
         return batches
 
 
 def default_dtype(lm: LoadedModel) -> torch.dtype | None:
-    """bfloat16 for a float32 model on a CPU that multiplies bfloat16 faster (a copy, about 3x
-    faster on a 2-core EPYC with AVX512-BF16); else the model's own dtype. On a GPU the pass is
-    cheap already."""
+    """bfloat16 (a copy of the model) for a float32 model on a CPU that multiplies bfloat16
+    faster; else the model's own dtype. On a GPU the pass is cheap already."""
     if lm.device.type == "cpu" and lm.dtype == torch.float32 and bfloat16_faster():
         return torch.bfloat16
     return None
@@ -270,12 +292,11 @@ def native_bfloat16() -> bool:
 @functools.cache
 def bfloat16_faster() -> bool:
     """Whether this CPU runs the model's matrix products faster in bfloat16 than in float32,
-    measured once (about 0.1 s).
+    measured once on a product of the default model's MLP shape.
 
-    The instruction flags are not enough. Without bfloat16 units it is emulated (the default
-    probe pass took 13.3 s against 4.7 s on a 2-core Xeon without AVX512-BF16), and even with
-    them it can lose: on a 2-core Xeon that reports AVX512-BF16, a 256 x 576 by 576 x 1536
-    product took 1.55x as long in bfloat16, and the probe pass 4.0 s against 2.5 s.
+    The instruction flags are not enough: without bfloat16 units the arithmetic is emulated,
+    far slower than float32, and even a CPU that reports AVX512-BF16 can multiply bfloat16
+    slower than float32. Only a measurement tells.
     """
     if not native_bfloat16():
         return False

@@ -91,6 +91,26 @@ def test_probes_score_given_weights_and_leave_the_model_alone(
     assert _scores(again.measure(change.weights)) == _scores(planned)
 
 
+def test_a_cached_baseline_lands_where_a_fresh_one_does(
+    lm: LoadedModel, editor: Editor, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A server's second start reads the probe baseline from the cache. Its model inputs must go
+    to the model's device, and the original log-probabilities to the CPU, where the pass brings
+    the live logits to compare them: on a GPU, a cache read onto the model's device failed every
+    probe pass. This machine has no second device to run a pass on; the model reports ``meta``
+    as its device while the cache is read, which shows where each tensor lands."""
+    fresh = Prober(lm, SMALL, editor.w0, cache_dir=tmp_path)
+    assert {b.logp.device.type for b in fresh._batches} == {"cpu"}
+    monkeypatch.setattr(LoadedModel, "device", property(lambda self: torch.device("meta")))
+    cached = Prober(lm, SMALL, editor.w0, cache_dir=tmp_path)
+    assert len(cached._batches) == len(fresh._batches)
+    for batch in cached._batches:
+        inputs = [batch.ids, batch.mask, batch.last, batch.text_rows]
+        assert {t.device.type for t in inputs} == {"meta"}
+        assert batch.start is not None and batch.start.device.type == "meta"
+        assert batch.logp.device.type == "cpu"
+
+
 def test_probes_on_the_model_itself_agree_with_an_unedited_model(
     lm: LoadedModel, editor: Editor
 ) -> None:
