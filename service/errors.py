@@ -1,7 +1,9 @@
 """RFC 9457 problem details: every error the server answers is ``application/problem+json``.
 
 Routers raise :class:`Problem`; the handlers registered by :func:`install` turn it, FastAPI's
-validation errors, Starlette's HTTP errors and anything unexpected into problem documents.
+validation errors, Starlette's HTTP errors and anything unexpected into problem documents. An edit
+that fails or is rejected carries its problem document in the log (``GET /edits/{id}``'s
+``error``): :func:`invalid_fact`, :func:`edit_failed` and :func:`guardrail_rejection` build them.
 """
 
 from __future__ import annotations
@@ -16,6 +18,9 @@ from fastapi.responses import JSONResponse
 from pydantic import BaseModel, ConfigDict
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.routing import Match
+
+from editing.facts import InvalidFactError
+from service.guardrails import Breach
 
 log = logging.getLogger(__name__)
 
@@ -118,6 +123,34 @@ def json_problem(status: int, detail: str, instance: str) -> bytes:
         "instance": instance,
     }
     return json.dumps(doc).encode()
+
+
+def invalid_fact(exc: InvalidFactError) -> dict[str, Any]:
+    """The problem of an edit rejected because one of its facts cannot be edited."""
+    doc = _problem(422, "invalid-fact", "The fact cannot be edited", _said(exc))
+    doc["field"] = exc.field
+    return doc
+
+
+def edit_failed(exc: BaseException) -> dict[str, Any]:
+    """The problem of an edit that could not be made (the server's fault, not the fact's)."""
+    return _problem(500, "edit-failed", "The edit could not be made", _said(exc))
+
+
+def guardrail_rejection(breaches: list[Breach]) -> dict[str, Any]:
+    """The problem of an edit that breached a guardrail and was rolled back."""
+    detail = "; ".join(b.describe() for b in breaches)
+    doc = _problem(422, "guardrail", "The edit was rolled back by a guardrail", detail)
+    doc["breaches"] = [b.as_dict() for b in breaches]
+    return doc
+
+
+def _problem(status: int, kind: str, title: str, detail: str) -> dict[str, Any]:
+    return {"type": PROBLEM_BASE + kind, "title": title, "status": status, "detail": detail}
+
+
+def _said(exc: BaseException) -> str:
+    return str(exc) or type(exc).__name__
 
 
 def problem_responses(*statuses: int) -> dict[int | str, dict[str, Any]]:

@@ -16,6 +16,8 @@ import torch.nn.functional as F
 from editing.facts import Fact, continuation
 from editing.metrics import score_answers
 from editing.models import LoadedModel, right_padded
+from service.guardrails import Breach
+from service.probes import ProbeReport
 
 
 @dataclass
@@ -93,6 +95,36 @@ def compare(facts: list[Fact], before: Snapshot, after: Snapshot) -> dict[str, A
             }
         )
     return {"facts": out}
+
+
+def edit_scores(
+    facts: list[Fact],
+    before: Snapshot,
+    after: Snapshot,
+    probes: ProbeReport | None,
+    probe_set: str | None,
+    breaches: list[Breach],
+    batch: int | None,
+) -> dict[str, Any]:
+    """An edit's scores as stored in the log: :func:`compare`'s, the probe pass of the weights it
+    left (``probe_set``: which probes, see ``Prober.probe_set``), the guardrails it breached
+    and kept (action ``flag``), and the size of the ``batch`` it was made in."""
+    scores = compare(facts, before, after)
+    if probes is not None:
+        scores["probes"] = {**probes.as_dict(), "probe_set": probe_set}
+    if breaches:
+        scores["guardrail"] = {"action": "flag", "breaches": [b.as_dict() for b in breaches]}
+    if batch is not None:
+        scores["batch"] = batch
+    return scores
+
+
+def target_probability(scores: dict[str, Any]) -> tuple[float, float]:
+    """Mean P(target_new) on each fact's own prompt, before and after."""
+    prompts = [fact["prompts"][0] for fact in scores["facts"]]
+    before = sum(p["p_target_before"] for p in prompts) / len(prompts)
+    after = sum(p["p_target_after"] for p in prompts) / len(prompts)
+    return before, after
 
 
 def _next_token_logp(lm: LoadedModel, prompts: list[str]) -> torch.Tensor:
