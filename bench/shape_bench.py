@@ -3,7 +3,7 @@
 The values of the weights do not change how fast a model runs, so a random model of Llama-3-8B's
 shape times what editserve does with Llama-3-8B on the same hardware, without its weights (no
 hub is reachable here). Everything runs in this process on the model's device, through the
-engine (``editing.Editor``, D4S with RECT) and the server's batcher (``service.generation``):
+engine (``editing.editor.Editor``, D4S with RECT) and the server's batcher (``service.generation``):
 
 - covariance: C0 of the edited layers over ``--covariance-tokens`` tokens, tokens/s;
 - edits: one edit, warm, by phase (keys and z*, solve, swap); z* for 16 facts in one batch;

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import hashlib
 import logging
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
@@ -56,11 +57,14 @@ def covariance(
     cache_dir: Path | None = None,
     weights: dict[int, torch.Tensor] | None = None,
     progress: bool = True,
+    on_progress: Callable[[int, int], None] | None = None,
 ) -> dict[int, torch.Tensor]:
     """C0 for each of ``layers``: ``in x in`` float64 on the model's device.
 
     ``weights`` (layer -> W0, ``out x in``) makes the pass run on the original weights even when
     the model already carries edits. Layers found in the cache are loaded, the rest computed.
+    ``progress`` shows a bar on the terminal; ``on_progress(tokens_done, tokens_total)`` is
+    called after every batch of a computation (a server reports it in its log and ``/ready``).
     """
     folder = cache_folder(lm, cache_dir, source, n_tokens) if cache_dir is not None else None
     result: dict[int, torch.Tensor] = {}
@@ -72,7 +76,7 @@ def covariance(
         else:
             missing.append(layer)
     if missing:
-        computed = _compute(lm, missing, source, n_tokens, weights or {}, progress)
+        computed = _compute(lm, missing, source, n_tokens, weights or {}, progress, on_progress)
         for layer, c0 in computed.items():
             result[layer] = c0
             if folder is not None:
@@ -89,6 +93,7 @@ def _compute(
     n_tokens: int,
     weights: dict[int, torch.Tensor],
     progress: bool,
+    on_progress: Callable[[int, int], None] | None,
 ) -> dict[int, torch.Tensor]:
     adapter = adapter_for(lm.model)
     instrument(lm.model, adapter)
@@ -119,6 +124,8 @@ def _compute(
             sums[layer] += (keys.T @ keys).double()
         seen += take
         bar.update(take)
+        if on_progress is not None:
+            on_progress(seen, n_tokens)
         if seen >= n_tokens:
             break
     bar.close()

@@ -5,11 +5,14 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 from editing.evaluate import find_dataset
 
 DATA = Path(__file__).parent / "data"
 
 
+@pytest.mark.model  # the real model, in the command's own process
 def test_eval_prints_one_json_object() -> None:
     cmd = [
         sys.executable,

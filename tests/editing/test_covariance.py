@@ -10,7 +10,19 @@ from editing.models import LoadedModel
 def test_second_moment_is_symmetric_positive_and_cached(
     lm: LoadedModel, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    first = cov.covariance(lm, [3, 4], n_tokens=1500, cache_dir=tmp_path, progress=False)
+    reports: list[tuple[int, int]] = []
+    first = cov.covariance(
+        lm,
+        [3, 4],
+        n_tokens=1500,
+        cache_dir=tmp_path,
+        progress=False,
+        on_progress=lambda done, total: reports.append((done, total)),
+    )
+    # One report a batch, rising to the whole (a server shows them while it starts).
+    assert len(reports) >= 2 and reports[-1] == (1500, 1500)
+    assert all(total == 1500 for _, total in reports)
+    assert [done for done, _ in reports] == sorted({done for done, _ in reports})
     c = first[3]
     assert c.shape == (1536, 1536) and c.dtype == torch.float64
     assert torch.allclose(c, c.T)
