@@ -4,8 +4,9 @@ from __future__ import annotations
 
 import torch
 
-#: Width of the diagonal blocks that ``cholesky_blocked`` factors with LAPACK. Like ``GROUPS``,
-#: part of the weights' definition (it fixes the order of the factorisation's sums).
+#: Width of the diagonal blocks that ``cholesky_blocked`` factors with LAPACK. Like
+#: ``exact_sums.GROUPS``, part of the weights' definition (it fixes the order of the
+#: factorisation's sums).
 CHOLESKY_BLOCK = 256
 
 
@@ -21,12 +22,9 @@ def cholesky_blocked(
     factored by LAPACK and the panel below found by a triangular solve. Nearly all the work is in
     those products, which run at the BLAS's full speed, where LAPACK's factorisation of the whole
     matrix does not on every host, and only the lower triangle is ever updated (a right-looking
-    update of the whole trailing matrix does twice the arithmetic). One 1536 x 1536 float64
-    factor, medians of 11 interleaved rounds on a 2-core EPYC: 0.029 s, against 0.040 s
-    right-looking and 0.029 s for LAPACK (a second run: 0.036 s against 0.033 s for LAPACK); on a
-    2-core Xeon the right-looking version had taken the five edited layers' solves from 0.38 s
-    with LAPACK to 0.31 s. The factor agrees with LAPACK's to rounding (1e-15 relative); what it
-    computes is fixed by the system alone, so replicas get the same bits.
+    update of the whole trailing matrix does twice the arithmetic). The factor agrees with
+    LAPACK's to rounding; what it computes is fixed by the system and ``block`` alone, so
+    replicas get the same bits.
     """
     a = system if overwrite else system.clone()
     n = a.shape[0]

@@ -27,9 +27,9 @@ import torch
 from editing.cholesky import cholesky_blocked
 from editing.exact_sums import LayerSums
 
-#: Most key rows (facts) that ``solve_low_rank`` takes. On a 2-core Xeon it is 3.9x faster than
-#: the full solve at 256 rows and 1.7x at 512 (``bench/speed.py --only solve``); the margin is
-#: for hosts whose products are slower. Like ``GROUPS``, part of the weights' definition.
+#: Most key rows (facts) that ``solve_low_rank`` takes: below where its ``n x n`` factorisation
+#: stops paying against the full ``in x in`` one, with a margin for hosts whose products are
+#: slower. Like ``exact_sums.GROUPS``, part of the weights' definition: replicas must agree on it.
 LOW_RANK_ROWS = 256
 
 
@@ -59,15 +59,10 @@ def solve_update(
     point), an LU solve in float64 does the work. Every update of more than ``LOW_RANK_ROWS``
     rows comes here, so replicas get the same bits.
 
-    float32 (``EditHparams.solve_dtype``) is the precision of the weights the update goes into.
-    On a 2-core EPYC the five layers' solve took 0.21 s against 0.41 s in float64 (``bench/
-    speed.py --only solve``, interleaved), and a revert's plan with 1,000 edits active 0.37-0.46
-    s against 0.47-0.68 s; the update agreed with a float64 LU solve to 2e-6 of its largest
-    entry, and with 320 real CounterFact edits active the live weights differed from float64's
-    in 35-37% of their entries by a median 3.0-4.9 float32 ulps, with the same efficacy,
-    paraphrase and neighbourhood to every digit. Its error grows with the system's condition
-    number (290-450 for SmolLM2 at 1,000 synthetic edits; other models' C0 may be far worse
-    conditioned), which is why float64, as ALGORITHMS.md asks, stays the default.
+    float32 (``EditHparams.solve_dtype``) is the precision of the weights the update goes into,
+    and faster; but its error grows with the system's condition number, and other models' C0
+    may be far worse conditioned than SmolLM2's, which is why float64, as ALGORITHMS.md asks,
+    stays the default.
     """
     factor = cholesky_blocked(update_system(sums, c0, lam).to(dtype), overwrite=True)
     if factor is None:  # the system is symmetric, so dW^T = system^-1 S_RK^T
@@ -82,9 +77,8 @@ def solve_factored(
     solves from the right, on S_RK as it is stored (``out x in``), in ``dtype``.
 
     LAPACK's own solve (``cholesky_solve``) wants the right-hand sides as columns, that is
-    S_RK^T, a transposed view: for one 1536 x 1536 system with 576 right-hand sides on a 2-core
-    EPYC it took 0.051 s against 0.043 s for these two BLAS solves (medians of 15 interleaved
-    rounds), and the results agree to 1e-15.
+    S_RK^T, a transposed view; solving from the right on S_RK as stored avoids that and agrees
+    with it to rounding.
     """
     factor, rk = factor.to(dtype), rk.to(dtype)
     half = torch.linalg.solve_triangular(factor.T, rk, upper=True, left=False)  # dW L
@@ -107,8 +101,8 @@ def solve_low_rank(keys: torch.Tensor, residual: torch.Tensor, prior: torch.Tens
 
         dW = R^T (I_n + K G^T)^-1 G
 
-    an ``n x n`` factorisation instead of one ``in x in`` per update: at 64 rows a twelfth of the
-    full solve's time on a 2-core Xeon.
+    an ``n x n`` factorisation instead of one ``in x in`` per update: far cheaper while n is
+    small (``LOW_RANK_ROWS``).
     """
     k = keys.to(torch.float64)
     r = residual.to(k.device, torch.float64)

@@ -26,11 +26,10 @@ from editing.facts import EditError
 
 #: Groups that the records' products are summed in (see the module docstring). An install or a
 #: revert makes one group's product twice (with and without the record), about 1 / GROUPS of
-#: the records; a rebuild makes one product per group. 64 rather than the first 16: with 1,000
-#: edits active a group holds about 16 rows instead of 62, and a layer's two products take 2.4
-#: instead of 6.6 ms on a 2-core EPYC (the 1536 x 1536 result, not the rows, then costs most),
-#: while a rebuild of 1,000 records makes 320 products instead of 80 (about 0.2 s more). Part of
-#: the weights' definition: replicas must agree on it.
+#: the records; a rebuild makes one product per group. More groups make installs and reverts
+#: cheaper and rebuilds dearer; 64 keeps a group to a few dozen rows at a thousand active edits,
+#: where the ``in x in`` result, not the rows, costs most. Part of the weights' definition:
+#: replicas must agree on it.
 GROUPS = 64
 
 #: The sums' units are 2^-UNIT_BITS of a layer's scale (``SumUnits``).

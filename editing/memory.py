@@ -5,12 +5,9 @@ products, the system, its factor. PyTorch takes CPU memory from the C library's 
 glibc's gives a freed block this large back to the kernel at once (``munmap``, or a trim of the
 heap once its free top passes 32 MB at most), so the next matrix is made of fresh pages: one page
 fault each 4 KB, about 4,700 for one matrix, and in a virtual machine each costs more than the
-arithmetic on its page. On a 2-core EPYC a revert's plan with 1,000 edits active, on a thread
-as the server's applier runs it, took 11,500 page faults without this and 1,400-2,100 with it,
-and 0.50-0.53 s against 0.48-0.51 s (three processes each, alternated, with float32 triangular
-solves); on the main thread, before the sums were regrouped in place, it was 25,000-83,000
-faults against 1,900. Resident memory may stay up to ``RETAINED_BYTES`` higher after a peak
-(the server's after three edits: 2.0 GB with it, 2.1 GB without, within run-to-run noise).
+arithmetic on its page. Keeping the freed blocks lets the next update reuse pages already
+mapped; the price is that resident memory may stay up to ``RETAINED_BYTES`` higher after a
+peak.
 
 ``retain_freed_memory`` sets both glibc thresholds (``mallopt``); the environment variables
 ``MALLOC_TRIM_THRESHOLD_`` and ``MALLOC_MMAP_THRESHOLD_`` do the same before a process starts.

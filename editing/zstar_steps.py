@@ -6,7 +6,7 @@ and keep their keys and values (``prefix_cache``); every step then runs only the
 tokens against those cached keys and values.
 
 The rows' remaining tokens differ in number (a fact's "{subject} is a" row has two, its prompts
-up to a dozen), so one right-padded batch would spend about half of every step on padding. A step
+up to a dozen), so one right-padded batch would spend much of every step on padding. A step
 runs the rows in groups of similar width instead, each padded only to its own widest row: more
 forward passes, fewer tokens (``width_groups``).
 """
@@ -81,9 +81,9 @@ def _additive(allowed: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
 
 
 # A group's cost on a CPU, in tokens, beyond its own tokens: a forward and backward pass through
-# the blocks above the edited ones has a fixed part, whatever its rows. Measured on a 2-core Xeon
-# (SmolLM2-135M, layers 3-7): a group's pass took about 0.10 s plus 1.6 ms per token, from 56 to
-# 512 tokens. On a GPU a pass's time hardly depends on its tokens at these sizes: one group.
+# the blocks above the edited ones has a fixed part, whatever its rows, here counted as the
+# tokens that would cost as much. On a GPU a pass's time hardly depends on its tokens at these
+# sizes: one group.
 GROUP_OVERHEAD_TOKENS = 64
 
 
