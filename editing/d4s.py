@@ -1,4 +1,5 @@
-"""D4S (Huang et al. 2024): sequential edits as one growing batch edit from the original weights.
+"""D4S (Huang et al. 2024): sequential edits as one growing batch edit from the original weights
+(docs/algorithms.md section 2).
 
 Per edited layer keep
 
@@ -61,8 +62,8 @@ def solve_update(
 
     float32 (``EditHparams.solve_dtype``) is the precision of the weights the update goes into,
     and faster; but its error grows with the system's condition number, and other models' C0
-    may be far worse conditioned than SmolLM2's, which is why float64, as ALGORITHMS.md asks,
-    stays the default.
+    may be far worse conditioned than SmolLM2's, which is why float64 stays the default
+    (docs/algorithms.md section 2).
     """
     factor = cholesky_blocked(update_system(sums, c0, lam).to(dtype), overwrite=True)
     if factor is None:  # the system is symmetric, so dW^T = system^-1 S_RK^T

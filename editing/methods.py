@@ -4,9 +4,12 @@ A method turns an ordered list of delta records into a weight update per edited 
 ``state = fold(...fold(empty(), r1)..., rn)`` and ``update(state) -> {layer: dW}``. Folds return
 new states and never modify their input, so a failed edit leaves the old state untouched.
 
-- ``d4s``: the update is recomputed from W0 and the running sums (with RECT on the total).
+- ``d4s``: the update is recomputed from W0 and the running sums (with RECT on the total;
+  docs/algorithms.md sections 2 to 4).
 - ``memit-seq``: each record's MEMIT update is added to the previous ones (the collapsing baseline).
 - ``alphaedit``: each record's update is projected onto the null space of C0 and of earlier keys.
+
+The two baselines are docs/algorithms.md section 5.
 
 ``against_original`` says whether a record's keys and z* are computed on W0 (D4S) or on the live
 weights (the sequential baselines, whose later records depend on earlier ones).

@@ -1,4 +1,4 @@
-"""How well edits hold and how healthy the edited model stays (ALGORITHMS.md section 5).
+"""How well edits hold and how healthy the edited model stays (docs/algorithms.md section 6).
 
 CounterFact-style probabilities are the mean per-token NLL of a whole answer after its prompt;
 EasyEdit-style accuracies are teacher-forced top-1 token matches.

@@ -1,4 +1,5 @@
-"""RECT (Gu et al., EMNLP 2024): keep only the largest relative changes of an update."""
+"""RECT (Gu et al., EMNLP 2024): keep only the largest relative changes of an update
+(docs/algorithms.md section 4)."""
 
 from __future__ import annotations
 
