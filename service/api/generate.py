@@ -11,8 +11,9 @@ from fastapi.responses import StreamingResponse
 
 from service.auth import require
 from service.errors import SSE_EVENT, problem_responses
-from service.generation import Finished, SamplingParams, Token
+from service.generation import Finished, Token
 from service.runtime import Runtime, runtime
+from service.sampling import SamplingParams
 from service.schemas import (
     Details,
     GenerateParameters,

@@ -33,8 +33,9 @@ from service.api.openai_schemas import (
 )
 from service.auth import require
 from service.errors import SSE_EVENT, Problem, problem_responses
-from service.generation import Finished, SamplingParams, Token
+from service.generation import Finished, Token
 from service.runtime import Runtime, runtime
+from service.sampling import SamplingParams
 from service.settings import Role
 
 router = APIRouter(prefix="/v1", tags=["openai"], dependencies=[Depends(require(Role.reader))])

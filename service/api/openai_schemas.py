@@ -10,7 +10,7 @@ from typing import Annotated, Any, Literal
 from pydantic import BaseModel, ConfigDict, Field, SerializerFunctionWrapHandler, model_serializer
 
 from service.errors import Problem
-from service.generation import SamplingParams
+from service.sampling import SamplingParams
 from service.schemas import min_version_field
 
 
