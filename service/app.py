@@ -2,6 +2,9 @@
 
 app = create_app(Settings())          # loads the model in the background
 app = create_app(settings, runtime)   # tests: a runtime whose worker is already built
+
+The lifespan also wires the metrics to the worker (:func:`watch`): they read its published
+state at every scrape, and neither module imports the other.
 """
 
 from __future__ import annotations
@@ -35,6 +38,7 @@ def create_app(settings: Settings | None = None, runtime: Runtime | None = None)
             log = open_log(settings)
             rt = Runtime(settings=settings, log=log, worker=ModelWorker(settings, log))
             rt.worker.start()
+        watch(rt)
         app.state.runtime = rt
         try:
             yield
@@ -63,6 +67,11 @@ def create_app(settings: Settings | None = None, runtime: Runtime | None = None)
 
     app.add_middleware(BodyLimit, max_bytes=settings.max_body_bytes)
     return app
+
+
+def watch(rt: Runtime) -> None:
+    """Have the worker's metrics export, at every scrape, the worker's state and the log's."""
+    rt.worker.metrics.watch(rt.worker.snapshot, rt.log, queue_limit=rt.settings.max_queued_edits)
 
 
 class BodyLimit:

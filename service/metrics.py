@@ -1,8 +1,9 @@
 """Prometheus metrics: every name the service exports, its unit and its meaning, in one place.
 
 Events (edits handled, generation requests, phase timings) are counted where they happen;
-levels (model version, active edits, weight norms, probe scores, log lag) are read from the
-worker and the log at scrape time, so a scrape always sees the current state.
+levels (model version, active edits, weight norms, probe scores, log lag) are read at scrape time
+from the worker's published state and from the log (:meth:`Metrics.watch`, wired by the app
+factory), so a scrape always sees the current state.
 
 Counters count what *this replica* did; ``editserve_log_edits`` reads the shared log and so
 agrees across replicas.
@@ -11,8 +12,7 @@ agrees across replicas.
 from __future__ import annotations
 
 import logging
-from collections.abc import Iterable, Iterator
-from typing import TYPE_CHECKING
+from collections.abc import Callable, Iterable, Iterator
 
 from prometheus_client import (
     CollectorRegistry,
@@ -27,10 +27,8 @@ from prometheus_client.platform_collector import PlatformCollector
 from prometheus_client.process_collector import ProcessCollector
 from prometheus_client.registry import Collector
 
-from service.editlog.base import EditLogError, EditStatus
-
-if TYPE_CHECKING:
-    from service.worker import ModelWorker
+from service.editlog.base import EditLog, EditLogError, EditStatus
+from service.state import WorkerState
 
 log = logging.getLogger(__name__)
 
@@ -55,6 +53,7 @@ class Metrics:
         PlatformCollector(registry=r)
         GCCollector(registry=r)
         self.build = Info(f"{PREFIX}_build", "What this replica runs", registry=r)
+        self._levels: _Levels | None = None
 
         self.edits = Counter(
             f"{PREFIX}_edits",
@@ -132,27 +131,37 @@ class Metrics:
             for action in ("reject", "flag"):
                 self.guardrail_breaches.labels(guardrail, action)
 
-    def watch(self, worker: ModelWorker) -> None:
-        """Export the worker's levels (and the log's) at every scrape."""
-        self.registry.register(_StateCollector(worker))
+    def watch(
+        self, snapshot: Callable[[], WorkerState], edit_log: EditLog, *, queue_limit: int
+    ) -> None:
+        """Export at every scrape the levels of ``snapshot()`` (the worker's) and of the log;
+        ``queue_limit``: the pending edits beyond which the API refuses more. Watching again
+        replaces what was watched."""
+        if self._levels is not None:
+            self.registry.unregister(self._levels)
+        self._levels = _Levels(snapshot, edit_log, queue_limit)
+        self.registry.register(self._levels)
 
     def render(self) -> bytes:
         return generate_latest(self.registry)
 
 
-class _StateCollector(Collector):
-    """Levels read from the worker and the log when Prometheus scrapes."""
+class _Levels(Collector):
+    """Levels read from the worker's state and the log when Prometheus scrapes."""
 
-    def __init__(self, worker: ModelWorker) -> None:
-        self.worker = worker
+    def __init__(
+        self, snapshot: Callable[[], WorkerState], edit_log: EditLog, queue_limit: int
+    ) -> None:
+        self.snapshot = snapshot
+        self.log = edit_log
+        self.queue_limit = queue_limit
 
     def describe(self) -> Iterable[Metric]:
         return []  # no fixed description: the families depend on the worker's state
 
     def collect(self) -> Iterator[Metric]:
-        w = self.worker
-        state = w.state
-        yield _gauge("up", "1 once the model is loaded and replayed, else 0", int(w.ready))
+        state = self.snapshot()
+        yield _gauge("up", "1 once the model is loaded and replayed, else 0", int(state.ready))
         yield _gauge(
             "model_version",
             "Log position of the last operation that changed the weights",
@@ -171,11 +180,11 @@ class _StateCollector(Collector):
         yield _gauge(
             "edit_queue_limit",
             "Pending edit operations beyond which POST /edits answers 429",
-            w.settings.max_queued_edits,
+            self.queue_limit,
         )
         try:
-            head = w.log.last_seq()
-            counts = w.log.status_counts()
+            head = self.log.last_seq()
+            counts = self.log.status_counts()
         except EditLogError as exc:
             log.warning("metrics: the edit log is unreachable: %s", exc)
             yield _gauge("log_up", "1 when the edit log answered this scrape", 0)
@@ -203,11 +212,11 @@ class _StateCollector(Collector):
             for status, n in sorted(counts.items()):
                 by_status.add_metric([str(status)], n)
             yield by_status
-        if w.batcher is not None:
+        if state.generation_waiting is not None:
             yield _gauge(
                 "generation_queue_depth",
                 "Generation requests waiting for a batch",
-                w.batcher.waiting,
+                state.generation_waiting,
             )
         yield _gauge(
             "weights_diverged",
@@ -215,13 +224,12 @@ class _StateCollector(Collector):
             "replica that computed the record (GET /info: weights_mismatch), else 0",
             int(state.weights_mismatch is not None),
         )
-        room = w.editor.room_used() if w.editor is not None else None
-        if room is not None:
+        if state.sums_room_used is not None:
             yield _gauge(
                 "d4s_sums_room_used",
                 "Largest count in D4S's exact sums as a share of the most they hold exactly "
                 "(edits that would reach 1 are refused)",
-                room,
+                state.sums_room_used,
             )
         yield from _per_layer(state.weight_norms)
         probes = state.probes

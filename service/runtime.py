@@ -49,8 +49,7 @@ class Runtime:
         Retry-After if it does not within ``min_version_wait_seconds``."""
         if min_version is None:
             return
-        state = self.worker.state
-        if state.processed < min_version:
+        if self.worker.state.processed < min_version:
             newest = await asyncio.to_thread(self.log.last_seq)
             if min_version > newest:  # no edit has that version yet: waiting cannot help
                 raise Problem(
@@ -60,11 +59,12 @@ class Runtime:
                     headers={"Retry-After": "1"},
                 )
         deadline = time.monotonic() + self.settings.min_version_wait_seconds
-        while state.processed < min_version or not self.worker.ready:
+        # The worker publishes a new state as it goes: read it afresh each time.
+        while (processed := self.worker.state.processed) < min_version or not self.worker.ready:
             if time.monotonic() >= deadline:
                 raise Problem(
                     503,
-                    f"this replica has reached model version {state.processed}, behind the "
+                    f"this replica has reached model version {processed}, behind the "
                     f"requested min_version {min_version}; retry, here or on another replica",
                     headers={"Retry-After": "1"},
                 )

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import threading
 from pathlib import Path
 
 import pytest
@@ -10,7 +11,10 @@ import torch
 from editing.editor import Editor
 from editing.facts import Fact
 from editing.models import LoadedModel
+from service.editlog.base import EditStatus, Operation
+from service.editlog.sqlite import SqliteEditLog
 from service.guardrails import Guardrails, delta_growth
+from service.metrics import Metrics
 from service.probes import (
     Probe,
     Prober,
@@ -21,7 +25,9 @@ from service.probes import (
     load_probes,
     native_bfloat16,
 )
+from service.replicas import Replicas
 from service.settings import Settings
+from service.state import PublishedState
 
 FACT = Fact(
     subject="Eiffel Tower",
@@ -167,33 +173,29 @@ def test_a_follower_reuses_the_probe_report_only_for_the_same_probe_set(
 ) -> None:
     """A replica installing another replica's record takes that replica's probe report instead
     of a probe pass of its own, when both probe the same set in the same dtype."""
-    from service.editlog.base import EditStatus, Operation
-    from service.editlog.sqlite import SqliteEditLog
-    from service.worker import ModelWorker
-
-    settings = Settings(_env_file=None, data_dir=tmp_path, cache_dir=tmp_path)  # type: ignore[call-arg]
     edit_log = SqliteEditLog(tmp_path / "editlog.sqlite3")
-    worker = ModelWorker(settings, edit_log, lm=lm)
-    worker.prober = Prober(lm, SMALL, editor.w0, dtype=default_dtype(lm), cache_dir=tmp_path)
-    worker._probe_set = f"{worker.prober.fingerprint()}-{worker.prober.dtype}"
+    replicas = Replicas(edit_log, "r1", 30.0, Metrics(), PublishedState(), threading.Event())
+    prober = Prober(lm, SMALL, editor.w0, dtype=default_dtype(lm), cache_dir=tmp_path)
+    probe_set = prober.probe_set()
     fact = {"subject": FACT.subject, "prompt": FACT.prompt, "target_new": FACT.target_new}
     entry, _ = edit_log.append_edit("e1", [fact])
     op = Operation(seq=entry.seq, kind="apply", edit_id="e1")
     report = {"agreement": 0.75, "kl": 0.125, "perplexity_ratio": 1.01, "seconds": 0.9}
 
-    assert worker._reported_probes(op) is None  # queued: nothing reported yet
+    assert replicas.reported_probes(op, probe_set) is None  # queued: nothing reported yet
     edit_log.transition(
         "e1",
         {EditStatus.queued},
         EditStatus.applied,
-        scores={"probes": {**report, "probe_set": worker._probe_set}},
+        scores={"probes": {**report, "probe_set": probe_set}},
     )
-    reused = worker._reported_probes(op)
+    reused = replicas.reported_probes(op, probe_set)
     assert reused is not None
     assert (reused.agreement, reused.kl, reused.perplexity_ratio) == (0.75, 0.125, 1.01)
+    assert replicas.reported_probes(op, None) is None  # this replica does not probe
     # Another probe set (or dtype) where it was computed: this replica must probe itself.
     edit_log.transition(
         "e1", {EditStatus.applied}, None, scores={"probes": {**report, "probe_set": "other"}}
     )
-    assert worker._reported_probes(op) is None
+    assert replicas.reported_probes(op, probe_set) is None
     edit_log.close()

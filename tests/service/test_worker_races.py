@@ -41,12 +41,16 @@ def test_a_record_stored_just_before_the_claim_is_installed_not_skipped(
     entry, _ = edit_log.append_edit("e1", [fact_to_json(FACT)])
     edit_log.transition("e1", {EditStatus.queued}, EditStatus.applying)
     worker = ModelWorker(settings, edit_log, lm=editor.lm)
-    worker.editor, worker.served = editor, editor.lm
-    edit_log.blob = record.to_bytes()
+    worker._serve(editor)
+    blob = edit_log.blob = record.to_bytes()
+    op = Operation(seq=entry.seq, kind="apply", edit_id="e1")
 
-    computes = worker._await_turn(Operation(seq=entry.seq, kind="apply", edit_id="e1"))
+    turn = worker.replicas.await_turn(op)
 
-    assert not computes, "it would compute an edit whose record is already stored"
+    assert not turn.compute, "it would compute an edit whose record is already stored"
+    assert turn.stored == blob, "it would skip the stored record"
+    assert worker.pipeline is not None
+    worker.pipeline.install(op, turn.stored)
     assert [r.id for r in editor.records] == ["e1"], "the stored record was not installed"
     assert worker.state.model_version == entry.seq
     edit_log.close()

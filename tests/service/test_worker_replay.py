@@ -60,7 +60,7 @@ def test_the_start_up_rebuild_marks_what_a_crash_left_a_commit_a_page(
 
     settings = Settings(_env_file=None, data_dir=tmp_path, cache_dir=tmp_path, probes="off")  # type: ignore[call-arg]
     worker = ModelWorker(settings, edit_log, lm=quick_editor.lm)
-    worker.editor, worker.served = quick_editor, quick_editor.lm
+    worker._serve(quick_editor)
     # Pages of 2: [e1, e2] marks e1 applied; [e3, revert] marks e3 applied, e1 superseded and
     # e2 reverted; [e4] stops with nothing to mark.
     monkeypatch.setattr(rebuild, "PAGE", page)
