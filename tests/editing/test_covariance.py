@@ -14,20 +14,20 @@ def test_second_moment_is_symmetric_positive_and_cached(
     first = cov.covariance(
         lm,
         [3, 4],
-        n_tokens=1500,
+        n_tokens=4000,
         cache_dir=tmp_path,
         progress=False,
         on_progress=lambda done, total: reports.append((done, total)),
     )
     # One report a batch, rising to the whole (a server shows them while it starts).
-    assert len(reports) >= 2 and reports[-1] == (1500, 1500)
-    assert all(total == 1500 for _, total in reports)
+    assert len(reports) >= 2 and reports[-1] == (4000, 4000)
+    assert all(total == 4000 for _, total in reports)
     assert [done for done, _ in reports] == sorted({done for done, _ in reports})
     c = first[3]
     assert c.shape == (1536, 1536) and c.dtype == torch.float64
     assert torch.allclose(c, c.T)
     eigenvalues = torch.linalg.eigvalsh(c)
-    # Positive semi-definite up to rounding (1500 tokens < 1536 dimensions: rank-deficient).
+    # Positive semi-definite up to rounding.
     assert eigenvalues.min() > -1e-6 * eigenvalues.max()
     assert eigenvalues.max() > 0
     files = sorted(p.name for p in tmp_path.rglob("*.safetensors"))
@@ -37,5 +37,5 @@ def test_second_moment_is_symmetric_positive_and_cached(
         raise AssertionError("a cache hit must not recompute")
 
     monkeypatch.setattr(cov, "_compute", refuse)
-    again = cov.covariance(lm, [3, 4], n_tokens=1500, cache_dir=tmp_path, progress=False)
+    again = cov.covariance(lm, [3, 4], n_tokens=4000, cache_dir=tmp_path, progress=False)
     assert torch.equal(again[3], first[3]) and torch.equal(again[4], first[4])

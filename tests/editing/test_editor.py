@@ -30,6 +30,13 @@ def pristine_model(lm: LoadedModel) -> Iterator[None]:
         adapter.write(lm.model, layer, original[layer])
 
 
+@pytest.fixture(scope="module")
+def records(lm: LoadedModel, c0: dict, facts: list[Fact]) -> list[DeltaRecord]:
+    """facts[0..2], one step each, from one batched z* on W0 with the default settings: the
+    tests of exact installs, reverts and replays share them instead of each running z* again."""
+    return Editor(lm, EditHparams(), "d4s", c0=c0).compute_many([[f] for f in facts[:3]])
+
+
 def _weights(editor: Editor) -> dict[int, torch.Tensor]:
     return editor.live_weights()
 
@@ -39,30 +46,33 @@ def _same(a: dict[int, torch.Tensor], b: dict[int, torch.Tensor]) -> bool:
 
 
 def test_an_edit_sticks_and_revert_all_restores_w0_bitwise(
-    editor: Editor, facts: list[Fact]
+    editor: Editor, facts: list[Fact], records: list[DeltaRecord]
 ) -> None:
     w0 = _weights(editor)
     digest0 = editor.digest()
     assert counterfact_scores(editor.lm, facts[:2])["efficacy"] == 0.0
     first = editor.apply([facts[0]])
-    second = editor.apply([facts[1]])
+    editor.install(records[1])
     assert counterfact_scores(editor.lm, facts[:2])["efficacy"] == 1.0
     assert not _same(_weights(editor), w0)
     editor.revert(first.record.id)
-    editor.revert(second.record.id)
+    editor.revert(records[1].id)
     assert editor.records == []
     assert _same(_weights(editor), w0)
     assert editor.digest() == digest0
 
 
 def test_replay_rebuilds_identical_weights_without_zstar(
-    editor: Editor, lm: LoadedModel, c0: dict, facts: list[Fact], monkeypatch: pytest.MonkeyPatch
+    editor: Editor,
+    lm: LoadedModel,
+    c0: dict,
+    records: list[DeltaRecord],
+    monkeypatch: pytest.MonkeyPatch,
 ) -> None:
-    for fact in facts[:3]:
-        editor.apply([fact])
+    for record in records:
+        editor.install(record)
     edited = _weights(editor)
     digest = editor.digest()
-    records = editor.records
     editor.replay([])
 
     def no_zstar(*args: object, **kwargs: object) -> None:
@@ -76,9 +86,12 @@ def test_replay_rebuilds_identical_weights_without_zstar(
     assert fresh.digest() == digest
 
 
-def test_revert_one_of_several_equals_never_applying_it(editor: Editor, facts: list[Fact]) -> None:
-    kept = editor.apply([facts[0]]).record
-    dropped = editor.apply([facts[1]]).record
+def test_revert_one_of_several_equals_never_applying_it(
+    editor: Editor, records: list[DeltaRecord]
+) -> None:
+    kept, dropped = records[:2]
+    editor.install(kept)
+    editor.install(dropped)
     editor.revert(dropped.id)
     after_revert = _weights(editor)
     editor.replay([kept])
@@ -88,13 +101,17 @@ def test_revert_one_of_several_equals_never_applying_it(editor: Editor, facts: l
 
 
 def test_the_exact_sums_revert_an_old_edit_to_the_bits_of_never_applying_it(
-    editor: Editor, lm: LoadedModel, c0: dict, facts: list[Fact], monkeypatch: pytest.MonkeyPatch
+    editor: Editor,
+    lm: LoadedModel,
+    c0: dict,
+    records: list[DeltaRecord],
+    monkeypatch: pytest.MonkeyPatch,
 ) -> None:
     """With the full solve forced (no low-rank shortcut), installs and reverts in any order reach
     the weights that replaying the records left active builds, on the real model's C0 and W0."""
     monkeypatch.setattr("editing.methods.LOW_RANK_ROWS", 0)
     fresh = Editor(lm, EditHparams(), "d4s", c0=c0)  # made while the model holds W0
-    first, second, third = editor.compute_many([[fact] for fact in facts[:3]])
+    first, second, third = records
     editor.install(first)
     editor.install(second)
     editor.revert(first.id)  # the oldest, while another is active
@@ -107,8 +124,10 @@ def test_the_exact_sums_revert_an_old_edit_to_the_bits_of_never_applying_it(
     assert _same(_weights(editor), editor.w0)
 
 
-def test_same_subject_and_prompt_supersedes(editor: Editor, facts: list[Fact]) -> None:
-    first = editor.apply([facts[0]]).record
+def test_same_subject_and_prompt_supersedes(
+    editor: Editor, facts: list[Fact], records: list[DeltaRecord]
+) -> None:
+    first = editor.install(records[0]).record
     other = Fact(facts[0].subject, facts[0].prompt, "London", facts[0].ground_truth)
     result = editor.apply([other])
     assert result.superseded == [first.id]
@@ -138,9 +157,9 @@ def test_a_batch_is_one_record_with_a_row_per_fact(editor: Editor, facts: list[F
     ids=["subject-not-in-prompt", "empty-target", "longer-than-context"],
 )
 def test_bad_input_changes_nothing(
-    editor: Editor, facts: list[Fact], bad: Fact, error: type[Exception]
+    editor: Editor, records: list[DeltaRecord], bad: Fact, error: type[Exception]
 ) -> None:
-    editor.apply([facts[2]])
+    editor.install(records[2])
     weights, records, version = _weights(editor), editor.records, editor.version
     with pytest.raises(error):
         editor.apply([bad])
@@ -149,7 +168,8 @@ def test_bad_input_changes_nothing(
 
 
 def test_non_finite_update_changes_nothing(lm: LoadedModel, c0: dict, facts: list[Fact]) -> None:
-    editor = Editor(lm, EditHparams(v_lr=float("inf")), "d4s", c0=c0)
+    # Two steps: the first already makes z* infinite.
+    editor = Editor(lm, EditHparams(v_lr=float("inf"), v_steps=2), "d4s", c0=c0)
     weights = _weights(editor)
     with pytest.raises(NonFiniteUpdateError):
         editor.apply([facts[0]])
@@ -168,7 +188,11 @@ def test_baselines_edit_and_revert(
     assert _same(_weights(editor), w0)
 
 
-def test_batched_zstar_gives_each_step_its_own_record(editor: Editor, facts: list[Fact]) -> None:
+def test_batched_zstar_gives_each_step_its_own_record(
+    lm: LoadedModel, c0: dict, facts: list[Fact]
+) -> None:
+    # Few z* steps: the batch and the step alone must agree at every step, not only at the end.
+    editor = Editor(lm, EditHparams(v_steps=4), "d4s", c0=c0)
     steps = [[facts[0]], [facts[1], facts[2]]]
     batched = editor.compute_many(steps, ["one", "two"])
     assert [r.id for r in batched] == ["one", "two"]
@@ -183,10 +207,12 @@ def test_batched_zstar_gives_each_step_its_own_record(editor: Editor, facts: lis
 
 
 def test_installing_many_at_once_equals_installing_one_by_one(
-    editor: Editor, facts: list[Fact]
+    editor: Editor, facts: list[Fact], records: list[DeltaRecord]
 ) -> None:
-    first, second, again = editor.compute_many(
-        [[facts[0]], [facts[1]], [dataclasses.replace(facts[0], target_new=facts[2].target_new)]]
+    first, second, third = records
+    # A re-edit of facts[0]: what matters here is its fact's key, not how its rows were made.
+    again = dataclasses.replace(
+        third, id="again", facts=(dataclasses.replace(facts[0], target_new=facts[2].target_new),)
     )
     editor.install(first)
     editor.install(second)
