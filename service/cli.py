@@ -73,6 +73,7 @@ def _serve(args: argparse.Namespace) -> int:
     import uvicorn
 
     from service.app import create_app
+    from service.logs import uvicorn_logging
 
     try:
         settings = settings_from(args)
@@ -93,6 +94,7 @@ def _serve(args: argparse.Namespace) -> int:
         host=settings.host,
         port=settings.port,
         log_level=args.log_level,
+        log_config=uvicorn_logging(),
         timeout_graceful_shutdown=10,
     )
     return 0
