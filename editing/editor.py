@@ -12,6 +12,7 @@ import hashlib
 import logging
 import time
 import uuid
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -49,6 +50,10 @@ class Editor:
 
     Every update allocates a few dozen transient float64 matrices, so an editor has the C
     allocator keep freed memory for reuse in its process (``editing.memory``).
+
+    Without ``c0`` the editor loads the covariance from ``cache_dir`` or computes it
+    (``editing.covariance``: ``progress`` shows a bar, ``on_progress(done, total)`` is told the
+    tokens done).
     """
 
     def __init__(
@@ -62,6 +67,7 @@ class Editor:
         corpus_source: str = corpus.WIKI,
         covariance_tokens: int = DEFAULT_TOKENS,
         progress: bool = True,
+        on_progress: Callable[[int, int], None] | None = None,
     ) -> None:
         retain_freed_memory()
         self.lm = lm
@@ -81,6 +87,7 @@ class Editor:
                 cache_dir=cache_dir,
                 weights=self.w0,
                 progress=progress,
+                on_progress=on_progress,
             )
         self.method: EditMethod[Any] = make_method(method, self.hp, c0, self.w0)
         self._records: list[DeltaRecord] = []

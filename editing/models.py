@@ -130,6 +130,13 @@ def load_model(
     return LoadedModel(spec=spec, model=model, tokenizer=tokenizer)
 
 
+def needs_conversion(spec: str, cache_dir: Path | None = None) -> bool:
+    """Whether loading ``spec`` will first convert it to the safetensors cache (a minute or
+    two, once per cache directory)."""
+    target = (cache_dir or default_cache_dir()) / "models" / spec
+    return spec in _ALIASES and not (target / "model.safetensors").exists()
+
+
 def _materialise(spec: str, cache_dir: Path) -> str:
     """Return something ``from_pretrained`` accepts for ``spec``, converting aliases once."""
     if spec in _ALIASES:

@@ -213,7 +213,12 @@ class Readiness(BaseModel):
     caught_up: bool
     processed: int
     log_end: int | None
-    detail: str | None = None
+    detail: str | None = Field(
+        default=None, description="why not ready: the start-up step under way, or the error"
+    )
+    progress: float | None = Field(
+        default=None, description="share of the start-up step under way done (0 to 1), if known"
+    )
 
 
 class WeightsMismatch(BaseModel):

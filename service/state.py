@@ -21,6 +21,9 @@ PHASES = ("starting", "loading", "replaying", "ready", "failed")
 class WorkerState:
     phase: str = "starting"  # one of PHASES
     error: str | None = None  # why the start-up failed
+    # What the start-up is doing now, in words, and the share of it done (None: unknown).
+    step: str | None = None
+    step_done: float | None = None
     processed: int = 0  # seq of the last log operation handled
     replayed_to: int = 0  # the log's end when the start-up rebuild began
     replay_seconds: float = 0.0  # the start-up rebuild's time (reading the log, solve, swap)

@@ -31,7 +31,7 @@ from typing import Any
 import torch
 
 from editing.editor import Editor
-from editing.models import LoadedModel, load_model
+from editing.models import LoadedModel, load_model, needs_conversion
 from service import __version__
 from service.editlog.base import EditLog, EditLogError, Operation
 from service.generation import Batcher
@@ -106,7 +106,7 @@ class ModelWorker:
             log.exception("the model worker could not start")
             self._state.update(phase="failed", error=f"{type(exc).__name__}: {exc}")
             return
-        state = self._state.update(phase="ready")
+        state = self._state.update(phase="ready", step=None, step_done=None)
         self._ready.set()
         log.info("ready at model version %d", state.model_version)
         self._follow()
@@ -122,7 +122,12 @@ class ModelWorker:
     def _load(self) -> Editor:
         s = self.settings
         if self.lm is None:
+            if needs_conversion(s.model, s.cache_dir):
+                self._step(f"converting {s.model} to safetensors (once)")
+            else:
+                self._step(f"loading {s.model}")
             self.lm = load_model(s.model, device=s.device, dtype=s.dtype, cache_dir=s.cache_dir)
+        self._step("loading or computing the covariance C0")
         editor = Editor(
             self.lm,
             s.hparams(),
@@ -132,9 +137,24 @@ class ModelWorker:
             corpus_source=s.corpus,
             covariance_tokens=s.covariance_tokens,
             progress=False,
+            on_progress=self._covariance_progress,
         )
         self._c0 = None  # the method keeps what it needs
         return editor
+
+    def _step(self, step: str, done: float | None = None) -> None:
+        """Publish what the start-up does now (``/ready``'s detail) and log it."""
+        self._state.update(step=step, step_done=done)
+        log.info("%s%s", step, "" if done is None else f": {done:.0%}")
+
+    def _covariance_progress(self, done: int, total: int) -> None:
+        """Publish every batch; log each tenth of the way (the pass takes minutes on a CPU)."""
+        share = done / total
+        step = f"computing the covariance C0: {done:,} of {total:,} tokens"
+        if int(share * 10) > int((self._state.get().step_done or 0) * 10) or done == total:
+            self._step(step, share)
+        else:
+            self._state.update(step=step, step_done=share)
 
     def _serve(self, editor: Editor) -> None:
         """Take ``editor``'s model as the one to serve and edit (probing it, with probes on)."""
@@ -143,6 +163,7 @@ class ModelWorker:
         self.weights = ServedWeights(editor, s.serve_dtype, self._state)
         prober = None
         if s.probes != "off":
+            self._step("loading the locality probes' baseline (scored on the original model once)")
             prober = Prober(
                 editor.lm,
                 load_probes(s.probe_path()),
@@ -194,6 +215,7 @@ class ModelWorker:
         assert self.weights is not None and self.pipeline is not None
         started = time.perf_counter()
         self._state.update(phase="replaying", replayed_to=self.log.last_seq())
+        self._step("rebuilding the weights from the edit log")
         found = read_log(self.log)
         self.weights.rebuild(found.records, found.version)
         state = self._state.update(

@@ -30,7 +30,7 @@ def health() -> Health:
 )
 def ready(rt: Annotated[Runtime, Depends(runtime)]) -> JSONResponse:
     state = rt.worker.state
-    log_end, detail = None, state.error
+    log_end, detail = None, state.error or _step(state.step, state.step_done)
     try:
         rt.log.ping()
         log_end = rt.log.last_seq()
@@ -48,8 +48,15 @@ def ready(rt: Annotated[Runtime, Depends(runtime)]) -> JSONResponse:
         processed=state.processed,
         log_end=log_end,
         detail=detail,
+        progress=state.step_done if state.step else None,
     )
     return JSONResponse(body.model_dump(), status_code=200 if body.ready else 503)
+
+
+def _step(step: str | None, done: float | None) -> str | None:
+    if step is None:
+        return None
+    return f"{step} ({done:.0%} done)" if done is not None else step
 
 
 @router.get(

@@ -33,6 +33,7 @@ def live(
         max_queued_edits=1,
         max_new_tokens=16,
         v_steps=2,
+        probes="off",  # access and schemas only: the edits that schemathesis posts need no probes
     )
     with live_server(config, lm, c0) as server:
         yield server

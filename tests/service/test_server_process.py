@@ -30,7 +30,11 @@ BURST_STEPS = 3
 
 
 @contextmanager
-def serve(env: dict[str, str], log_path: Path) -> Iterator[tuple[subprocess.Popen, str]]:
+def serve(
+    env: dict[str, str], log_path: Path, seen: list[dict] | None = None
+) -> Iterator[tuple[subprocess.Popen, str]]:
+    """``editserve serve`` in its own process, once ready; ``seen`` collects every /ready body
+    read while it started."""
     port = free_port()
     with open(log_path, "ab") as out:
         proc = subprocess.Popen(
@@ -40,14 +44,15 @@ def serve(env: dict[str, str], log_path: Path) -> Iterator[tuple[subprocess.Pope
             stderr=subprocess.STDOUT,
         )
     url = f"http://127.0.0.1:{port}"
+
+    def ready() -> bool:
+        r = httpx.get(f"{url}/ready", timeout=2)
+        if seen is not None:
+            seen.append(r.json())
+        return r.status_code == 200
+
     try:
-        wait_for(
-            lambda: (
-                httpx.get(f"{url}/ready", timeout=2).status_code == 200 or proc.poll() is not None
-            ),
-            180,
-            "the server to be ready",
-        )
+        wait_for(lambda: proc.poll() is not None or ready(), 180, "the server to be ready")
         assert proc.poll() is None, log_path.read_text()[-3000:]
         yield proc, url
     finally:
@@ -105,12 +110,27 @@ def test_new_user_flow(
         if backend == "redis"
         else {}
     )
-    env = server_env(server_cache, covariance_tokens, tmp_path / "data", **extra)
-    with serve(env, tmp_path / "server.log") as (_, url):
+    # On SQLite the server computes a covariance of its own (one not in the cache yet), so that
+    # its start-up reports progress as a first start does.
+    tokens = covariance_tokens if backend == "redis" else 2 * covariance_tokens
+    env = server_env(server_cache, tokens, tmp_path / "data", **extra)
+    seen: list[dict] = []
+    with serve(env, tmp_path / "server.log", seen) as (_, url):
         assert httpx.get(f"{url}/info").json()["log"] == backend
         new_user_flow(url)
     if backend == "sqlite":
         assert (tmp_path / "data" / "editlog.sqlite3").exists()
+        said = (tmp_path / "server.log").read_text()
+        # The start-up says what it does, covariance progress included, and /ready says so too.
+        assert f"computing the covariance C0: {tokens:,} of {tokens:,} tokens: 100%" in said
+        assert "rebuilding the weights from the edit log" in said
+        assert "ready at model version 0" in said
+        steps = [body["detail"] for body in seen if not body["ready"] and body["detail"]]
+        assert any("covariance" in step and "% done" in step for step in steps), steps
+        shares = [body["progress"] for body in seen if body["progress"] is not None]
+        assert shares and all(0 <= share <= 1 for share in shares)
+        # The access log keeps the API's lines and leaves out the readiness polls.
+        assert "POST /edits" in said and "GET /ready" not in said
 
 
 def burst_facts(n: int) -> list[dict]:
