@@ -127,9 +127,8 @@ def test_a_waiting_swap_closes_the_batch_to_newcomers(
 
 @pytest.mark.skipif(torch.get_num_threads() < 2, reason="needs torch with 2+ intra-op threads")
 def test_an_idle_batcher_leaves_no_openmp_pool(lm: LoadedModel, batcher: Batcher) -> None:
-    """A pool left on a long-lived generation thread put the process over its CPUs and made the
-    model worker's edits about 1.7x slower for as long as the server lived (z* 3.6 s a fact
-    beside no pool, 6.1 s beside one, on a 2-core Xeon)."""
+    """A pool left on a long-lived generation thread puts the process over its CPUs and slows
+    the model worker's edits for as long as the server lives (docs/benchmarks.md)."""
     before = steady_threads()
     request = Request(lm, PROMPTS[0], 8)
     batcher.submit(request.job)
