@@ -94,18 +94,21 @@ def _baseline_tree(into: Path) -> Path:
     return into
 
 
-def _digests(tree: Path, c0_file: Path, facts_file: Path) -> dict[str, str]:
-    env = {**os.environ, "PYTHONPATH": str(tree)}
-    done = subprocess.run(
+def _start(tree: Path, c0_file: Path, facts_file: Path) -> subprocess.Popen[str]:
+    return subprocess.Popen(
         [sys.executable, "-c", SCRIPT, str(c0_file), str(facts_file)],
         cwd=tree,
-        env=env,
-        capture_output=True,
+        env={**os.environ, "PYTHONPATH": str(tree)},
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
         text=True,
-        timeout=600,
     )
-    assert done.returncode == 0, done.stderr[-3000:]
-    steps: dict[str, str] = json.loads(done.stdout.strip().splitlines()[-1])
+
+
+def _digests(proc: subprocess.Popen[str], tree: Path) -> dict[str, str]:
+    out, err = proc.communicate(timeout=600)
+    assert proc.returncode == 0, err[-3000:]
+    steps: dict[str, str] = json.loads(out.strip().splitlines()[-1])
     assert Path(steps.pop("code")).is_relative_to(tree), "the script ran other code than asked"
     return steps
 
@@ -116,7 +119,9 @@ def test_the_restructured_code_builds_the_same_weights(
     c0_file = tmp_path / "c0.pt"
     torch.save(c0, c0_file)
     facts_file = ROOT / "tests" / "data" / "facts.json"
-    before = _digests(_baseline_tree(tmp_path / "baseline"), c0_file, facts_file)
-    after = _digests(ROOT, c0_file, facts_file)
+    baseline = _baseline_tree(tmp_path / "baseline")
+    # Both at once: much of each is single-threaded start-up.
+    old, new = _start(baseline, c0_file, facts_file), _start(ROOT, c0_file, facts_file)
+    before, after = _digests(old, baseline), _digests(new, ROOT)
     assert len(before) == 9 and len(set(before.values())) >= 8, before  # the steps differ
     assert after == before

@@ -93,11 +93,17 @@ class Prometheus:
         self.proc.wait(30)
 
 
+OBS_STEPS = 4
+
+
 @pytest.fixture(scope="module")
 def live(
     lm: LoadedModel, c0: dict, server_cache, covariance_tokens: int, tmp_path_factory
 ) -> Iterator[Live]:
-    settings = server_settings(server_cache, covariance_tokens, tmp_path_factory.mktemp("obs"))
+    # Few z* steps: these tests watch what an edit publishes, not how well it holds.
+    settings = server_settings(
+        server_cache, covariance_tokens, tmp_path_factory.mktemp("obs"), v_steps=OBS_STEPS
+    )
     with live_server(settings, lm, c0) as server:
         yield server
 
@@ -218,6 +224,7 @@ def test_guardrail_rejects_or_flags_a_breaching_edit(
         guard_max_delta_growth=1e-6,
         guard_min_agreement=0.5,  # kept: an edit keeps far more than half the probes
         guard_action=action,
+        v_steps=OBS_STEPS,
     )
     with live_server(settings, lm, c0) as live:
         digest = live.client.get("/info").json()["weights_digest"]

@@ -18,6 +18,9 @@ from prometheus_client.parser import text_string_to_metric_families
 from svc_helpers import RedisServer, wait_for, wait_status
 from test_server_process import BURST_STEPS, burst_facts, serve, server_env
 
+# Edits in the whole run: enough that a late replica has a log to catch up on.
+EDITS = 24
+
 
 def converged(clients: dict[str, httpx.Client]) -> dict[str, tuple[int, str]]:
     """Each replica's (model_version, weights digest) once they all agree."""
@@ -67,7 +70,7 @@ def test_replicas_compute_each_edit_once_and_converge(
             **changes,
         )
 
-    facts = burst_facts(50)
+    facts = burst_facts(EDITS)
     store = redis.Redis.from_url(redis_server.url)
     with ExitStack() as stack:
         procs, clients = {}, {}
@@ -104,7 +107,7 @@ def test_replicas_compute_each_edit_once_and_converge(
 
         # Kill the replica that is computing an edit: another takes the lease over. The edit
         # carries a dozen facts, so that its z* runs long enough to be interrupted.
-        heavy = {"facts": [facts[7], *burst_facts(62)[50:]]}
+        heavy = {"facts": [facts[7], *burst_facts(EDITS + 12)[EDITS:]]}
         edit_id = clients["r1"].post("/edits", json=heavy).json()["id"]
         lease = f"{prefix}:lease:{edit_id}"
         # A version in the log that r2 has not reached within its wait: 503 with Retry-After.
@@ -128,7 +131,7 @@ def test_replicas_compute_each_edit_once_and_converge(
         assert taken_over["status"] == "applied" and taken_over["computed_by"] != owner
         converged(survivors)
 
-        # 50 edits in all, then a fourth replica: ready only once caught up, and identical.
+        # EDITS edits in all, then a fourth replica: ready only once caught up, and identical.
         rest = [
             list(survivors.values())[i % 2].post("/edits", json=fact).json()["id"]
             for i, fact in enumerate(facts[8:])
@@ -140,7 +143,7 @@ def test_replicas_compute_each_edit_once_and_converge(
         late = stack.enter_context(httpx.Client(base_url=url, timeout=60))
         info = late.get("/info").json()  # ready means caught up: no wait here
         assert (info["model_version"], info["weights_digest"]) == next(iter(state.values()))
-        assert info["active_edits"] == 50
+        assert info["active_edits"] == EDITS
 
         # Every installed record whose computing replica noted a digest was checked, and agreed.
         found = {name: weights_checks(client) for name, client in survivors.items()}
@@ -154,7 +157,7 @@ def test_replicas_compute_each_edit_once_and_converge(
             serve(env("odd", EDITSERVE_RECT_KEEP="0.6"), tmp_path / "odd.log")
         )
         odd = stack.enter_context(httpx.Client(base_url=url, timeout=60))
-        edit_id = witness.post("/edits", json=burst_facts(63)[62]).json()["id"]
+        edit_id = witness.post("/edits", json=burst_facts(EDITS + 13)[-1]).json()["id"]
         edit = wait_status(witness, edit_id, {"applied", "failed"}, 300)
         assert edit["status"] == "applied", edit
         computed_by, version = edit["computed_by"], edit["model_version"]

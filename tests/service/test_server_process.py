@@ -153,7 +153,7 @@ def test_sigkill_mid_burst_loses_nothing_and_applies_nothing_twice(
     lm: LoadedModel,
     c0: dict,
 ) -> None:
-    facts = burst_facts(20)
+    facts = burst_facts(12)
     env = server_env(
         server_cache,
         covariance_tokens,
@@ -170,7 +170,7 @@ def test_sigkill_mid_burst_loses_nothing_and_applies_nothing_twice(
     )
     accepted: dict[int, str] = {}
     with serve(env, tmp_path / "server.log") as (proc, url), httpx.Client(base_url=url) as c:
-        for i, fact in enumerate(facts[:12]):
+        for i, fact in enumerate(facts[:8]):
             r = c.post("/edits", json=fact, headers={"Idempotency-Key": f"burst-{i}"})
             assert r.status_code == 202
             accepted[i] = r.json()["id"]
