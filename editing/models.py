@@ -133,8 +133,13 @@ def load_model(
 def needs_conversion(spec: str, cache_dir: Path | None = None) -> bool:
     """Whether loading ``spec`` will first convert it to the safetensors cache (a minute or
     two, once per cache directory)."""
-    target = (cache_dir or default_cache_dir()) / "models" / spec
+    target = _converted(spec, cache_dir or default_cache_dir())
     return spec in _ALIASES and not (target / "model.safetensors").exists()
+
+
+def _converted(alias: str, cache_dir: Path) -> Path:
+    """Where the safetensors conversion of ``alias`` lives."""
+    return cache_dir / "models" / alias
 
 
 def _materialise(spec: str, cache_dir: Path) -> str:
@@ -151,7 +156,7 @@ def _materialise(spec: str, cache_dir: Path) -> str:
 
 def _convert_alias(alias: str, cache_dir: Path) -> Path:
     package, filename = _ALIASES[alias]
-    target = cache_dir / "models" / alias
+    target = _converted(alias, cache_dir)
     if (target / "model.safetensors").exists():
         return target
     found = importlib.util.find_spec(package)

@@ -10,7 +10,7 @@ import copy
 import logging
 from typing import Any
 
-#: Paths that orchestrators and scrapers poll: their successful requests are not access-logged.
+#: Paths that orchestrators and scrapers poll: not access-logged unless they answer 500.
 QUIET_PATHS = frozenset({"/health", "/ready", "/metrics"})
 
 

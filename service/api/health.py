@@ -48,7 +48,7 @@ def ready(rt: Annotated[Runtime, Depends(runtime)]) -> JSONResponse:
         processed=state.processed,
         log_end=log_end,
         detail=detail,
-        progress=state.step_done if state.step else None,
+        progress=state.step_done,  # published and cleared with the step
     )
     return JSONResponse(body.model_dump(), status_code=200 if body.ready else 503)
 
