@@ -78,7 +78,8 @@ async def completions(
 ) -> Completion | StreamingResponse:
     _check_model(rt, body.model)
     prompts = [body.prompt] if isinstance(body.prompt, str) else body.prompt
-    params = body.sampling(16)
+    # OpenAI's default, unless this server allows fewer: leaving it out is never an error.
+    params = body.sampling(min(16, rt.settings.max_new_tokens))
     await rt.await_version(body.min_version)
     ids = rt.encode(prompts[0], params.max_new_tokens)
     cid, created, name = f"cmpl-{uuid.uuid4().hex}", int(time.time()), rt.settings.model

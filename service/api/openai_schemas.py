@@ -52,7 +52,9 @@ class CompletionRequest(_Request):
         Annotated[str, Field(min_length=1)]
         | Annotated[list[Annotated[str, Field(min_length=1)]], Field(min_length=1, max_length=1)]
     ) = Field(description="one prompt (a list of one is accepted)")
-    max_tokens: int | None = Field(default=16, ge=1)
+    max_tokens: int | None = Field(
+        default=None, ge=1, description="16 when left out (OpenAI's default), or the server's limit"
+    )
     echo: bool = False
 
 

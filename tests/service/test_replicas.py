@@ -16,7 +16,7 @@ import httpx
 import redis
 from prometheus_client.parser import text_string_to_metric_families
 from svc_helpers import RedisServer, wait_for, wait_status
-from test_server_process import BURST_STEPS, burst_facts, serve, server_env
+from test_server_process import BURST_STEPS, burst_facts, serve_many, server_env
 
 # Edits in the whole run: enough that a late replica has a log to catch up on.
 EDITS = 24
@@ -74,8 +74,12 @@ def test_replicas_compute_each_edit_once_and_converge(
     store = redis.Redis.from_url(redis_server.url)
     with ExitStack() as stack:
         procs, clients = {}, {}
-        for name in ("r1", "r2", "r3"):
-            procs[name], url = stack.enter_context(serve(env(name), tmp_path / f"{name}.log"))
+        first = ("r1", "r2", "r3")
+        servers = stack.enter_context(
+            serve_many([(env(name), tmp_path / f"{name}.log") for name in first])
+        )
+        for name, (proc, url) in zip(first, servers, strict=True):
+            procs[name] = proc
             clients[name] = stack.enter_context(httpx.Client(base_url=url, timeout=60))
         names = list(clients)
 
@@ -139,7 +143,15 @@ def test_replicas_compute_each_edit_once_and_converge(
         for edit_id in rest:
             assert wait_status(witness, edit_id, {"applied", "failed"}, 600)["status"] == "applied"
         state = converged(survivors)
-        _, url = stack.enter_context(serve(env("r4"), tmp_path / "r4.log"))
+        # The late replica and one with another RECT share (a weight setting) start together.
+        [(_, url), (_, odd_url)] = stack.enter_context(
+            serve_many(
+                [
+                    (env("r4"), tmp_path / "r4.log"),
+                    (env("odd", EDITSERVE_RECT_KEEP="0.6"), tmp_path / "odd.log"),
+                ]
+            )
+        )
         late = stack.enter_context(httpx.Client(base_url=url, timeout=60))
         info = late.get("/info").json()  # ready means caught up: no wait here
         assert (info["model_version"], info["weights_digest"]) == next(iter(state.values()))
@@ -151,12 +163,9 @@ def test_replicas_compute_each_edit_once_and_converge(
         # (a record is noted when it ends a swap: a single edit, or the last of a batch)
         assert sum(f["match"] for f in found.values()) >= 1, found
 
-        # A replica with another RECT share (a weight setting) on the same log: after the next
-        # edit, whichever replica computed it, the one and the others disagree, and it shows.
-        _, url = stack.enter_context(
-            serve(env("odd", EDITSERVE_RECT_KEEP="0.6"), tmp_path / "odd.log")
-        )
-        odd = stack.enter_context(httpx.Client(base_url=url, timeout=60))
+        # The replica with another RECT share: after the next edit, whichever replica computed
+        # it, the one and the others disagree, and it shows.
+        odd = stack.enter_context(httpx.Client(base_url=odd_url, timeout=60))
         edit_id = witness.post("/edits", json=burst_facts(EDITS + 13)[-1]).json()["id"]
         edit = wait_status(witness, edit_id, {"applied", "failed"}, 300)
         assert edit["status"] == "applied", edit

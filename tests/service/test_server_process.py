@@ -35,29 +35,44 @@ def serve(
 ) -> Iterator[tuple[subprocess.Popen, str]]:
     """``editserve serve`` in its own process, once ready; ``seen`` collects every /ready body
     read while it started."""
-    port = free_port()
-    with open(log_path, "ab") as out:
-        proc = subprocess.Popen(
-            [sys.executable, "-m", "service.cli", "serve", "--port", str(port)],
-            env={**os.environ, **env},
-            stdout=out,
-            stderr=subprocess.STDOUT,
-        )
-    url = f"http://127.0.0.1:{port}"
+    with serve_many([(env, log_path)], seen) as [server]:
+        yield server
 
-    def ready() -> bool:
-        r = httpx.get(f"{url}/ready", timeout=2)
-        if seen is not None:
-            seen.append(r.json())
-        return r.status_code == 200
 
+@contextmanager
+def serve_many(
+    servers: list[tuple[dict[str, str], Path]], seen: list[dict] | None = None
+) -> Iterator[list[tuple[subprocess.Popen, str]]]:
+    """Several ``editserve serve`` processes, started at once (their start-ups overlap), once
+    all are ready."""
+    started: list[tuple[subprocess.Popen, str, Path]] = []
     try:
-        wait_for(lambda: proc.poll() is not None or ready(), 180, "the server to be ready")
-        assert proc.poll() is None, log_path.read_text()[-3000:]
-        yield proc, url
+        for env, log_path in servers:
+            port = free_port()
+            with open(log_path, "ab") as out:
+                proc = subprocess.Popen(
+                    [sys.executable, "-m", "service.cli", "serve", "--port", str(port)],
+                    env={**os.environ, **env},
+                    stdout=out,
+                    stderr=subprocess.STDOUT,
+                )
+            started.append((proc, f"http://127.0.0.1:{port}", log_path))
+        for proc, url, log_path in started:
+
+            def ready(url: str = url) -> bool:
+                r = httpx.get(f"{url}/ready", timeout=2)
+                if seen is not None:
+                    seen.append(r.json())
+                return r.status_code == 200
+
+            wait_for(lambda p=proc, r=ready: p.poll() is not None or r(), 180, "the server ready")
+            assert proc.poll() is None, log_path.read_text()[-3000:]
+        yield [(proc, url) for proc, url, _ in started]
     finally:
-        if proc.poll() is None:
-            proc.terminate()
+        for proc, _, _ in started:
+            if proc.poll() is None:
+                proc.terminate()
+        for proc, _, _ in started:
             try:
                 proc.wait(30)
             except subprocess.TimeoutExpired:
