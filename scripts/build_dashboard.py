@@ -146,6 +146,26 @@ ROWS: list[tuple[str, list[tuple[str, str, list[tuple[str, str]], int, str]]]] =
                 8,
                 "line",
             ),
+            (
+                "Edit retention: share of re-checked facts that still hold (last 64 checks)",
+                "percentunit",
+                [(f"editserve_edit_retention{{{SEL}}}", "{{instance}}")],
+                12,
+                "line",
+            ),
+            (
+                "Retention checks by result",
+                "short",
+                [
+                    (
+                        "sum by (result) "
+                        f"(increase(editserve_edits_checked_total{{{SEL}}}[{RATE}]))",
+                        "{{result}}",
+                    )
+                ],
+                12,
+                "bars",
+            ),
         ],
     ),
     (

@@ -28,13 +28,15 @@ from prometheus_client.process_collector import ProcessCollector
 from prometheus_client.registry import Collector
 
 from service.editlog.base import EditLog, EditLogError, EditStatus
+from service.retention import WINDOW as RETENTION_WINDOW
 from service.state import WorkerState
 
 log = logging.getLogger(__name__)
 
 PREFIX = "editserve"
 EDIT_OUTCOMES = ("applied", "rejected", "failed", "reverted", "superseded")
-EDIT_PHASES = ("keys", "zstar", "solve", "swap", "probes", "scores", "total")
+# retention: the check after the edit is published, so not part of total.
+EDIT_PHASES = ("keys", "zstar", "solve", "swap", "probes", "scores", "total", "retention")
 GENERATION_OUTCOMES = ("ok", "error", "cancelled", "rejected")
 GUARDRAILS = ("agreement", "delta_growth", "perplexity_ratio")
 
@@ -117,6 +119,13 @@ class Metrics:
             ["result"],
             registry=r,
         )
+        self.edits_checked = Counter(
+            f"{PREFIX}_edits_checked",
+            "Active facts re-scored after an edit on the served weights, by result (held: "
+            "P(target_new) still beats P(ground_truth) on the fact's prompt)",
+            ["result"],
+            registry=r,
+        )
         # Every label value exists from the start: a rate over a series that appears only at
         # its first event misses that event.
         for status in EDIT_OUTCOMES:
@@ -127,6 +136,8 @@ class Metrics:
             self.generation_requests.labels(status)
         for result in ("match", "mismatch"):
             self.weights_checks.labels(result)
+        for result in ("held", "lost"):
+            self.edits_checked.labels(result)
         for guardrail in GUARDRAILS:
             for action in ("reject", "flag"):
                 self.guardrail_breaches.labels(guardrail, action)
@@ -252,6 +263,14 @@ class _Levels(Collector):
                     probes.perplexity_ratio,
                 )
             yield _gauge("probe_seconds", "Duration of the last probe pass", probes.seconds)
+        if state.retention is not None:
+            yield _gauge(
+                "edit_retention",
+                f"Share of the last {RETENTION_WINDOW} retention checks (one active fact each, "
+                "on this replica) whose fact held; checks of edits no longer in effect are "
+                "dropped",
+                state.retention,
+            )
         if state.last_target_probability is not None:
             family = GaugeMetricFamily(
                 f"{PREFIX}_last_edit_target_probability",

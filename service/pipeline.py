@@ -4,7 +4,9 @@
   guardrails and only then swap them in, so that a rejected edit never reaches the served model;
   score the edit on the live model before and after; store the record; mark the edit applied.
   A batch of queued edits shares one z* optimisation, one solve, one probe pass and one swap;
-  each edit still gets its own record, scores and status.
+  each edit still gets its own record, scores and status. Once the edit is published, a
+  rotating sample of the active facts is re-scored to see that earlier edits still hold
+  (``service.retention``).
 - **install**: a record computed earlier (before a restart, or by another replica) is swapped in
   without z* and without a guardrail, since it passed one where it was computed.
 - **revert**: swapped in at once (nothing can reject it), probed after.
@@ -41,6 +43,7 @@ from service.metrics import Metrics
 from service.probes import Prober, ProbeReport
 from service.rebuild import applied, reverted
 from service.replicas import Replicas
+from service.retention import Retention
 from service.scores import Snapshot, edit_scores, snapshot, target_probability
 from service.served import ServedWeights
 from service.state import PublishedState
@@ -60,6 +63,7 @@ class EditPipeline:
         metrics: Metrics,
         guard: Guardrails,
         prober: Prober | None,
+        retention: Retention,
     ) -> None:
         self.weights = weights
         self.editor = weights.editor
@@ -70,6 +74,7 @@ class EditPipeline:
         self.metrics = metrics
         self.guard = guard
         self.prober = prober
+        self.retention = retention
         self.probe_set = prober.probe_set() if prober is not None else None
         self._w0_mean = {layer: float(w.abs().mean()) for layer, w in self.editor.w0.items()}
 
@@ -108,6 +113,7 @@ class EditPipeline:
         self._finish(op, facts, record, change.superseded, (before, after), breaches, last=True)
         seconds["scores"] = time.perf_counter() - scoring
         seconds["total"] = time.perf_counter() - started
+        self._check_retention(seconds, 1)
         self._account(seconds, 1)
 
     def apply_batch(self, ops: list[Operation]) -> None:
@@ -155,6 +161,7 @@ class EditPipeline:
             start = end
         seconds["scores"] = time.perf_counter() - scoring
         seconds["total"] = time.perf_counter() - started
+        self._check_retention(seconds, len(work))
         self._account(seconds, len(work))
 
     def _take(self, op: Operation) -> EditEntry | None:
@@ -221,6 +228,30 @@ class EditPipeline:
         probes = self.state.get().probes
         return edit_scores(facts, before, after, probes, self.probe_set, breaches, batch)
 
+    def _check_retention(self, seconds: dict[str, float], edits: int) -> None:
+        """Re-score the next active facts of the rotation (``service.retention``) on the weights
+        generation reads, once the edit is published, so that its client does not wait.
+
+        No weights lock, like the scores after a swap: only this thread swaps, so the weights
+        cannot change under the check, and generation only reads them meanwhile."""
+        if not self.retention.enabled:
+            return
+        started = time.perf_counter()
+        try:
+            held = self.retention.check(self.weights.served, self.editor.records, edits)
+        except Exception:  # a measurement: it must not stop the applier
+            log.exception("the retention check failed")
+            return
+        for ok in held:
+            self.metrics.edits_checked.labels("held" if ok else "lost").inc()
+        self.state.update(retention=self.retention.share())
+        seconds["retention"] = time.perf_counter() - started
+
+    def _forget_inactive(self) -> None:
+        """Drop the retention results of edits no longer in effect (reverted, superseded)."""
+        self.retention.keep(r.id for r in self.editor.records)
+        self.state.update(retention=self.retention.share())
+
     def _account(self, seconds: dict[str, float], edits: int) -> None:
         """Publish an edit's phase times; a batch charges each of its edits an equal share."""
         share = {phase: value / edits for phase, value in seconds.items()}
@@ -240,6 +271,7 @@ class EditPipeline:
         self._probe_guard_and_swap(op.seq, change, {}, guarded=False, report=report)
         self.replicas.check_weights(op, blob)
         self._mark_applied(op, change.superseded, None)
+        self._forget_inactive()
 
     def revert(self, op: Operation) -> None:
         started = time.perf_counter()
@@ -258,6 +290,7 @@ class EditPipeline:
         norms = weight_norms(change.weights, self.editor.w0)
         self._observe(norms, self.state.get().probes)
         self.log.transition_many([reverted(op)])
+        self._forget_inactive()
         self._observe(*self._measure(change.weights))
 
     def measure_live(self) -> None:

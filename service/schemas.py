@@ -12,6 +12,7 @@ from pydantic import BaseModel, ConfigDict, Discriminator, Field, Tag, model_val
 
 from service.editlog.base import EditEntry, EditStatus
 from service.errors import ProblemDetail
+from service.retention import EditCheck
 
 _TEXT = Field(min_length=1, max_length=2000)
 
@@ -98,9 +99,21 @@ class EditOut(BaseModel):
         description="P(target_new) before/after on the prompt and paraphrases; drift of the "
         "next-token distribution on the locality prompts",
     )
+    retention_checked_at: datetime | None = Field(
+        default=None,
+        description="when this replica last re-scored the edit on its served weights (null: "
+        "not checked here: not yet, computed by another replica, no fact with a ground_truth, "
+        "or no longer in effect); kept in this replica's memory, not in the log",
+    )
+    retention_held: bool | None = Field(
+        default=None,
+        description="whether, at that check, P(target_new) still beat P(ground_truth) on the "
+        "prompt of every fact of the edit that was checked",
+    )
 
     @classmethod
-    def of(cls, entry: EditEntry) -> EditOut:
+    def of(cls, entry: EditEntry, check: EditCheck | None = None) -> EditOut:
+        """``entry`` as the API shows it, with this replica's last retention ``check``."""
         return cls(
             id=entry.id,
             status=entry.status,
@@ -116,6 +129,8 @@ class EditOut(BaseModel):
             computed_by=entry.computed_by,
             error=ProblemDetail(**entry.error) if entry.error else None,
             scores=entry.scores,
+            retention_checked_at=_time(check.checked_at) if check else None,
+            retention_held=check.held if check else None,
         )
 
 

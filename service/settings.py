@@ -135,6 +135,12 @@ class Settings(BaseSettings):
         description="What a guardrail breach does: reject rolls the edit back, flag keeps it "
         "and marks it.",
     )
+    retention_sample: int = Field(
+        default=8,
+        ge=0,
+        description="Active facts re-scored after each edit this replica computes, rotating "
+        "oldest first: does P(target_new) still beat P(ground_truth)? (0: off).",
+    )
 
     # -- the edit log --
     data_dir: Path = Field(

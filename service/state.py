@@ -37,6 +37,8 @@ class WorkerState:
     weight_norms: Norms = field(default_factory=dict)  # of the edited layers, as served
     probes: ProbeReport | None = None  # the latest probe pass
     last_target_probability: tuple[float, float] | None = None  # the last edit's, before/after
+    # Share of the last retention checks whose fact held (service.retention); None before any.
+    retention: float | None = None
     # Set when this replica's weights differed from those of the replica that computed an
     # installed record (at the same version); cleared by a later check that agrees.
     weights_mismatch: dict[str, Any] | None = None

@@ -40,6 +40,7 @@ from service.pipeline import EditPipeline
 from service.probes import Prober, default_dtype, load_probes
 from service.rebuild import read_log
 from service.replicas import Replicas, Stopping
+from service.retention import Retention
 from service.served import ServedWeights
 from service.settings import Settings
 from service.state import PublishedState, WorkerState
@@ -73,6 +74,8 @@ class ModelWorker:
         self.replicas = Replicas(
             edit_log, replica, settings.lease_seconds, self.metrics, self._state, self._stopping
         )
+        # Live measurements of this replica, in memory only (service.retention).
+        self.retention = Retention(settings.retention_sample)
         # Set once the model is loaded (_serve).
         self.editor: Editor | None = None
         self.weights: ServedWeights | None = None
@@ -179,6 +182,7 @@ class ModelWorker:
             self.metrics,
             s.guardrails(),
             prober,
+            self.retention,
         )
 
     def _start_generation(self) -> None:

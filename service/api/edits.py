@@ -88,7 +88,7 @@ def get_edit(edit_id: EditId, rt: Annotated[Runtime, Depends(runtime)]) -> EditO
         raise _log_down(exc) from None
     if entry is None:
         raise Problem(404, f"no edit {edit_id}")
-    return EditOut.of(entry)
+    return EditOut.of(entry, rt.worker.retention.last(entry.id))
 
 
 @router.get(
@@ -110,7 +110,7 @@ def list_edits(
         raise _log_down(exc) from None
     more = len(entries) == limit
     return EditPage(
-        edits=[EditOut.of(e) for e in entries],
+        edits=[EditOut.of(e, rt.worker.retention.last(e.id)) for e in entries],
         next_cursor=str(entries[-1].seq) if more and entries else None,
     )
 
