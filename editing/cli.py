@@ -41,6 +41,12 @@ def build_parser() -> tuple[argparse.ArgumentParser, argparse._SubParsersAction]
             default=None,
             help="first-last edited blocks, e.g. 3-7 (default: tuned)",
         )
+        p.add_argument(
+            "--memory-threshold",
+            type=float,
+            default=None,
+            help="the keyed memory's match cosine; 0: no memory (default: the method's own)",
+        )
         p.add_argument("--clamp", type=float, default=defaults.clamp_norm_factor)
         p.add_argument("--steps", type=int, default=defaults.v_steps)
         p.add_argument(
@@ -105,6 +111,7 @@ def _hparams(args: argparse.Namespace) -> EditHparams:
         "clamp_norm_factor": args.clamp,
         "v_steps": args.steps,
         "solve_dtype": args.solve_dtype,
+        "memory_threshold": args.memory_threshold,
     }
     if args.layers:
         changes["layers"] = args.layers

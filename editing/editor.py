@@ -1,9 +1,9 @@
 """The editor: owns the edited matrices of one model and the ordered set of active edits.
 
-The live weights are a pure function of (W0, the active delta records, the method). Applying,
-reverting, superseding and replaying all compute a new method state and the new weights first,
-check them, and only then install them: an error leaves both the state and the weights as they
-were.
+The live weights, and the keyed memory where the method uses one, are a pure function of (W0, the
+active delta records, the method). Applying, reverting, superseding and replaying all compute a
+new method state, the new weights and the new memory first, check them, and only then install
+them: an error leaves the state, the weights and the memory as they were.
 """
 
 from __future__ import annotations
@@ -24,12 +24,13 @@ from editing.adapters import adapter_for
 from editing.covariance import DEFAULT_TOKENS, covariance
 from editing.facts import EditError, Fact, InvalidFactError, NonFiniteUpdateError, validate_fact
 from editing.hparams import EditHparams
+from editing.keyed_memory import Entries, KeyedMemory
 from editing.memory import retain_freed_memory
 from editing.methods import EditMethod, MethodState, make_method
 from editing.models import LoadedModel
 from editing.records import DeltaRecord
-from editing.tracing import instrument
-from editing.zstar import compute_zstar
+from editing.tracing import instrument, set_memory
+from editing.zstar import compute_row_keys, compute_zstar
 
 log = logging.getLogger(__name__)
 
@@ -90,6 +91,21 @@ class Editor:
                 on_progress=on_progress,
             )
         self.method: EditMethod[Any] = make_method(method, self.hp, c0, self.w0)
+        #: The keyed memory's cosine threshold (``editing.keyed_memory``); 0: no memory.
+        self.memory_threshold = (
+            self.hp.memory_threshold
+            if self.hp.memory_threshold is not None
+            else self.method.memory_threshold
+        )
+        if self.memory_threshold <= 0 and not self.method.updates_weights:
+            raise ValueError(
+                f"the {method} method keeps edits in the keyed memory alone: "
+                "its memory threshold must be above 0"
+            )
+        # Each active record's memory entries, by id, with the record they were made from (a
+        # shortened record is a new object under the same id, and gets new entries).
+        self._entries: dict[str, tuple[DeltaRecord, Entries]] = {}
+        self.memory: KeyedMemory | None = None
         self._records: list[DeltaRecord] = []
         self._state: MethodState = self.method.empty()
         self._room: tuple[MethodState | None, float | None] = (
@@ -114,11 +130,14 @@ class Editor:
         return {layer: self.adapter.read(self.lm.model, layer) for layer in self.hp.layers}
 
     def digest(self) -> str:
-        """sha256 of the edited matrices' bytes: equal digests mean identical weights."""
+        """sha256 of the edited matrices' bytes, and of the keyed memory's where there is one:
+        equal digests mean an identical served model."""
         h = hashlib.sha256()
         for layer in self.hp.layers:
             weight = self.adapter.parameter(self.lm.model, layer).detach()
             h.update(weight.contiguous().cpu().view(torch.uint8).numpy().tobytes())
+        if self.memory is not None:
+            h.update(self.memory.digest.encode())
         return h.hexdigest()
 
     def state_bytes(self) -> int:
@@ -171,6 +190,7 @@ class Editor:
             facts=tuple(facts),
             keys=z.keys,
             residual=z.residual,
+            row_keys=z.row_keys,
             stats={"nll_before": z.nll_before, "nll_after": z.nll_after, "steps": [z.steps]},
         )
 
@@ -266,6 +286,9 @@ class Editor:
     def commit(self, change: Change) -> None:
         for layer, weight in change.weights.items():
             self.adapter.write(self.lm.model, layer, weight)
+        set_memory(self.lm.model, change.memory)
+        self.memory = change.memory
+        self._entries = change.entries
         self._records = change.records
         self._state = change.state
         self.version += 1
@@ -280,16 +303,45 @@ class Editor:
                 weights[layer] = self.w0[layer] + update[layer].to(self.w0[layer].device)
             else:
                 weights[layer] = self.w0[layer].clone()
-        return Change(records=records, state=state, weights=weights)
+        memory, entries = self._plan_memory(records)
+        return Change(records, state, weights, memory=memory, entries=entries)
+
+    def _plan_memory(
+        self, records: list[DeltaRecord]
+    ) -> tuple[KeyedMemory | None, dict[str, tuple[DeltaRecord, Entries]]]:
+        """The keyed memory of ``records``, reusing the entries of records already active."""
+        if self.memory_threshold <= 0:
+            return None, {}
+        entries = {}
+        for record in records:
+            known = self._entries.get(record.id)
+            if known is not None and known[0] is record:
+                entries[record.id] = known
+                continue
+            row_keys = record.row_keys
+            if row_keys is None:  # a record from before the memory: its keys from its facts
+                row_keys = compute_row_keys(self.lm, list(record.facts), self.hp)
+            entries[record.id] = (record, Entries.of(record, row_keys, self.lm.device))
+        memory = KeyedMemory.of(
+            [e for _, e in entries.values()],
+            facts=sum(len(r.facts) for r in records),
+            threshold=self.memory_threshold,
+            key_layer=self.hp.layers[0],
+            value_layer=self.hp.last_layer,
+        )
+        return memory, entries
 
 
 @dataclass
 class Change:
-    """A planned state of the editor: the active records, the method state, the new weights."""
+    """A planned state of the editor: the active records, the method state, the new weights
+    and the new keyed memory (None: none), with the entries it is made of."""
 
     records: list[DeltaRecord]
     state: MethodState
     weights: dict[int, torch.Tensor]
+    memory: KeyedMemory | None = None
+    entries: dict[str, tuple[DeltaRecord, Entries]] = field(default_factory=dict)
     superseded: list[str] = field(default_factory=list)
     superseded_by: dict[str, str] = field(default_factory=dict)  # old record id -> new one
 

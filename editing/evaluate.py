@@ -230,6 +230,8 @@ def evaluate_state(
         "rect_keep": editor.hp.rect_keep,
         "mom2_lambda": editor.hp.mom2_lambda,
         "layers": list(editor.hp.layers),
+        "memory_threshold": editor.memory_threshold,
+        "memory_entries": len(editor.memory) if editor.memory is not None else 0,
         "efficacy": after.get("efficacy"),
         "paraphrase": after.get("paraphrase"),
         "neighborhood": after.get("neighborhood"),

@@ -71,6 +71,9 @@ class EditHparams:
         rows (the system is made in float64 from the exact sums either way): "float64", the
         default (docs/algorithms.md, section 2, "The D4S update"), or "float32", faster, at the
         precision of the weights it writes (``editing.d4s.solve_update``).
+    memory_threshold: the cosine at which a position's key matches an entry of the keyed memory
+        (``editing.keyed_memory``); 0 turns the memory off, None takes the method's own (0.9 for
+        ``memory``, off for the weight methods).
     """
 
     layers: tuple[int, ...] = (3, 4, 5, 6, 7)
@@ -86,6 +89,7 @@ class EditHparams:
     alpha_l2: float = 10.0
     nullspace_threshold: float = 2e-2
     solve_dtype: str = "float64"
+    memory_threshold: float | None = None
     seed: int = 0
 
     def __post_init__(self) -> None:
@@ -98,6 +102,8 @@ class EditHparams:
             raise ValueError(
                 f"solve_dtype must be one of {', '.join(SOLVE_DTYPES)}, got {self.solve_dtype!r}"
             )
+        if self.memory_threshold is not None and not 0.0 <= self.memory_threshold <= 1.0:
+            raise ValueError(f"memory_threshold must be in [0, 1], got {self.memory_threshold}")
         if not self.context_prefixes or self.context_prefixes[0] != "":
             raise ValueError("context_prefixes must start with the bare prompt ''")
 

@@ -8,6 +8,8 @@ new states and never modify their input, so a failed edit leaves the old state u
   docs/algorithms.md sections 2 to 4).
 - ``memit-seq``: each record's MEMIT update is added to the previous ones (the collapsing baseline).
 - ``alphaedit``: each record's update is projected onto the null space of C0 and of earlier keys.
+- ``memory``: no weight update; every record lives in the keyed memory (``editing.keyed_memory``),
+  which any method can also use beside its weights (``EditHparams.memory_threshold``).
 
 The two baselines are docs/algorithms.md section 5.
 
@@ -63,11 +65,19 @@ class AlphaEditState:
     kk: dict[int, torch.Tensor]
 
 
+@dataclass(frozen=True, eq=False)
+class MemoryState:
+    """The memory method's state: nothing but how many records it holds (the records
+    themselves are the editor's)."""
+
+    count: int
+
+
 #: Any method's state. States are compared by identity (``eq=False``): a state that a change left
 #: alone is the same object.
-MethodState = D4SState | MemitSeqState | AlphaEditState
+MethodState = D4SState | MemitSeqState | AlphaEditState | MemoryState
 
-S = TypeVar("S", D4SState, MemitSeqState, AlphaEditState)
+S = TypeVar("S", D4SState, MemitSeqState, AlphaEditState, MemoryState)
 
 
 class EditMethod(ABC, Generic[S]):
@@ -75,6 +85,11 @@ class EditMethod(ABC, Generic[S]):
 
     name: ClassVar[str]
     against_original: ClassVar[bool]
+    #: Whether the method changes the weights at all.
+    updates_weights: ClassVar[bool] = True
+    #: The keyed memory's cosine threshold unless ``EditHparams.memory_threshold`` sets one;
+    #: 0 is no memory.
+    memory_threshold: ClassVar[float] = 0.0
 
     def __init__(
         self, hp: EditHparams, c0: dict[int, torch.Tensor], w0: dict[int, torch.Tensor]
@@ -326,7 +341,33 @@ class AlphaEdit(EditMethod[AlphaEditState]):
         return {layer: d.float() for layer, d in state.dw.items()}
 
 
-METHODS: dict[str, type[EditMethod[Any]]] = {m.name: m for m in (D4S, MemitSeq, AlphaEdit)}
+class MemoryOnly(EditMethod[MemoryState]):
+    """The weights stay W0; each record's facts are entries of the keyed memory. Its records are
+    d4s's (keys and z* on W0), so a log can move between the two methods."""
+
+    name = "memory"
+    against_original = True
+    updates_weights = False
+    #: Measured on CounterFact (docs/results.md, "Capacity"): at 0.9 a fact's own prompts and
+    #: its paraphrases match and other subjects' text does not.
+    memory_threshold = 0.9
+
+    def empty(self) -> MemoryState:
+        return MemoryState(0)
+
+    def fold(self, state: MemoryState, record: DeltaRecord) -> MemoryState:
+        return MemoryState(state.count + 1)
+
+    def rebuild(self, records: list[DeltaRecord]) -> MemoryState:
+        return MemoryState(len(records))
+
+    def update(self, state: MemoryState) -> dict[int, torch.Tensor]:
+        return {}
+
+
+METHODS: dict[str, type[EditMethod[Any]]] = {
+    m.name: m for m in (D4S, MemitSeq, AlphaEdit, MemoryOnly)
+}
 
 
 def make_method(

@@ -1,9 +1,11 @@
 """Delta records: what one edit step contributes, enough to rebuild the weights without z*.
 
 A record holds, for each edited layer, the keys K (``n x in``: one row per fact) and the shared
-residual R = z* - h (``n x out``). Every method derives its weight update from these alone, so a
-set of records is the whole edit state: replay after a restart, revert and supersede are folds
-over records, never a new z* optimisation.
+residual R = z* - h (``n x out``); and, for the keyed memory (``editing.keyed_memory``), the first
+edited layer's key on each row z* saw (``n x P x in``, unaveraged; absent in records written
+before the memory existed, which then compute it from their facts). Every method derives its
+weight update (and the memory) from these alone, so a set of records is the whole edit state:
+replay after a restart, revert and supersede are folds over records, never a new z* optimisation.
 """
 
 from __future__ import annotations
@@ -27,6 +29,7 @@ class DeltaRecord:
     facts: tuple[Fact, ...]
     keys: dict[int, torch.Tensor]  # layer -> n x in
     residual: torch.Tensor  # n x out
+    row_keys: torch.Tensor | None = field(default=None, compare=False)  # n x P x in, float16
     stats: dict[str, list[float]] = field(default_factory=dict, compare=False)
 
     @property
@@ -50,6 +53,7 @@ class DeltaRecord:
             facts=tuple(self.facts[i] for i in keep),
             keys={layer: k[rows] for layer, k in self.keys.items()},
             residual=self.residual[rows],
+            row_keys=self.row_keys[rows] if self.row_keys is not None else None,
             # per-fact lists are sliced; the rest (a step's count of z* steps) is the step's own
             stats={
                 name: [v[i] for i in keep] if len(v) == len(self.facts) else list(v)
@@ -62,6 +66,8 @@ class DeltaRecord:
         ``notes``, which the record itself does not read back (:func:`record_notes` does)."""
         tensors = {f"keys.{layer}": k.contiguous() for layer, k in self.keys.items()}
         tensors["residual"] = self.residual.contiguous()
+        if self.row_keys is not None:
+            tensors["row_keys"] = self.row_keys.contiguous()
         meta = {
             "id": self.id,
             "facts": json.dumps([fact_to_json(f) for f in self.facts]),
@@ -83,6 +89,7 @@ class DeltaRecord:
             facts=tuple(fact_from_json(f) for f in json.loads(meta["facts"])),
             keys=dict(sorted(keys.items())),
             residual=tensors["residual"],
+            row_keys=tensors.get("row_keys"),
             stats=json.loads(meta.get("stats", "{}")),
         )
 

@@ -35,6 +35,7 @@ class ZStarResult:
 
     keys: dict[int, torch.Tensor]
     residual: torch.Tensor
+    row_keys: torch.Tensor  # n x P x in: the first edited layer's key on each of a fact's P rows
     nll_before: list[float]
     nll_after: list[float]
     steps: int
@@ -67,6 +68,7 @@ def compute_zstar(
     assert trace.block_output is not None
     cached = trace.block_output.detach().float()
     keys = {layer: _mean_keys(trace.inputs[layer], batch, len(facts)) for layer in hp.layers}
+    row_keys = _row_keys(trace.inputs[hp.layers[0]], batch, len(facts))
     h = cached[batch.bare_rows, batch.lookup[batch.bare_rows]]  # n x hidden
     keyed = time.perf_counter()
 
@@ -119,6 +121,7 @@ def compute_zstar(
     return ZStarResult(
         keys={layer: k.float().cpu() for layer, k in keys.items()},
         residual=delta.detach().float().cpu(),
+        row_keys=row_keys,
         nll_before=nll_before,
         nll_after=nll_last.cpu().tolist(),
         steps=steps,
@@ -192,6 +195,16 @@ def compute_keys(
     }
 
 
+def compute_row_keys(lm: LoadedModel, facts: list[Fact], hp: EditHparams) -> torch.Tensor:
+    """The keyed memory's keys of ``facts`` (``n x P x in``) as :func:`compute_zstar` records them
+    in ``row_keys``, for records written before they were: no z*. The first edited layer's input
+    comes before any edited matrix, so the model's own weights give W0's keys."""
+    instrument(lm.model, adapter_for(lm.model))
+    batch = build_batch(lm.tokenizer, facts, hp.context_prefixes, lm.device)
+    trace = _first_pass(lm, batch, hp.layers[:1], None, capture_last=False)
+    return _row_keys(trace.inputs[hp.layers[0]], batch, len(facts))
+
+
 def _first_pass(
     lm: LoadedModel,
     batch: Batch,
@@ -219,6 +232,15 @@ def _mean_keys(inputs: torch.Tensor, batch: Batch, n: int) -> torch.Tensor:
     rows = batch.nll_rows
     per_row = inputs[rows, batch.lookup[rows]].float()  # R x in
     return _mean_per_fact(per_row, batch.fact_of_row[rows], n)
+
+
+def _row_keys(inputs: torch.Tensor, batch: Batch, n: int) -> torch.Tensor:
+    """The edited matrix's input at the subject's last token on each of a fact's rows, unaveraged
+    (``n x P x in``, float16 on the CPU, P the context prefixes): the keyed memory's entries
+    (``editing.keyed_memory``). The rows of a fact are consecutive, in prefix order."""
+    rows = batch.nll_rows
+    per_row = inputs[rows, batch.lookup[rows]]
+    return per_row.reshape(n, len(rows) // n, -1).to(torch.float16).cpu()
 
 
 def _target_nll(logits: torch.Tensor, batch: Batch, n: int) -> torch.Tensor:

@@ -181,6 +181,14 @@ class _Levels(Collector):
         yield _gauge("active_edits", "Edits in effect on this replica", state.active_edits)
         yield _gauge("active_facts", "Facts in effect on this replica", state.active_facts)
         yield _gauge(
+            "memory_entries",
+            "Entries of the keyed memory in effect (one per fact and z* row; 0 without one)",
+            state.memory_entries,
+        )
+        yield _gauge(
+            "memory_bytes", "Bytes of the keyed memory's keys and values", state.memory_bytes
+        )
+        yield _gauge(
             "log_processed_seq", "Log position of the last operation handled", state.processed
         )
         yield _gauge(

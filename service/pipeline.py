@@ -26,6 +26,7 @@ import torch
 
 from editing.editor import Change, UnknownEditError
 from editing.facts import EditError, Fact, InvalidFactError
+from editing.keyed_memory import KeyedMemory
 from editing.metrics import weight_norms
 from editing.records import DeltaRecord, fact_from_json
 from service import errors
@@ -291,11 +292,11 @@ class EditPipeline:
         self._observe(norms, self.state.get().probes)
         self.log.transition_many([reverted(op)])
         self._forget_inactive()
-        self._observe(*self._measure(change.weights))
+        self._observe(*self._measure(change.weights, change.memory))
 
     def measure_live(self) -> None:
         """Publish the norms and a probe pass of the weights now served (after a rebuild)."""
-        self._observe(*self._measure(self.editor.live_weights()))
+        self._observe(*self._measure(self.editor.live_weights(), self.editor.memory))
 
     # -- probe, guard, swap ----------------------------------------------------------------
 
@@ -314,7 +315,7 @@ class EditPipeline:
         The probes score the new weights before the swap, so a rejected edit never reaches the
         served model. Returns the breaches (with action ``flag``, the edit went in anyway).
         """
-        norms, report = self._measure(change.weights, seconds, report)
+        norms, report = self._measure(change.weights, change.memory, seconds, report)
         breaches = self._breaches(self.state.get().weight_norms, norms, report) if guarded else []
         if breaches and self.guard.rejects:
             return breaches
@@ -325,14 +326,15 @@ class EditPipeline:
     def _measure(
         self,
         weights: dict[int, torch.Tensor],
+        memory: KeyedMemory | None,
         seconds: dict[str, float] | None = None,
         report: ProbeReport | None = None,
     ) -> tuple[Norms, ProbeReport | None]:
-        """Weight norms and a probe pass of ``weights`` in the edited matrices (``report``:
-        one made already)."""
+        """Weight norms and a probe pass of ``weights`` in the edited matrices with ``memory``
+        (``report``: one made already)."""
         norms = weight_norms(weights, self.editor.w0)
         if report is None and self.prober is not None:
-            report = self.prober.measure(weights)
+            report = self.prober.measure(weights, memory)
         if seconds is not None and report is not None:
             seconds["probes"] = report.seconds
         return norms, report

@@ -37,6 +37,7 @@ import torch.nn.functional as F
 
 from editing.adapters import adapter_for
 from editing.covariance import model_fingerprint
+from editing.keyed_memory import KeyedMemory
 from editing.models import LoadedModel, copy_model, right_padded
 from editing.tracing import Trace, instrument
 
@@ -173,14 +174,17 @@ class Prober:
         return f"{self.fingerprint()}-{self.dtype}"
 
     @torch.no_grad()
-    def measure(self, weights: dict[int, torch.Tensor]) -> ProbeReport:
-        """Score the model with ``weights`` (layer -> ``out x in``) in its edited matrices."""
+    def measure(
+        self, weights: dict[int, torch.Tensor], memory: KeyedMemory | None = None
+    ) -> ProbeReport:
+        """Score the model with ``weights`` (layer -> ``out x in``) in its edited matrices and
+        ``memory`` as its keyed memory."""
         started = time.perf_counter()
         agree, kl_sum, nll, tokens = 0, 0.0, 0.0, 0
         cast = {layer: w.to(self.dtype) for layer, w in weights.items()}
         for batch in self._batches:
             start = batch.start
-            trace = Trace(weights=cast)
+            trace = Trace(weights=cast, memory=memory)
             if start is not None:
                 trace.start_after = self.first_layer - 1
                 trace.replace_output = lambda start=start: start

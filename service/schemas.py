@@ -244,6 +244,12 @@ class WeightsMismatch(BaseModel):
     ours: str = Field(description="this replica's")
 
 
+class MemoryInfo(BaseModel):
+    threshold: float = Field(description="the match cosine; 0: the method uses no memory")
+    entries: int = Field(description="the keyed memory's entries (a fact has one per z* row)")
+    bytes: int = Field(description="the memory's keys and values, on the model's device")
+
+
 class Info(BaseModel):
     model: str
     device: str
@@ -254,7 +260,11 @@ class Info(BaseModel):
     model_version: int
     active_edits: int
     active_facts: int
-    weights_digest: str = Field(description="sha256 of the edited matrices' bytes")
+    memory: MemoryInfo
+    weights_digest: str = Field(
+        description="sha256 of the edited matrices' bytes and of the keyed memory's: equal "
+        "digests mean an identical served model"
+    )
     weights_mismatch: WeightsMismatch | None = Field(
         default=None,
         description="set while this replica's weights differ from those of the replica that "

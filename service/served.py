@@ -16,9 +16,11 @@ from collections.abc import Iterator
 
 import torch
 
+from editing.adapters import adapter_for
 from editing.editor import Change, Editor
 from editing.models import LoadedModel, copy_model
 from editing.records import DeltaRecord
+from editing.tracing import instrument, set_memory
 from service.state import PublishedState
 
 
@@ -72,14 +74,17 @@ class ServedWeights:
             return
         for layer, weight in self.editor.live_weights().items():
             self.editor.adapter.write(self.served.model, layer, weight)
+        set_memory(self.served.model, self.editor.memory)
 
     def _publish_state(self, version: int) -> None:
-        records = self.editor.records
+        records, memory = self.editor.records, self.editor.memory
         self._state.update(
             model_version=version,
             weights_digest=self.editor.digest(),
             active_edits=len(records),
             active_facts=sum(len(r.facts) for r in records),
+            memory_entries=len(memory) if memory is not None else 0,
+            memory_bytes=memory.nbytes() if memory is not None else 0,
         )
 
 
@@ -87,4 +92,5 @@ def _serving_model(lm: LoadedModel, serve_dtype: str) -> LoadedModel:
     if serve_dtype == "auto" or getattr(torch, serve_dtype) == lm.dtype:
         return lm
     model = copy_model(lm.model, getattr(torch, serve_dtype))
+    instrument(model, adapter_for(model))  # for the keyed memory: the copy consults it too
     return LoadedModel(spec=lm.spec, model=model, tokenizer=lm.tokenizer)

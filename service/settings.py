@@ -67,8 +67,8 @@ class Settings(BaseSettings):
     )
     method: str = Field(
         default="d4s",
-        description="The editing method: d4s, or one of the sequential baselines memit-seq "
-        "and alphaedit.",
+        description="The editing method: d4s, memory (the keyed memory alone, the weights "
+        "stay the original's), or one of the sequential baselines memit-seq and alphaedit.",
     )
     layers: str = Field(
         default=f"{_HPARAMS.layers[0]}-{_HPARAMS.layers[-1]}",
@@ -83,6 +83,13 @@ class Settings(BaseSettings):
         default=_HPARAMS.rect_keep,
         description="The share of each matrix's update entries that RECT keeps, the largest "
         "relative to W0 (1 turns RECT off).",
+    )
+    memory_threshold: float | None = Field(
+        default=None,
+        ge=0.0,
+        le=1.0,
+        description="The cosine at which a position's key matches an entry of the keyed memory; "
+        "0 turns the memory off. Unset: the method's own (0.9 for memory, off for the others).",
     )
     solve_dtype: Literal["float64", "float32"] = Field(
         default="float64",
@@ -253,6 +260,7 @@ class Settings(BaseSettings):
             "rect_keep": self.rect_keep,
             "v_steps": self.v_steps,
             "solve_dtype": self.solve_dtype,
+            "memory_threshold": self.memory_threshold,
             "layers": parse_layers(self.layers),
         }
         return EditHparams().with_(**changes)

@@ -32,6 +32,8 @@ class WorkerState:
     weights_digest: str | None = None  # sha256 of the edited matrices (Editor.digest)
     active_edits: int = 0
     active_facts: int = 0
+    memory_entries: int = 0  # entries of the keyed memory (editing.keyed_memory), 0 without one
+    memory_bytes: int = 0
     # What the last edit and probe pass measured.
     last_edit_seconds: dict[str, float] = field(default_factory=dict)  # phase -> seconds
     weight_norms: Norms = field(default_factory=dict)  # of the edited layers, as served

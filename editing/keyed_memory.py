@@ -1,0 +1,122 @@
+"""The keyed memory: edits held beside the weights, looked up by the subject's hidden state.
+
+Weight edits wear a model down as they pile up: the thousandth edit of one matrix competes with
+the other 999 for the same entries (docs/results.md, "Capacity"). The memory keeps each fact as
+entries instead, in the manner of GRACE (Hartvigsen et al. 2023) and WISE (Wang et al. 2024),
+built so that it stays a pure function of the active records:
+
+- **Keys**: the first edited block's matrix input at the subject's last token, on each row z*
+  saw (the bare prompt and each context prefix: ``DeltaRecord.row_keys``). No edit changes that
+  input, since it is read before any edited matrix, so a key holds on any edited weights.
+- **Values**: the record's residual R = z* - h, what the fact needs added to the last edited
+  block's output at the subject.
+- **Lookup**: at every position of a forward pass, the unit key with the largest cosine against
+  that position's input to the first edited matrix; where it reaches ``threshold``, the entry's
+  R is added to the last edited block's output there. Text about other subjects stays below the
+  threshold and runs the model unchanged, bit for bit.
+
+Entries are ordered as the records and their facts are, so replicas holding the same records
+hold the same memory; its digest (:attr:`KeyedMemory.digest`) joins the weights' in the editor's.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+from editing.records import DeltaRecord
+
+
+@dataclass(frozen=True, eq=False)
+class Entries:
+    """One record's entries: unit keys (``E x in``) and values (``E x out``), float32 on the
+    memory's device, and a digest of their bytes."""
+
+    keys: torch.Tensor
+    values: torch.Tensor
+    digest: bytes
+
+    @classmethod
+    def of(cls, record: DeltaRecord, row_keys: torch.Tensor, device: torch.device) -> Entries:
+        """``record``'s entries; ``row_keys`` (``n x P x in``) are its own or computed for it."""
+        n, p, width = row_keys.shape
+        keys = F.normalize(row_keys.reshape(n * p, width).float(), dim=1)
+        values = record.residual.float().repeat_interleave(p, dim=0)
+        h = hashlib.sha256()
+        for t in (keys, values):
+            h.update(t.contiguous().view(torch.uint8).numpy().tobytes())
+        return cls(keys.to(device), values.to(device), h.digest())
+
+
+@dataclass(frozen=True, eq=False)
+class Hit:
+    """Where one forward pass matched an entry: the positions (bool, ``...``) and, at each, the
+    entry's index (``...``), from the memory that matched them."""
+
+    memory: KeyedMemory
+    hit: torch.Tensor
+    index: torch.Tensor
+
+
+@dataclass(frozen=True, eq=False)
+class KeyedMemory:
+    """The active records' entries, read at ``key_layer``'s edited matrix and written at
+    ``value_layer``'s block output. Immutable: a change of the records makes a new one."""
+
+    keys: torch.Tensor  # E x in, unit rows
+    values: torch.Tensor  # E x out
+    threshold: float
+    key_layer: int
+    value_layer: int
+    digest: str
+    facts: int
+
+    @classmethod
+    def of(
+        cls,
+        entries: Sequence[Entries],
+        facts: int,
+        threshold: float,
+        key_layer: int,
+        value_layer: int,
+    ) -> KeyedMemory | None:
+        """The memory of ``entries`` (in record order); None when there are none."""
+        if not entries:
+            return None
+        h = hashlib.sha256(f"{threshold!r}:{key_layer}:{value_layer}".encode())
+        for e in entries:
+            h.update(e.digest)
+        return cls(
+            keys=torch.cat([e.keys for e in entries]),
+            values=torch.cat([e.values for e in entries]),
+            threshold=threshold,
+            key_layer=key_layer,
+            value_layer=value_layer,
+            digest=h.hexdigest(),
+            facts=facts,
+        )
+
+    def __len__(self) -> int:
+        return len(self.keys)
+
+    def match(self, x: torch.Tensor) -> Hit:
+        """The entry nearest each position of ``x`` (``... x in``), and where it is near enough.
+        Computed without a host synchronisation, so a GPU pass never waits for it."""
+        sims = F.normalize(x.float(), dim=-1) @ self.keys.T
+        best, index = sims.max(dim=-1)
+        return Hit(self, best >= self.threshold, index)
+
+    def add(self, hidden: torch.Tensor, hit: Hit) -> torch.Tensor:
+        """``hidden`` (``... x out``) with each matched position's value added. Adding a zero
+        where nothing matched leaves those positions' bits as they were."""
+        added = self.values[hit.index] * hit.hit[..., None]
+        return hidden + added.to(hidden.dtype)
+
+    def nbytes(self) -> int:
+        return self.keys.numel() * self.keys.element_size() + (
+            self.values.numel() * self.values.element_size()
+        )
