@@ -106,15 +106,19 @@ def measure(
     heldout: list[str],
 ) -> dict[str, Any]:
     """Replay ``records`` under ``spec``, evaluate, and put W0 back."""
-    editor = spec.editor(lm, hp, c0, records)
+    editor = spec.editor(lm, hp, c0)
     fluency_texts = [f.prompt for f in facts[:FLUENCY_PROMPTS]]
     try:
         started = time.perf_counter()
         editor.replay(spec.records(editor, records))
         replay_seconds = time.perf_counter() - started
-        with spec.serving(editor, records) as tier:
-            result = evaluate_state(editor, facts, before, heldout, HELDOUT_TOKENS, fluency_texts)
-            served = tier.summary() if tier is not None else None
+        result = evaluate_state(editor, facts, before, heldout, HELDOUT_TOKENS, fluency_texts)
+        memory = editor.memory
+        served = (
+            {"threshold": memory.threshold, "entries": len(memory), "bytes": memory.nbytes()}
+            if memory is not None
+            else None
+        )
     finally:
         editor.replay([])
     return {**result, "replay_seconds": replay_seconds, "memory": served, "seconds_per_edit": None}

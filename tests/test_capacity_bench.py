@@ -1,5 +1,5 @@
-"""The capacity study's variants (``bench/capacity_variants.py``): names, and the memory tier on
-the real model."""
+"""The capacity study's variant names (``bench/capacity_variants.py``) and what they build: the
+engine's own methods and keyed memory (tested in tests/editing/test_keyed_memory.py)."""
 
 from __future__ import annotations
 
@@ -7,16 +7,12 @@ import sys
 from pathlib import Path
 
 import pytest
-import torch
 
-from editing import metrics
-from editing.editor import Editor
-from editing.facts import Fact
 from editing.hparams import EditHparams
 from editing.models import LoadedModel
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "bench"))
-from capacity_variants import MemoryTier, variant
+from capacity_variants import variant
 
 
 def test_variant_names_combine_tokens() -> None:
@@ -28,24 +24,11 @@ def test_variant_names_combine_tokens() -> None:
         variant("base+bogus")
 
 
-def _logits(lm: LoadedModel, text: str) -> torch.Tensor:
-    ids = lm.tokenizer(text, return_tensors="pt")["input_ids"]
-    with torch.no_grad():
-        return lm.model(input_ids=ids).logits
-
-
-def test_the_memory_alone_makes_an_edit_hold_and_leaves_other_text_alone(
-    lm: LoadedModel, c0: dict, facts: list[Fact]
-) -> None:
-    fact = next(f for f in facts if f.ground_truth is not None)
-    editor = Editor(lm, EditHparams(), "d4s", c0=c0)
-    record = editor.compute([fact])
-    other = "The weather in the mountains was cold and clear that morning."
-    before_prompt, before_other = _logits(lm, fact.prompt), _logits(lm, other)
-    assert not metrics.counterfact_outcomes(lm, [fact])[0]["efficacy"][0][0]
-    with MemoryTier(editor, [record], 0.9) as tier:
-        assert metrics.counterfact_outcomes(lm, [fact])[0]["efficacy"][0][0]
-        assert torch.equal(_logits(lm, other), before_other)  # no key there matches
-        assert tier.fired > 0
-    # The hooks leave with the context: the model answers as before.
-    assert torch.equal(_logits(lm, fact.prompt), before_prompt)
+def test_variants_build_the_engines_methods_and_memory(lm: LoadedModel, c0: dict) -> None:
+    hp = EditHparams()
+    alone = variant("w0").editor(lm, hp, c0)
+    assert alone.method.name == "memory" and alone.memory_threshold == 0.9
+    both = variant("lam8000+mem0.8").editor(lm, hp, c0)
+    assert both.method.name == "d4s" and both.memory_threshold == 0.8
+    assert both.hp.mom2_lambda == 8000.0
+    assert variant("base").editor(lm, hp, c0).memory_threshold == 0.0
