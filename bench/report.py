@@ -1,10 +1,14 @@
 """Tables and plots of a sequential-editing study: python bench/report.py DIR
 
 DIR holds one ``editserve eval --out`` JSON per run (``bench/study.sh`` writes them):
-``<run>.json`` for CounterFact and ``zsre-<run>.json`` for zsRE. Writes into DIR:
+``<run>.json`` for CounterFact and ``zsre-<run>.json`` for zsRE; a run made in parts (a longer
+run evaluated only at its end) is ``<run>~<part>.json``, its checkpoints merged by N. Writes
+into DIR:
 - ``study.json``: every run's checkpoints, side by side;
 - ``table.md``: CounterFact at each N, and zsRE token accuracies;
 - ``score_vs_n.png``: Score against the number of edits, one line per method;
+- ``perplexity_vs_n.png``: the held-out perplexity ratio against N;
+- ``retention_vs_n.png``: efficacy after N edits, the share of all N edits that still hold;
 - ``delta_vs_n.png``: mean |W - W0| (over the edited layers) against the number of edits;
 - ``zsre_vs_n.png`` (where there are zsRE runs): reliability and locality against N.
 """
@@ -21,19 +25,31 @@ import matplotlib
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt
 
-ORDER = ["memit-seq", "alphaedit", "d4s", "d4s-rect0.6", "d4s-rect0.4", "d4s-rect0.2"]
+ORDER = [
+    "memit-seq",
+    "alphaedit",
+    "d4s",
+    "d4s-rect0.6",
+    "d4s-rect0.4",
+    "d4s-rect0.2",
+    "memory",
+]
 
 
 def _load(folder: Path) -> tuple[dict[str, Any], dict[str, Any]]:
-    counterfact, zsre = {}, {}
+    counterfact: dict[str, Any] = {}
+    zsre: dict[str, Any] = {}
     for path in sorted(folder.glob("*.json")):
         if path.name == "study.json":
             continue
         run = json.loads(path.read_text())
-        if path.stem.startswith("zsre-"):
-            zsre[path.stem.removeprefix("zsre-")] = run
-        else:
-            counterfact[path.stem] = run
+        stem = path.stem.split("~")[0]
+        runs = zsre if stem.startswith("zsre-") else counterfact
+        name = stem.removeprefix("zsre-")
+        if name in runs:  # another part: its checkpoints join the run's, by N
+            points = {p["n_edits"]: p for p in runs[name]["checkpoints"] + run["checkpoints"]}
+            run = {**run, "checkpoints": [points[n] for n in sorted(points)]}
+        runs[name] = run
     return _ordered(counterfact), _ordered(zsre)
 
 
@@ -104,6 +120,22 @@ def plot_scores(runs: dict[str, Any], path: Path) -> None:
     _save(fig, path)
 
 
+def plot_checkpoints(
+    runs: dict[str, Any], path: Path, value: Any, ylabel: str, title: str, *, log_y: bool = False
+) -> None:
+    """One line per run of ``value(point)`` at each checkpoint."""
+    fig, ax = plt.subplots(figsize=(6.4, 4.2))
+    for name, run in runs.items():
+        points = run["checkpoints"]
+        ax.plot([p["n_edits"] for p in points], [value(p) for p in points], "o-", label=name)
+    ax.set_xscale("log")
+    if log_y:
+        ax.set_yscale("log")
+    ax.set_ylabel(ylabel)
+    _style(ax, title)
+    _save(fig, path)
+
+
 def plot_deltas(runs: dict[str, Any], path: Path) -> None:
     fig, ax = plt.subplots(figsize=(6.4, 4.2))
     for name, run in runs.items():
@@ -157,6 +189,21 @@ def main() -> None:
     )
     if counterfact:
         plot_scores(counterfact, folder / "score_vs_n.png")
+        plot_checkpoints(
+            counterfact,
+            folder / "perplexity_vs_n.png",
+            lambda p: p["perplexity_after"] / p["perplexity_before"],
+            "held-out perplexity, edited / unedited",
+            "Perplexity cost after N edits, SmolLM2-135M",
+            log_y=True,
+        )
+        plot_checkpoints(
+            counterfact,
+            folder / "retention_vs_n.png",
+            lambda p: p["efficacy"],
+            "efficacy after N edits (share of\nall N edits that still hold)",
+            "Retention after N edits, SmolLM2-135M",
+        )
         plot_deltas(counterfact, folder / "delta_vs_n.png")
     if zsre:
         plot_zsre(zsre, folder / "zsre_vs_n.png")

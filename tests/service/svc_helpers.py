@@ -20,6 +20,7 @@ import torch
 import uvicorn
 
 from editing.models import LoadedModel
+from editing.tracing import set_memory
 from service.app import create_app
 from service.runtime import Runtime, open_log
 from service.settings import Settings
@@ -138,6 +139,7 @@ def live_server(settings: Settings, lm: LoadedModel, c0: dict) -> Iterator[Live]
             for name, p in lm.model.named_parameters():
                 if not torch.equal(p, pristine[name]):
                     p.data = pristine[name]
+        set_memory(lm.model, None)  # a keyed memory the server left installed
 
 
 def wait_status(
