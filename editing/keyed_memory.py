@@ -1,4 +1,5 @@
-"""The keyed memory: edits held beside the weights, looked up by the subject's hidden state.
+"""The keyed memory: edits held beside the weights, looked up by the subject's hidden state
+(docs/algorithms.md, section 7).
 
 Weight edits wear a model down as they pile up: the thousandth edit of one matrix competes with
 the other 999 for the same entries (docs/results.md, "Capacity"). The memory keeps each fact as
