@@ -68,7 +68,7 @@ def main() -> int:
     result: dict[str, Any] = {}
 
     # 1. the probe pass's share of each edit
-    with running_server(args.port):
+    with running_server(args.port, "--method", "d4s"):
         client = httpx.Client(base_url=url, timeout=300)
         # Before any edit the served weights are W0: their mean |W| is mean |W0|.
         w0_mean = {
@@ -114,7 +114,7 @@ def main() -> int:
         growths.append(max((delta[k] - previous[k]) / w0_mean[k] for k in delta))
         previous = delta
     cap = float(f"{2 * max(growths):.2g}")
-    with running_server(args.port, "--guard-max-delta-growth", str(cap)):
+    with running_server(args.port, "--method", "d4s", "--guard-max-delta-growth", str(cap)):
         client = httpx.Client(base_url=url, timeout=300)
         digest = client.get("/info").json()["weights_digest"]
         ordinary = apply(client, facts[args.edits])

@@ -138,7 +138,7 @@ def catch_up(url: str, late_edits: int) -> dict[str, Any]:
     """A replica started on a log that already holds ``late_edits`` edits: its time to ready,
     against a start on an empty log."""
     lm = load_model("smollm2-135m", device="cpu", dtype="float32")
-    editor = Editor(lm, cache_dir=default_cache_dir(), progress=False)
+    editor = Editor(lm, method="d4s", cache_dir=default_cache_dir(), progress=False)
     records, origin = _records(editor, late_edits)
     del editor, lm
     fill_log(RedisEditLog(url, "late"), records)

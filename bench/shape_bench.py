@@ -133,7 +133,7 @@ def main(argv: list[str] | None = None) -> int:
     sync = _synchronizer(device)
     hp = EditHparams(layers=layers, v_steps=args.v_steps)
     result["covariance"], c0 = _covariance(lm, hp, args.covariance_tokens, sync)
-    editor = Editor(lm, hp, c0=c0)
+    editor = Editor(lm, hp, "d4s", c0=c0)
     result["edits"] = _edits(editor, sync)
     result["solves"] = _solves(editor, args.active, sync)
     del editor, c0

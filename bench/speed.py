@@ -685,7 +685,7 @@ def _revert_by_factorisation(editor: Editor, records: list[DeltaRecord]) -> dict
 
 def section_replay(args: argparse.Namespace) -> dict[str, Any]:
     lm = load_model("smollm2-135m", device="cpu", dtype="float32")
-    editor = Editor(lm, cache_dir=default_cache_dir(), progress=False)
+    editor = Editor(lm, method="d4s", cache_dir=default_cache_dir(), progress=False)
     records, origin = _records(editor, args.replay_edits)
     start = time.perf_counter()
     editor.replay(records)
@@ -765,7 +765,7 @@ def section_bf16(args: argparse.Namespace) -> dict[str, Any]:
     # Editing quality: the same 100 d4s edits, scored on the float32 weights and on a bfloat16
     # copy of them.
     lm = load_model("smollm2-135m", device="cpu", dtype="float32")
-    editor = Editor(lm, cache_dir=default_cache_dir(), progress=False)
+    editor = Editor(lm, method="d4s", cache_dir=default_cache_dir(), progress=False)
     facts = load_facts(find_dataset("counterfact", "counterfact-train.json"), args.quality_edits)
     cache = RecordCache(Path(".cache/records"), editor)
     records = []

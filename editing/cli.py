@@ -17,7 +17,7 @@ from editing.evaluate import find_dataset, run_sequential
 from editing.facts import Fact, load_facts
 from editing.files import write_atomically
 from editing.hparams import SOLVE_DTYPES, EditHparams, parse_layers
-from editing.methods import METHODS
+from editing.methods import DEFAULT_METHOD, METHODS
 from editing.models import DEFAULT_MODEL, default_cache_dir, load_model
 
 
@@ -32,7 +32,7 @@ def build_parser() -> tuple[argparse.ArgumentParser, argparse._SubParsersAction]
         p.add_argument("--device", default="auto")
         p.add_argument("--dtype", default="auto")
         p.add_argument("--cache-dir", type=Path, default=default_cache_dir())
-        p.add_argument("--method", default="d4s", choices=sorted(METHODS))
+        p.add_argument("--method", default=DEFAULT_METHOD, choices=sorted(METHODS))
         p.add_argument("--rect-keep", type=float, default=defaults.rect_keep)
         p.add_argument("--lambda", dest="mom2_lambda", type=float, default=defaults.mom2_lambda)
         p.add_argument(

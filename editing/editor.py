@@ -26,7 +26,7 @@ from editing.facts import EditError, Fact, InvalidFactError, NonFiniteUpdateErro
 from editing.hparams import EditHparams
 from editing.keyed_memory import Entries, KeyedMemory
 from editing.memory import retain_freed_memory
-from editing.methods import EditMethod, MethodState, make_method
+from editing.methods import DEFAULT_METHOD, EditMethod, MethodState, make_method
 from editing.models import LoadedModel
 from editing.records import DeltaRecord
 from editing.tracing import instrument, set_memory
@@ -47,7 +47,8 @@ class ApplyResult:
 
 
 class Editor:
-    """Sequential knowledge editing of ``lm`` with ``method`` (``d4s`` by default).
+    """Sequential knowledge editing of ``lm`` with ``method`` (``memory`` by default: the keyed
+    memory alone; ``d4s`` edits the weights).
 
     Every update allocates a few dozen transient float64 matrices, so an editor has the C
     allocator keep freed memory for reuse in its process (``editing.memory``).
@@ -61,7 +62,7 @@ class Editor:
         self,
         lm: LoadedModel,
         hp: EditHparams | None = None,
-        method: str = "d4s",
+        method: str = DEFAULT_METHOD,
         *,
         c0: dict[int, torch.Tensor] | None = None,
         cache_dir: Path | None = None,

@@ -365,6 +365,12 @@ class MemoryOnly(EditMethod[MemoryState]):
         return {}
 
 
+#: The method the server and the command line use unless told otherwise: at 1,000 and 3,000
+#: CounterFact edits it is the only one that keeps both the edits and the model (docs/results.md,
+#: "Capacity"); ``d4s`` is the weight method to choose where the memory's lookup per token costs
+#: too much.
+DEFAULT_METHOD = "memory"
+
 METHODS: dict[str, type[EditMethod[Any]]] = {
     m.name: m for m in (D4S, MemitSeq, AlphaEdit, MemoryOnly)
 }

@@ -18,6 +18,7 @@ from pydantic import Field, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from editing.hparams import EditHparams, parse_layers
+from editing.methods import DEFAULT_METHOD
 from editing.models import DEFAULT_MODEL, default_cache_dir
 from service.guardrails import Guardrails
 
@@ -66,7 +67,7 @@ class Settings(BaseSettings):
         json_schema_extra={"shown_default": "~/.cache/editserve"},
     )
     method: str = Field(
-        default="d4s",
+        default=DEFAULT_METHOD,
         description="The editing method: d4s, memory (the keyed memory alone, the weights "
         "stay the original's), or one of the sequential baselines memit-seq and alphaedit.",
     )

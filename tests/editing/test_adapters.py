@@ -139,13 +139,15 @@ def test_a_forward_of_older_transformers_gets_past_key_values() -> None:
     assert with_cache(Older(), "the cache") == {"past_key_values": "the cache"}
 
 
+@pytest.mark.parametrize("method", ["d4s", "memory"])
 @pytest.mark.parametrize("family", sorted(CONFIGS))
-def test_edit_and_revert_on_a_tiny_model(family: str, lm: LoadedModel) -> None:
-    """The whole engine runs on every family; reverting restores W0 bit for bit."""
+def test_edit_and_revert_on_a_tiny_model(family: str, method: str, lm: LoadedModel) -> None:
+    """The whole engine runs on every family, the weights' method and the keyed memory's;
+    reverting restores the served model bit for bit."""
     tiny = LoadedModel(spec=family, model=_tiny(family), tokenizer=lm.tokenizer)
     hp = EditHparams(layers=(0, 1), v_steps=4)
     c0 = {layer: torch.eye(INNER, dtype=torch.float64) for layer in hp.layers}
-    editor = Editor(tiny, hp, c0=c0)
+    editor = Editor(tiny, hp, method, c0=c0)
     before = editor.digest()
     result = editor.apply([Fact("Eiffel Tower", "The Eiffel Tower is in", "Rome")])
     assert editor.digest() != before

@@ -67,7 +67,13 @@ def test_edit_generate_revert_restores_the_digest(live: Live) -> None:
     edited = greedy(live, EIFFEL["prompt"])
     assert edited["generated_text"].startswith(" Rome")
     assert edited["model_version"] == edit["model_version"]
-    assert live.client.get("/info").json()["active_edits"] == info0["active_edits"] + 1
+    info = live.client.get("/info").json()
+    assert info["active_edits"] == info0["active_edits"] + 1
+    # The default method holds the edit in the keyed memory, one entry per z* row.
+    assert info["method"] == "memory" and info["memory"]["threshold"] == 0.9
+    assert info["memory"]["entries"] == info0["memory"]["entries"] + 4
+    metrics = live.client.get("/metrics").text
+    assert f"editserve_memory_entries {float(info['memory']['entries'])}" in metrics
 
     r = live.client.post(f"/edits/{accepted['id']}/revert")
     assert r.status_code == 202 and r.json()["status"] == "reverting"
@@ -76,6 +82,7 @@ def test_edit_generate_revert_restores_the_digest(live: Live) -> None:
     assert greedy(live, EIFFEL["prompt"])["generated_text"].startswith(" Paris")
     info = live.client.get("/info").json()
     assert info["weights_digest"] == info0["weights_digest"]
+    assert info["memory"] == info0["memory"]
 
     again = live.client.post(f"/edits/{accepted['id']}/revert")
     assert again.status_code == 409

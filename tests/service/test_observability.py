@@ -100,9 +100,14 @@ OBS_STEPS = 4
 def live(
     lm: LoadedModel, c0: dict, server_cache, covariance_tokens: int, tmp_path_factory
 ) -> Iterator[Live]:
-    # Few z* steps: these tests watch what an edit publishes, not how well it holds.
+    # Few z* steps: these tests watch what an edit publishes, not how well it holds. d4s: the
+    # weight method, whose norms and sums these tests follow (the memory leaves the weights).
     settings = server_settings(
-        server_cache, covariance_tokens, tmp_path_factory.mktemp("obs"), v_steps=OBS_STEPS
+        server_cache,
+        covariance_tokens,
+        tmp_path_factory.mktemp("obs"),
+        v_steps=OBS_STEPS,
+        method="d4s",
     )
     with live_server(settings, lm, c0) as server:
         yield server
@@ -229,6 +234,7 @@ def test_guardrail_rejects_or_flags_a_breaching_edit(
         guard_min_agreement=0.5,  # kept: an edit keeps far more than half the probes
         guard_action=action,
         v_steps=OBS_STEPS,
+        method="d4s",
     )
     with live_server(settings, lm, c0) as live:
         digest = live.client.get("/info").json()["weights_digest"]
