@@ -150,7 +150,7 @@ ROWS: list[tuple[str, list[tuple[str, str, list[tuple[str, str]], int, str]]]] =
                 "Edit retention: share of re-checked facts that still hold (last 64 checks)",
                 "percentunit",
                 [(f"editserve_edit_retention{{{SEL}}}", "{{instance}}")],
-                12,
+                8,
                 "line",
             ),
             (
@@ -163,8 +163,18 @@ ROWS: list[tuple[str, list[tuple[str, str, list[tuple[str, str]], int, str]]]] =
                         "{{result}}",
                     )
                 ],
-                12,
+                8,
                 "bars",
+            ),
+            (
+                "Keyed memory: entries in effect (4 a fact) and MiB",
+                "short",
+                [
+                    (f"editserve_memory_entries{{{SEL}}}", "entries {{instance}}"),
+                    (f"editserve_memory_bytes{{{SEL}}} / 2^20", "MiB {{instance}}"),
+                ],
+                8,
+                "line",
             ),
         ],
     ),
