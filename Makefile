@@ -73,13 +73,13 @@ test-fast: setup test-system
 eval: setup
 	$(VENV)/bin/editserve eval --limit 100 --json
 
-# The speed study and a short quality study: the default d4s + RECT 0.4, N = 100 sequential
-# CounterFact edits, evaluated after the last (QUICK_METHODS="d4s-rect0.4 d4s" adds d4s without
-# RECT, which shares its z* records, for about 2.5 min more). Both re-measure: the quick study's
+# The speed study and a short quality study: the default (the keyed memory) and d4s + RECT 0.4,
+# N = 100 sequential CounterFact edits, evaluated after the last; both share one set of z* records
+# (QUICK_METHODS="memory d4s-rect0.4 d4s" adds d4s without RECT, for about 2.5 min more). Both re-measure: the quick study's
 # folder is cleared first. C0 is timed first, and on a first run stored for the study to use.
 # The speed study's diagnostic sections (zstar, batcher) are in bench-full only. About 20 min on
 # a 2-core Xeon, 27 min on a 2-core EPYC (docs/benchmarks.md).
-QUICK_METHODS ?= d4s-rect0.4
+QUICK_METHODS ?= memory d4s-rect0.4
 QUICK_OUT ?= bench/results/quick-100
 # Where the speed study writes (sections merge into the file): another host's run can keep its own.
 SPEED_OUT ?= bench/results/speed.json

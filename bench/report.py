@@ -139,7 +139,11 @@ def plot_checkpoints(
 def plot_deltas(runs: dict[str, Any], path: Path) -> None:
     fig, ax = plt.subplots(figsize=(6.4, 4.2))
     for name, run in runs.items():
-        trajectory = run["checkpoints"][-1]["trajectory"]
+        # The longest run that kept one (a replayed checkpoint has none).
+        traced = [p for p in run["checkpoints"] if p.get("trajectory")]
+        if not traced:
+            continue
+        trajectory = traced[-1]["trajectory"]
         xs = [p["n_edits"] for p in trajectory]
         ys = [_mean(p["mean_abs_delta"]) for p in trajectory]
         ax.plot(xs, ys, "-", label=name)

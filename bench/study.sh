@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
-# The sequential-editing study: every method, N sequential single edits of the first N
-# CounterFact facts, evaluated at N = 10, 100, 500 and the last N; then zsRE's token accuracies.
+# The sequential-editing study: every method (the keyed memory, the default, and the weight
+# methods), N sequential single edits of the first N CounterFact facts, evaluated at N = 10, 100,
+# 500 and the last N; then zsRE's token accuracies.
 # One run per method gives every N (edits are applied in order, so the state after the first
 # 100 edits of a 1,000-edit run is the state of a 100-edit run).
 #
@@ -19,7 +20,7 @@ DATA=../shared/data
 COUNTERFACT=${COUNTERFACT:-$DATA/counterfact/counterfact-train.json}
 ZSRE=${ZSRE:-$DATA/zsre/zsre-train-1k.json}
 ZSRE_N=${ZSRE_N:-$N}
-METHODS=${METHODS:-"d4s-rect0.4 d4s-rect0.2 d4s-rect0.6 d4s memit-seq alphaedit"}
+METHODS=${METHODS:-"memory d4s-rect0.4 d4s-rect0.2 d4s-rect0.6 d4s memit-seq alphaedit"}
 for file in "$COUNTERFACT" "$ZSRE"; do
     [ -f "$file" ] || { echo "no dataset at $file: set COUNTERFACT / ZSRE" >&2; exit 2; }
 done
