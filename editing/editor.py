@@ -24,7 +24,7 @@ from editing.adapters import adapter_for
 from editing.covariance import DEFAULT_TOKENS, covariance
 from editing.facts import EditError, Fact, InvalidFactError, NonFiniteUpdateError, validate_fact
 from editing.hparams import EditHparams
-from editing.keyed_memory import Entries, KeyedMemory
+from editing.keyed_memory import KeyedMemory, KnownEntries, plan_memory
 from editing.memory import retain_freed_memory
 from editing.methods import DEFAULT_METHOD, EditMethod, MethodState, make_method
 from editing.models import LoadedModel
@@ -93,19 +93,14 @@ class Editor:
             )
         self.method: EditMethod[Any] = make_method(method, self.hp, c0, self.w0)
         #: The keyed memory's cosine threshold (``editing.keyed_memory``); 0: no memory.
-        self.memory_threshold = (
-            self.hp.memory_threshold
-            if self.hp.memory_threshold is not None
-            else self.method.memory_threshold
-        )
+        own = self.hp.memory_threshold
+        self.memory_threshold = own if own is not None else self.method.memory_threshold
         if self.memory_threshold <= 0 and not self.method.updates_weights:
             raise ValueError(
                 f"the {method} method keeps edits in the keyed memory alone: "
                 "its memory threshold must be above 0"
             )
-        # Each active record's memory entries, by id, with the record they were made from (a
-        # shortened record is a new object under the same id, and gets new entries).
-        self._entries: dict[str, tuple[DeltaRecord, Entries]] = {}
+        self._entries: KnownEntries = {}  # the active records' memory entries
         self.memory: KeyedMemory | None = None
         self._records: list[DeltaRecord] = []
         self._state: MethodState = self.method.empty()
@@ -307,30 +302,18 @@ class Editor:
         memory, entries = self._plan_memory(records)
         return Change(records, state, weights, memory=memory, entries=entries)
 
-    def _plan_memory(
-        self, records: list[DeltaRecord]
-    ) -> tuple[KeyedMemory | None, dict[str, tuple[DeltaRecord, Entries]]]:
+    def _plan_memory(self, records: list[DeltaRecord]) -> tuple[KeyedMemory | None, KnownEntries]:
         """The keyed memory of ``records``, reusing the entries of records already active."""
         if self.memory_threshold <= 0:
             return None, {}
-        entries = {}
-        for record in records:
-            known = self._entries.get(record.id)
-            if known is not None and known[0] is record:
-                entries[record.id] = known
-                continue
-            row_keys = record.row_keys
-            if row_keys is None:  # a record from before the memory: its keys from its facts
-                row_keys = compute_row_keys(self.lm, list(record.facts), self.hp)
-            entries[record.id] = (record, Entries.of(record, row_keys, self.lm.device))
-        memory = KeyedMemory.of(
-            [e for _, e in entries.values()],
-            facts=sum(len(r.facts) for r in records),
+        return plan_memory(
+            records,
+            self._entries,
+            lambda facts: compute_row_keys(self.lm, facts, self.hp),
             threshold=self.memory_threshold,
-            key_layer=self.hp.layers[0],
-            value_layer=self.hp.last_layer,
+            layers=(self.hp.layers[0], self.hp.last_layer),
+            device=self.lm.device,
         )
-        return memory, entries
 
 
 @dataclass
@@ -342,7 +325,7 @@ class Change:
     state: MethodState
     weights: dict[int, torch.Tensor]
     memory: KeyedMemory | None = None
-    entries: dict[str, tuple[DeltaRecord, Entries]] = field(default_factory=dict)
+    entries: KnownEntries = field(default_factory=dict)
     superseded: list[str] = field(default_factory=list)
     superseded_by: dict[str, str] = field(default_factory=dict)  # old record id -> new one
 

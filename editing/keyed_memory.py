@@ -23,12 +23,13 @@ hold the same memory; its digest (:attr:`KeyedMemory.digest`) joins the weights'
 from __future__ import annotations
 
 import hashlib
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
 
+from editing.facts import Fact
 from editing.records import DeltaRecord
 
 
@@ -121,3 +122,40 @@ class KeyedMemory:
         return self.keys.numel() * self.keys.element_size() + (
             self.values.numel() * self.values.element_size()
         )
+
+
+#: Each active record's entries by id, with the record they were made from: a shortened record
+#: (a supersede) is a new object under the same id, and gets new entries.
+KnownEntries = dict[str, tuple[DeltaRecord, Entries]]
+
+
+def plan_memory(
+    records: list[DeltaRecord],
+    known: KnownEntries,
+    row_keys_of: Callable[[list[Fact]], torch.Tensor],
+    *,
+    threshold: float,
+    layers: tuple[int, int],
+    device: torch.device,
+) -> tuple[KeyedMemory | None, KnownEntries]:
+    """The memory of ``records`` (in order), reusing ``known`` entries of the same record
+    objects; ``row_keys_of(facts)`` gives the keys of a record written without them. Returns
+    the memory (None for no entries) and the entries it is made of, to reuse next time."""
+    entries: KnownEntries = {}
+    for record in records:
+        found = known.get(record.id)
+        if found is not None and found[0] is record:
+            entries[record.id] = found
+            continue
+        row_keys = (
+            record.row_keys if record.row_keys is not None else row_keys_of(list(record.facts))
+        )
+        entries[record.id] = (record, Entries.of(record, row_keys, device))
+    memory = KeyedMemory.of(
+        [e for _, e in entries.values()],
+        facts=sum(len(r.facts) for r in records),
+        threshold=threshold,
+        key_layer=layers[0],
+        value_layer=layers[1],
+    )
+    return memory, entries

@@ -47,9 +47,12 @@ def test_eval_prints_one_json_object() -> None:
         "seconds_per_edit",
     ):
         assert key in result, key
-    assert result["n_edits"] == 2 and result["method"] == "d4s"
+    # The default method holds both edits in the keyed memory (4 entries a fact) and leaves the
+    # weights as they were.
+    assert result["n_edits"] == 2 and result["method"] == "memory"
+    assert result["memory_entries"] == 8 and result["memory_threshold"] == 0.9
     assert result["efficacy"] == 1.0
-    assert all(v > 0 for v in result["l1_delta_by_layer"].values())
+    assert all(v == 0 for v in result["l1_delta_by_layer"].values())
     assert "2/2 edits" in done.stderr
 
 

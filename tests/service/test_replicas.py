@@ -3,7 +3,7 @@ redis-server): one replica computes each edit under a lease, all install the rec
 order and serve identical weights; a replica killed mid-edit loses its lease to another; a
 replica started late catches up before it is ready; ``min_version`` reads your own writes; each
 replica checks its weights against the digest that the computing replica noted, and one with
-another RECT share reports that it diverged."""
+another memory threshold reports that it diverged."""
 
 from __future__ import annotations
 
@@ -143,12 +143,13 @@ def test_replicas_compute_each_edit_once_and_converge(
         for edit_id in rest:
             assert wait_status(witness, edit_id, {"applied", "failed"}, 600)["status"] == "applied"
         state = converged(survivors)
-        # The late replica and one with another RECT share (a weight setting) start together.
+        # The late replica and one with another memory threshold (a setting that defines the
+        # served model) start together.
         [(_, url), (_, odd_url)] = stack.enter_context(
             serve_many(
                 [
                     (env("r4"), tmp_path / "r4.log"),
-                    (env("odd", EDITSERVE_RECT_KEEP="0.6"), tmp_path / "odd.log"),
+                    (env("odd", EDITSERVE_MEMORY_THRESHOLD="0.85"), tmp_path / "odd.log"),
                 ]
             )
         )
@@ -163,7 +164,7 @@ def test_replicas_compute_each_edit_once_and_converge(
         # (a record is noted when it ends a swap: a single edit, or the last of a batch)
         assert sum(f["match"] for f in found.values()) >= 1, found
 
-        # The replica with another RECT share: after the next edit, whichever replica computed
+        # The replica with another threshold: after the next edit, whichever replica computed
         # it, the one and the others disagree, and it shows.
         odd = stack.enter_context(httpx.Client(base_url=odd_url, timeout=60))
         edit_id = witness.post("/edits", json=burst_facts(EDITS + 13)[-1]).json()["id"]

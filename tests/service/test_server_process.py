@@ -212,7 +212,7 @@ def test_sigkill_mid_burst_loses_nothing_and_applies_nothing_twice(
     assert versions == sorted(versions) and len(set(versions)) == len(facts)
 
     # The same burst, uninterrupted, in this process: the digest must match.
-    editor = Editor(lm, EditHparams(v_steps=BURST_STEPS), "d4s", c0=c0)
+    editor = Editor(lm, EditHparams(v_steps=BURST_STEPS), c0=c0)  # the server's default method
     try:
         for fact in facts:
             editor.apply([Fact(**fact)])
