@@ -51,7 +51,6 @@ def synthetic_memory(lm: LoadedModel, hp: EditHparams, facts: int, seed: int = 0
         key_layer=hp.layers[0],
         value_layer=hp.last_layer,
         digest="synthetic",
-        facts=facts,
     )
 
 

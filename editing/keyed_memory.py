@@ -75,13 +75,11 @@ class KeyedMemory:
     key_layer: int
     value_layer: int
     digest: str
-    facts: int
 
     @classmethod
     def of(
         cls,
         entries: Sequence[Entries],
-        facts: int,
         threshold: float,
         key_layer: int,
         value_layer: int,
@@ -99,7 +97,6 @@ class KeyedMemory:
             key_layer=key_layer,
             value_layer=value_layer,
             digest=h.hexdigest(),
-            facts=facts,
         )
 
     def __len__(self) -> int:
@@ -153,7 +150,6 @@ def plan_memory(
         entries[record.id] = (record, Entries.of(record, row_keys, device))
     memory = KeyedMemory.of(
         [e for _, e in entries.values()],
-        facts=sum(len(r.facts) for r in records),
         threshold=threshold,
         key_layer=layers[0],
         value_layer=layers[1],

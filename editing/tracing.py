@@ -110,10 +110,6 @@ def installed_memory(model: nn.Module) -> KeyedMemory | None:
     return slot.memory if slot is not None else None
 
 
-def _memory_for(trace: Trace | None, slot: _MemorySlot) -> KeyedMemory | None:
-    return slot.memory if trace is None else trace.memory
-
-
 def _matched(output: Any, index: int, memory: KeyedMemory | None) -> Any:
     """A block's ``output`` with the memory's values added where the pass matched its keys."""
     if memory is None or memory.value_layer != index:
@@ -123,7 +119,7 @@ def _matched(output: Any, index: int, memory: KeyedMemory | None) -> Any:
     if hit is None or hit.memory is not memory:
         return output
     hidden = memory.add(_hidden_of(output), hit)
-    return hidden if isinstance(output, torch.Tensor) else (hidden, *output[1:])
+    return _with_hidden(None if isinstance(output, torch.Tensor) else output, hidden)
 
 
 def _hidden_of(output: Any) -> torch.Tensor:
@@ -172,7 +168,7 @@ def _wrap_matrix(module: nn.Module, index: int, slot: _MemorySlot) -> None:
 
     def forward(x: torch.Tensor) -> torch.Tensor:
         trace = _ACTIVE.get()
-        memory = _memory_for(trace, slot)
+        memory = slot.memory if trace is None else trace.memory
         if memory is not None and memory.key_layer == index:
             _pending.hit = memory.match(x)
         if trace is None:

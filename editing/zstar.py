@@ -187,9 +187,7 @@ def compute_keys(
     """The keys of ``facts`` at ``layers`` (layer -> n x in), as :func:`compute_zstar` records
     them, on the model's own weights: no z*. Extends records to more layers below the last
     edited one, whose z* (computed at the last layer alone) is unchanged by them."""
-    instrument(lm.model, adapter_for(lm.model))
-    batch = build_batch(lm.tokenizer, facts, hp.context_prefixes, lm.device)
-    trace = _first_pass(lm, batch, layers, None, capture_last=False)
+    trace, batch = _keys_pass(lm, facts, hp, layers)
     return {
         layer: _mean_keys(trace.inputs[layer], batch, len(facts)).float().cpu() for layer in layers
     }
@@ -199,10 +197,17 @@ def compute_row_keys(lm: LoadedModel, facts: list[Fact], hp: EditHparams) -> tor
     """The keyed memory's keys of ``facts`` (``n x P x in``) as :func:`compute_zstar` records them
     in ``row_keys``, for records written before they were: no z*. The first edited layer's input
     comes before any edited matrix, so the model's own weights give W0's keys."""
+    trace, batch = _keys_pass(lm, facts, hp, hp.layers[:1])
+    return _row_keys(trace.inputs[hp.layers[0]], batch, len(facts))
+
+
+def _keys_pass(
+    lm: LoadedModel, facts: list[Fact], hp: EditHparams, layers: tuple[int, ...]
+) -> tuple[Trace, Batch]:
+    """:func:`_first_pass` over ``facts``' rows on the model's own weights, without z*."""
     instrument(lm.model, adapter_for(lm.model))
     batch = build_batch(lm.tokenizer, facts, hp.context_prefixes, lm.device)
-    trace = _first_pass(lm, batch, hp.layers[:1], None, capture_last=False)
-    return _row_keys(trace.inputs[hp.layers[0]], batch, len(facts))
+    return _first_pass(lm, batch, layers, None, capture_last=False), batch
 
 
 def _first_pass(
@@ -229,18 +234,22 @@ def _first_pass(
 
 def _mean_keys(inputs: torch.Tensor, batch: Batch, n: int) -> torch.Tensor:
     """Average the edited matrix's input at the subject's last token over each fact's prompts."""
-    rows = batch.nll_rows
-    per_row = inputs[rows, batch.lookup[rows]].float()  # R x in
-    return _mean_per_fact(per_row, batch.fact_of_row[rows], n)
+    per_row = _at_subject(inputs, batch).float()  # R x in
+    return _mean_per_fact(per_row, batch.fact_of_row[batch.nll_rows], n)
 
 
 def _row_keys(inputs: torch.Tensor, batch: Batch, n: int) -> torch.Tensor:
     """The edited matrix's input at the subject's last token on each of a fact's rows, unaveraged
     (``n x P x in``, float16 on the CPU, P the context prefixes): the keyed memory's entries
     (``editing.keyed_memory``). The rows of a fact are consecutive, in prefix order."""
+    per_row = _at_subject(inputs, batch)
+    return per_row.reshape(n, len(per_row) // n, -1).to(torch.float16).cpu()
+
+
+def _at_subject(inputs: torch.Tensor, batch: Batch) -> torch.Tensor:
+    """``inputs`` (B x T x in) at the subject's last token of each prompt row: R x in."""
     rows = batch.nll_rows
-    per_row = inputs[rows, batch.lookup[rows]]
-    return per_row.reshape(n, len(rows) // n, -1).to(torch.float16).cpu()
+    return inputs[rows, batch.lookup[rows]]
 
 
 def _target_nll(logits: torch.Tensor, batch: Batch, n: int) -> torch.Tensor:
