@@ -86,6 +86,51 @@ def covariance(
     return result
 
 
+_REFERENCE: dict[tuple[str, int, int, str], torch.Tensor] = {}
+
+
+def reference_keys(
+    lm: LoadedModel,
+    layer: int,
+    n_tokens: int,
+    *,
+    source: str = corpus.WIKI,
+    cache_dir: Path | None = None,
+) -> torch.Tensor:
+    """Unit-length inputs of ``layer``'s edited matrix at the first ``n_tokens`` positions of
+    ``source``'s covariance texts (never its held-out ones): ``n_tokens x in``, float16 on the
+    CPU. The keyed memory sets each entry's threshold above its nearest of them. The layer must
+    be the first edited one, whose input no edit changes; cached beside C0 and in the process
+    (every editor of a model needs them)."""
+    memo = (model_fingerprint(lm), layer, n_tokens, source)
+    if memo in _REFERENCE:
+        return _REFERENCE[memo]
+    folder = cache_folder(lm, cache_dir, source) if cache_dir is not None else None
+    path = folder / f"reference-layer{layer}-{n_tokens}.safetensors" if folder else None
+    if path is not None and path.exists():
+        _REFERENCE[memo] = load_file(path)["keys"]
+        return _REFERENCE[memo]
+    instrument(lm.model, adapter_for(lm.model))
+    texts, _heldout = corpus.split(corpus.load_texts(source))
+    found: list[torch.Tensor] = []
+    seen = 0
+    for input_ids, mask in _batches(lm, texts):
+        trace = Trace(capture_inputs=frozenset({layer}), stop_after=layer)
+        with torch.no_grad(), trace:
+            lm.model(input_ids=input_ids, attention_mask=mask, use_cache=False)
+        keys = trace.inputs[layer][mask.bool()][: n_tokens - seen].float()
+        found.append(torch.nn.functional.normalize(keys, dim=-1).to(torch.float16).cpu())
+        seen += len(keys)
+        if seen >= n_tokens:
+            break
+    result = torch.cat(found)
+    if path is not None:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        write_atomically(path, save({"keys": result.contiguous()}))
+    _REFERENCE[memo] = result
+    return result
+
+
 def _compute(
     lm: LoadedModel,
     layers: list[int],

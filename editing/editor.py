@@ -21,7 +21,7 @@ import torch
 
 from editing import corpus
 from editing.adapters import adapter_for
-from editing.covariance import DEFAULT_TOKENS, covariance
+from editing.covariance import DEFAULT_TOKENS, covariance, reference_keys
 from editing.facts import EditError, Fact, InvalidFactError, NonFiniteUpdateError, validate_fact
 from editing.hparams import EditHparams
 from editing.keyed_memory import KeyedMemory, KnownEntries, plan_memory
@@ -55,7 +55,7 @@ class Editor:
 
     Without ``c0`` the editor loads the covariance from ``cache_dir`` or computes it
     (``editing.covariance``: ``progress`` shows a bar, ``on_progress(done, total)`` is told the
-    tokens done).
+    tokens done); so too the memory's reference keys.
     """
 
     def __init__(
@@ -100,14 +100,17 @@ class Editor:
                 f"the {method} method keeps edits in the keyed memory alone: "
                 "its memory threshold must be above 0"
             )
+        tokens = self.hp.memory_reference_tokens if self.memory_threshold > 0 else 0
+        self.reference = (  # ordinary text's keys, to set each memory entry's threshold
+            reference_keys(lm, self.hp.layers[0], tokens, source=corpus_source, cache_dir=cache_dir)
+            if tokens
+            else None
+        )
         self._entries: KnownEntries = {}  # the active records' memory entries
         self.memory: KeyedMemory | None = None
         self._records: list[DeltaRecord] = []
         self._state: MethodState = self.method.empty()
-        self._room: tuple[MethodState | None, float | None] = (
-            None,
-            None,
-        )  # room_used's last answer
+        self._room: tuple[MethodState | None, float | None] = (None, None)  # room_used's last
         self.version = 0
 
     # -- reading -------------------------------------------------------------------------------
@@ -244,11 +247,9 @@ class Editor:
         active = ActiveRecords()
         for record in records:
             active.add(record)
-        kept = active.records
-        self.commit(self._plan(kept, self.method.rebuild(kept)))
+        self.commit(self._plan(active.records, self.method.rebuild(active.records)))
 
     # -- two-step changes: plan (the solve), then commit (the swap) ------------------------------
-    #
     # A plan reads the editor's state but changes nothing, so a server can solve while the model
     # keeps serving and hold its lock only for the swap. Only one thread may plan and commit.
 
@@ -313,6 +314,8 @@ class Editor:
             threshold=self.memory_threshold,
             layers=(self.hp.layers[0], self.hp.last_layer),
             device=self.lm.device,
+            reference=self.reference,
+            margin=self.hp.memory_margin,
         )
 
 

@@ -74,6 +74,10 @@ class EditHparams:
     memory_threshold: the cosine at which a position's key matches an entry of the keyed memory
         (``editing.keyed_memory``); 0 turns the memory off, None takes the method's own (0.9 for
         ``memory``, off for the weight methods).
+    memory_margin, memory_reference_tokens: an entry matches only above the larger of
+        ``memory_threshold`` and its own highest cosine against the keys of that many positions
+        of ordinary text, plus ``memory_margin`` (``editing.keyed_memory``, "Thresholds"); 0
+        tokens gives every entry ``memory_threshold`` alone.
     """
 
     layers: tuple[int, ...] = (3, 4, 5, 6, 7)
@@ -90,6 +94,8 @@ class EditHparams:
     nullspace_threshold: float = 2e-2
     solve_dtype: str = "float64"
     memory_threshold: float | None = None
+    memory_margin: float = 0.02
+    memory_reference_tokens: int = 16384
     seed: int = 0
 
     def __post_init__(self) -> None:
@@ -104,6 +110,12 @@ class EditHparams:
             )
         if self.memory_threshold is not None and not 0.0 <= self.memory_threshold <= 1.0:
             raise ValueError(f"memory_threshold must be in [0, 1], got {self.memory_threshold}")
+        if not 0.0 <= self.memory_margin < 1.0:
+            raise ValueError(f"memory_margin must be in [0, 1), got {self.memory_margin}")
+        if self.memory_reference_tokens < 0:
+            raise ValueError(
+                f"memory_reference_tokens must be 0 or more, got {self.memory_reference_tokens}"
+            )
         if not self.context_prefixes or self.context_prefixes[0] != "":
             raise ValueError("context_prefixes must start with the bare prompt ''")
 

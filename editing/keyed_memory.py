@@ -12,9 +12,15 @@ built so that it stays a pure function of the active records:
 - **Values**: the record's residual R = z* - h, what the fact needs added to the last edited
   block's output at the subject.
 - **Lookup**: at every position of a forward pass, the unit key with the largest cosine against
-  that position's input to the first edited matrix; where it reaches ``threshold``, the entry's
-  R is added to the last edited block's output there. Text about other subjects stays below the
-  threshold and runs the model unchanged, bit for bit.
+  that position's input to the first edited matrix; where it reaches that entry's threshold, the
+  entry's R is added to the last edited block's output there. Text about other subjects stays
+  below the threshold and runs the model unchanged, bit for bit.
+- **Thresholds**: one cosine for every entry lets some entries fire on ordinary text: a key near
+  the inputs every text shares (a subject that opens its prompt, a common word) matches them
+  too, and its residual lands on unrelated positions. So each entry's threshold is the larger of
+  the global one and its highest cosine against a fixed sample of ordinary text's keys
+  (``covariance.reference_keys``) plus a margin: an entry fires only nearer its own key than any
+  ordinary text comes to it.
 
 Entries are ordered as the records and their facts are, so replicas holding the same records
 hold the same memory; its digest (:attr:`KeyedMemory.digest`) joins the weights' in the editor's.
@@ -35,23 +41,42 @@ from editing.records import DeltaRecord
 
 @dataclass(frozen=True, eq=False)
 class Entries:
-    """One record's entries: unit keys (``E x in``) and values (``E x out``), float32 on the
-    memory's device, and a digest of their bytes."""
+    """One record's entries: unit keys (``E x in``), values (``E x out``) and each key's highest
+    cosine against ordinary text (``E``; -1 without reference keys), float32 on the memory's
+    device, and a digest of their bytes."""
 
     keys: torch.Tensor
     values: torch.Tensor
+    floors: torch.Tensor
     digest: bytes
 
     @classmethod
-    def of(cls, record: DeltaRecord, row_keys: torch.Tensor, device: torch.device) -> Entries:
-        """``record``'s entries; ``row_keys`` (``n x P x in``) are its own or computed for it."""
+    def of(
+        cls,
+        record: DeltaRecord,
+        row_keys: torch.Tensor,
+        device: torch.device,
+        reference: torch.Tensor | None = None,
+    ) -> Entries:
+        """``record``'s entries; ``row_keys`` (``n x P x in``) are its own or computed for it,
+        ``reference`` the unit keys of ordinary text (``T x in``)."""
         n, p, width = row_keys.shape
         keys = F.normalize(row_keys.reshape(n * p, width).float(), dim=1)
         values = record.residual.float().repeat_interleave(p, dim=0)
+        floors = nearest_cosine(keys, reference) if reference is not None else -torch.ones(n * p)
         h = hashlib.sha256()
-        for t in (keys, values):
+        for t in (keys, values, floors):
             h.update(t.contiguous().view(torch.uint8).numpy().tobytes())
-        return cls(keys.to(device), values.to(device), h.digest())
+        return cls(keys.to(device), values.to(device), floors.to(device), h.digest())
+
+
+def nearest_cosine(keys: torch.Tensor, reference: torch.Tensor, chunk: int = 8192) -> torch.Tensor:
+    """Each unit key's highest cosine against the unit rows of ``reference`` (on the CPU)."""
+    best = torch.full((len(keys),), -1.0)
+    for start in range(0, len(reference), chunk):
+        sims = keys @ reference[start : start + chunk].float().T
+        best = torch.maximum(best, sims.max(dim=1).values)
+    return best
 
 
 @dataclass(frozen=True, eq=False)
@@ -71,7 +96,9 @@ class KeyedMemory:
 
     keys: torch.Tensor  # E x in, unit rows
     values: torch.Tensor  # E x out
+    thresholds: torch.Tensor  # E: the cosine each entry needs
     threshold: float
+    margin: float
     key_layer: int
     value_layer: int
     digest: str
@@ -83,17 +110,22 @@ class KeyedMemory:
         threshold: float,
         key_layer: int,
         value_layer: int,
+        margin: float = 0.0,
     ) -> KeyedMemory | None:
-        """The memory of ``entries`` (in record order); None when there are none."""
+        """The memory of ``entries`` (in record order); None when there are none. An entry
+        matches at ``threshold`` or its floor plus ``margin``, whichever is higher."""
         if not entries:
             return None
-        h = hashlib.sha256(f"{threshold!r}:{key_layer}:{value_layer}".encode())
+        h = hashlib.sha256(f"{threshold!r}:{margin!r}:{key_layer}:{value_layer}".encode())
         for e in entries:
             h.update(e.digest)
+        floors = torch.cat([e.floors for e in entries])
         return cls(
             keys=torch.cat([e.keys for e in entries]),
             values=torch.cat([e.values for e in entries]),
+            thresholds=torch.clamp(floors + margin, min=threshold),
             threshold=threshold,
+            margin=margin,
             key_layer=key_layer,
             value_layer=value_layer,
             digest=h.hexdigest(),
@@ -107,7 +139,7 @@ class KeyedMemory:
         Computed without a host synchronisation, so a GPU pass never waits for it."""
         sims = F.normalize(x.float(), dim=-1) @ self.keys.T
         best, index = sims.max(dim=-1)
-        return Hit(self, best >= self.threshold, index)
+        return Hit(self, best >= self.thresholds[index], index)
 
     def add(self, hidden: torch.Tensor, hit: Hit) -> torch.Tensor:
         """``hidden`` (``... x out``) with each matched position's value added. Adding a zero
@@ -116,9 +148,7 @@ class KeyedMemory:
         return hidden + added.to(hidden.dtype)
 
     def nbytes(self) -> int:
-        return self.keys.numel() * self.keys.element_size() + (
-            self.values.numel() * self.values.element_size()
-        )
+        return sum(t.numel() * t.element_size() for t in (self.keys, self.values, self.thresholds))
 
 
 #: Each active record's entries by id, with the record they were made from: a shortened record
@@ -134,10 +164,13 @@ def plan_memory(
     threshold: float,
     layers: tuple[int, int],
     device: torch.device,
+    reference: torch.Tensor | None = None,
+    margin: float = 0.0,
 ) -> tuple[KeyedMemory | None, KnownEntries]:
     """The memory of ``records`` (in order), reusing ``known`` entries of the same record
-    objects; ``row_keys_of(facts)`` gives the keys of a record written without them. Returns
-    the memory (None for no entries) and the entries it is made of, to reuse next time."""
+    objects; ``row_keys_of(facts)`` gives the keys of a record written without them,
+    ``reference`` ordinary text's keys (see "Thresholds" above). Returns the memory (None for
+    no entries) and the entries it is made of, to reuse next time."""
     entries: KnownEntries = {}
     for record in records:
         found = known.get(record.id)
@@ -147,11 +180,12 @@ def plan_memory(
         row_keys = (
             record.row_keys if record.row_keys is not None else row_keys_of(list(record.facts))
         )
-        entries[record.id] = (record, Entries.of(record, row_keys, device))
+        entries[record.id] = (record, Entries.of(record, row_keys, device, reference))
     memory = KeyedMemory.of(
         [e for _, e in entries.values()],
         threshold=threshold,
         key_layer=layers[0],
         value_layer=layers[1],
+        margin=margin,
     )
     return memory, entries

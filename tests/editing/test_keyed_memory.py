@@ -5,11 +5,12 @@ from __future__ import annotations
 
 from collections.abc import Iterator
 from dataclasses import replace
+from pathlib import Path
 
 import pytest
 import torch
 
-from editing import metrics
+from editing import corpus, metrics
 from editing.editor import Editor
 from editing.facts import Fact
 from editing.hparams import EditHparams
@@ -92,14 +93,15 @@ def test_the_memory_is_a_pure_function_of_the_records(
     other = Editor(lm, EditHparams(), "memory", c0=c0)
     other.replay([records[0], records[2]])
     assert other.digest() == two
-    # Records from before the memory carry no row keys: they are computed from the facts.
     # Records from before the memory carry no row keys: they are computed from the facts, in
     # a pass of their own, which gives the batch's keys to rounding (not bit for bit: batches
-    # of other widths round differently), so the memories match, not their digests.
+    # of other widths round differently), so the memories match, not their digests. Row keys
+    # are stored in float16, so a rounding that lands on the other side of a float16 step moves
+    # a key by one float16 step: compare at that precision.
     bare = [replace(r, row_keys=None) for r in records]
     other.replay(bare)
     assert other.memory is not None
-    torch.testing.assert_close(other.memory.keys, three.keys)
+    torch.testing.assert_close(other.memory.keys, three.keys, rtol=1e-3, atol=1e-4)
     assert torch.equal(other.memory.values, three.values)
     other.replay([])
 
@@ -179,3 +181,65 @@ def test_entries_repeat_each_fact_value_for_its_rows() -> None:
     entries = Entries.of(record, row_keys, torch.device("cpu"))
     assert entries.values.tolist() == [[1.0, 2.0]] * 3 + [[3.0, 4.0]] * 3
     assert torch.allclose(entries.keys.norm(dim=1), torch.ones(6))
+
+
+def test_an_entry_near_ordinary_text_needs_more_to_match() -> None:
+    """Pure logic: an entry's threshold rises above its nearest reference key by the margin, so
+    ordinary text never matches it; an entry far from every reference key keeps the global one."""
+    from editing.facts import Fact as F
+    from editing.keyed_memory import KeyedMemory
+
+    record = DeltaRecord(
+        id="r",
+        facts=(F("a", "a is", "x"), F("b", "b is", "y")),
+        keys={3: torch.zeros(2, 3)},
+        residual=torch.tensor([[1.0], [2.0]]),
+    )
+    # Fact a's key is ordinary text's first key, slightly turned; fact b's is far from both.
+    row_keys = torch.tensor([[[1.0, 0.05, 0.0]], [[0.0, 0.0, 1.0]]], dtype=torch.float16)
+    reference = torch.nn.functional.normalize(torch.tensor([[1.0, 0.0, 0.0], [0.6, 0.8, 0.0]]))
+    entries = Entries.of(record, row_keys, torch.device("cpu"), reference)
+    plain = Entries.of(record, row_keys, torch.device("cpu"))
+    assert entries.floors[0] > 0.99 and entries.floors[1] == pytest.approx(0.0, abs=1e-6)
+    assert plain.floors.tolist() == [-1.0, -1.0] and plain.digest != entries.digest
+
+    memory = KeyedMemory.of([entries], threshold=0.9, key_layer=3, value_layer=7, margin=0.02)
+    assert memory is not None
+    assert memory.thresholds[0] == pytest.approx(float(entries.floors[0]) + 0.02)
+    assert memory.thresholds[1] == pytest.approx(0.9)
+    assert not memory.match(reference).hit.any()  # ordinary text: no match at all
+    own = memory.match(torch.nn.functional.normalize(row_keys.reshape(2, 3).float()))
+    assert own.hit.tolist() == [False, True]  # a's key is too near ordinary text to trust
+    near_b = memory.match(torch.tensor([[0.0, 0.3, 1.0]]))  # cosine 0.96 to b's key
+    assert near_b.hit.tolist() == [True] and near_b.index.tolist() == [1]
+    unguarded = KeyedMemory.of([plain], threshold=0.9, key_layer=3, value_layer=7, margin=0.02)
+    assert unguarded is not None and unguarded.match(reference[:1]).hit.tolist() == [True]
+
+
+def test_reference_keys_are_ordinary_texts_first_layer_inputs(
+    lm: LoadedModel, cache_dir: Path
+) -> None:
+    """The reference is unit rows of covariance text at the first edited layer, cached on disk."""
+    from editing.covariance import _REFERENCE, reference_keys
+
+    layer = EditHparams().layers[0]
+    keys = reference_keys(lm, layer, 512, cache_dir=cache_dir)
+    assert keys.shape == (512, lm.model.config.intermediate_size)
+    assert torch.allclose(keys.float().norm(dim=1), torch.ones(512), atol=2e-3)
+    _REFERENCE.clear()  # the next call reads the file
+    assert torch.equal(reference_keys(lm, layer, 512, cache_dir=cache_dir), keys)
+
+
+def test_ordinary_text_runs_unchanged_under_installed_entries(
+    memory_editor: Editor, lm: LoadedModel, records: list[DeltaRecord]
+) -> None:
+    """Text from the reference sample matches no entry: its logits stay bit-identical."""
+    text = corpus.split(corpus.load_texts(corpus.WIKI))[0][0]
+    ids = lm.tokenizer(text, return_tensors="pt", truncation=True, max_length=256)["input_ids"]
+    with torch.no_grad():
+        before = lm.model(input_ids=ids).logits
+        for record in records:
+            memory_editor.install(record)
+        assert memory_editor.reference is not None and memory_editor.memory is not None
+        assert torch.equal(lm.model(input_ids=ids).logits, before)
+        assert _held(lm, records[0].facts[0])
