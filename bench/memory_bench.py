@@ -47,7 +47,9 @@ def synthetic_memory(lm: LoadedModel, hp: EditHparams, facts: int, seed: int = 0
     return KeyedMemory(
         keys=keys.to(lm.device),
         values=values.to(lm.device),
+        thresholds=torch.full((n,), 0.9, device=lm.device),
         threshold=0.9,
+        margin=0.0,
         key_layer=hp.layers[0],
         value_layer=hp.last_layer,
         digest="synthetic",
