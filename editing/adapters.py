@@ -25,6 +25,16 @@ class Adapter:
     blocks_path: str  # attribute path from the model to its ModuleList of blocks
     matrix_path: str  # attribute path from a block to the edited matrix's module
     transposed: bool  # True when the module stores its weight as in x out (GPT-2 Conv1D)
+    #: The norm a block applies to the MLP output before adding it to the residual stream
+    #: (Gemma 2 and 3), or None where the matrix's output is added as it is.
+    post_norm: str | None = None
+
+    @property
+    def output_is_added(self) -> bool:
+        """Whether a change of the matrix's output changes the block's output by as much: what
+        the weight methods' solve assumes (the keyed memory writes at the block output and needs
+        no such thing)."""
+        return self.post_norm is None
 
     def blocks(self, model: nn.Module) -> nn.ModuleList:
         blocks = _get(model, self.blocks_path)
@@ -72,7 +82,16 @@ _ADAPTERS: dict[str, Adapter] = {
     "qwen2": Adapter("qwen2", "model.layers", "mlp.down_proj", transposed=False),
     "qwen3": Adapter("qwen3", "model.layers", "mlp.down_proj", transposed=False),
     "gemma": Adapter("gemma", "model.layers", "mlp.down_proj", transposed=False),
-    "gemma2": Adapter("gemma2", "model.layers", "mlp.down_proj", transposed=False),
+    "gemma2": Adapter(
+        "gemma2", "model.layers", "mlp.down_proj", False, post_norm="post_feedforward_layernorm"
+    ),
+    "gemma3_text": Adapter(
+        "gemma3_text",
+        "model.layers",
+        "mlp.down_proj",
+        False,
+        post_norm="post_feedforward_layernorm",
+    ),
     "gpt2": Adapter("gpt2", "transformer.h", "mlp.c_proj", transposed=True),
     "gptj": Adapter("gptj", "transformer.h", "mlp.fc_out", transposed=False),
     "gpt_neox": Adapter("gpt_neox", "gpt_neox.layers", "mlp.dense_4h_to_h", transposed=False),

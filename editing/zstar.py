@@ -26,7 +26,7 @@ from editing.hparams import EditHparams
 from editing.models import LoadedModel
 from editing.tracing import Trace, instrument
 from editing.zstar_batch import Batch, build_batch
-from editing.zstar_steps import Step, prefix_cache, step_for
+from editing.zstar_steps import Step, prefix_cache, prefix_reusable, step_for
 
 
 @dataclass
@@ -77,6 +77,7 @@ def compute_zstar(
     optimizer = torch.optim.Adam([delta], lr=hp.v_lr)
     max_norm = hp.clamp_norm_factor * h.norm(dim=1)  # n
     done = torch.zeros(n, dtype=torch.bool, device=lm.device)
+    reuse_prefix = reuse_prefix and prefix_reusable(lm, batch)
     prefix = prefix_cache(lm, batch, cached, last) if reuse_prefix else None
 
     # The rows still optimised: rebuilt, smaller, whenever a fact converges.

@@ -63,6 +63,17 @@ def prefix_cache(
     return prefix
 
 
+def prefix_reusable(lm: LoadedModel, batch: Batch) -> bool:
+    """Whether ``prefix_cache`` can serve ``batch``: not where a sliding window (Gemma 2 and 3)
+    is shorter than its rows, since the window's cache keeps only its last keys and values."""
+    config = lm.model.config
+    window = getattr(config, "sliding_window", None)
+    types = getattr(config, "layer_types", None) or ()
+    if window is None or (types and "sliding_attention" not in types):
+        return True
+    return int(batch.input_ids.shape[1]) < int(window)
+
+
 def _layers(cache: DynamicCache) -> list[DynamicLayer]:
     """The cache's per-block layers: plain key/value stores for the models editing supports."""
     layers = list(cache.layers)

@@ -12,7 +12,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
-from editing.editor import ActiveRecords
+from editing.active import ActiveRecords
 from editing.records import DeltaRecord
 from service.editlog.base import (
     IN_FLIGHT,

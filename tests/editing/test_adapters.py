@@ -9,6 +9,8 @@ import torch
 from transformers import (
     AutoModelForCausalLM,
     DynamicCache,
+    Gemma2Config,
+    Gemma3TextConfig,
     GemmaConfig,
     GPT2Config,
     GPTJConfig,
@@ -63,6 +65,29 @@ CONFIGS: dict[str, PretrainedConfig] = {
         num_attention_heads=4,
         num_key_value_heads=2,
         head_dim=8,
+    ),
+    # Gemma 2 and 3 normalise the MLP output before the residual add, and attend within a
+    # sliding window on some layers: a window of 4 makes the tiny models use it.
+    "gemma2": Gemma2Config(
+        vocab_size=VOCAB,
+        hidden_size=HIDDEN,
+        intermediate_size=INNER,
+        num_hidden_layers=3,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        head_dim=8,
+        sliding_window=4,
+    ),
+    "gemma3_text": Gemma3TextConfig(
+        vocab_size=VOCAB,
+        hidden_size=HIDDEN,
+        intermediate_size=INNER,
+        num_hidden_layers=3,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        head_dim=8,
+        sliding_window=4,
+        layer_types=["sliding_attention", "full_attention", "sliding_attention"],
     ),
     "gpt2": GPT2Config(
         vocab_size=VOCAB, n_embd=HIDDEN, n_inner=INNER, n_layer=3, n_head=4, n_positions=128
@@ -143,10 +168,15 @@ def test_a_forward_of_older_transformers_gets_past_key_values() -> None:
 @pytest.mark.parametrize("family", sorted(CONFIGS))
 def test_edit_and_revert_on_a_tiny_model(family: str, method: str, lm: LoadedModel) -> None:
     """The whole engine runs on every family, the weights' method and the keyed memory's;
-    reverting restores the served model bit for bit."""
+    reverting restores the served model bit for bit. Where a norm follows the MLP output, the
+    weight methods, whose solve assumes it is added as it is, refuse by name."""
     tiny = LoadedModel(spec=family, model=_tiny(family), tokenizer=lm.tokenizer)
     hp = EditHparams(layers=(0, 1), v_steps=4)
     c0 = {layer: torch.eye(INNER, dtype=torch.float64) for layer in hp.layers}
+    if method == "d4s" and not adapter_for(tiny.model).output_is_added:
+        with pytest.raises(UnsupportedModelError, match="post_feedforward_layernorm"):
+            Editor(tiny, hp, method, c0=c0)
+        return
     editor = Editor(tiny, hp, method, c0=c0)
     before = editor.digest()
     result = editor.apply([Fact("Eiffel Tower", "The Eiffel Tower is in", "Rome")])

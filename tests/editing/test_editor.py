@@ -10,8 +10,9 @@ import pytest
 import torch
 
 from editing import zstar
+from editing.active import ActiveRecords, supersede
 from editing.adapters import adapter_for
-from editing.editor import ActiveRecords, Editor, UnknownEditError, supersede
+from editing.editor import Editor, UnknownEditError
 from editing.facts import Fact, InvalidFactError, NonFiniteUpdateError
 from editing.hparams import EditHparams
 from editing.metrics import counterfact_scores, score_answers
