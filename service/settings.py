@@ -41,8 +41,8 @@ class Settings(BaseSettings):
     # -- the model and the editing method --
     model: str = Field(
         default=DEFAULT_MODEL,
-        description="The model to serve: an alias (smollm2-135m), a local Hugging Face "
-        "directory or a hub id.",
+        description="The model to serve: an alias (smollm2-135m, gemma3-270m), a local Hugging "
+        "Face directory or a hub id.",
     )
     device: str = Field(
         default="auto",
