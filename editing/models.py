@@ -146,6 +146,7 @@ def load_model(
     dev = resolve_device(device)
     dt = resolve_dtype(dtype, dev)
     path = _materialise(spec, cache_dir or default_cache_dir())
+    deterministic(dev)
     tokenizer = AutoTokenizer.from_pretrained(path)
     model = AutoModelForCausalLM.from_pretrained(path, dtype=dt)
     cast(Any, model).to(dev)
@@ -154,6 +155,17 @@ def load_model(
     if tokenizer.pad_token_id is None:
         tokenizer.pad_token = tokenizer.eos_token
     return LoadedModel(spec=spec, model=model, tokenizer=tokenizer)
+
+
+def deterministic(device: torch.device) -> None:
+    """On a GPU, have torch pick deterministic kernels (and cuBLAS a fixed workspace, which its
+    deterministic matrix products need), so that replicas computing the same z* and the same
+    updates from the same records hold the same bits; an op without a deterministic kernel
+    warns rather than fails. A CPU's kernels are deterministic already."""
+    if device.type != "cuda":
+        return
+    os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
+    torch.use_deterministic_algorithms(True, warn_only=True)
 
 
 def needs_conversion(spec: str, cache_dir: Path | None = None) -> bool:

@@ -262,18 +262,20 @@ def _target_nll(logits: torch.Tensor, batch: Batch, n: int) -> torch.Tensor:
     mask = batch.target_mask
     chosen = logits.gather(-1, batch.target_ids[mask][:, None])[:, 0]
     nll = torch.logsumexp(logits, dim=-1) - chosen  # T
-    row = torch.arange(len(mask), device=mask.device)[:, None].expand_as(mask)[mask]
-    per_row = torch.zeros(len(mask), device=nll.device, dtype=nll.dtype).index_add(0, row, nll)
-    per_row = per_row / mask.sum(dim=1)
+    # Back into the rows' shape and summed along them: no atomic adds, so a GPU gives the same
+    # bits on every run (replicas computing z* must agree).
+    dense = torch.zeros(mask.shape, device=nll.device, dtype=nll.dtype).masked_scatter(mask, nll)
+    per_row = dense.sum(dim=1) / mask.sum(dim=1)
     return _mean_per_fact(per_row, batch.fact_of_row[batch.nll_rows], n)
 
 
 def _mean_per_fact(per_row: torch.Tensor, owner: torch.Tensor, n: int) -> torch.Tensor:
     """Average the rows (R x ...) of each of ``n`` facts; ``owner`` (R) names each row's fact.
 
-    Out of place, so that gradients flow through it.
+    A product with the rows' one-hot owners rather than an ``index_add``, whose atomic adds on a
+    GPU sum in a varying order; out of place, so that gradients flow through it.
     """
-    sums = torch.zeros(n, *per_row.shape[1:], device=per_row.device, dtype=per_row.dtype)
-    sums = sums.index_add(0, owner, per_row)
-    counts = torch.bincount(owner, minlength=n).clamp_min(1).to(per_row.dtype)
-    return sums / counts.view(n, *([1] * (per_row.dim() - 1)))
+    onehot = F.one_hot(owner, n).to(per_row.dtype)  # R x n
+    sums = onehot.T @ per_row.reshape(len(per_row), -1)
+    counts = onehot.sum(dim=0).clamp_min(1)
+    return (sums / counts[:, None]).reshape(n, *per_row.shape[1:])

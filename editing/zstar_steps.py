@@ -194,7 +194,9 @@ class _Suffixes:
         """The final hidden states (B x S x hidden) with ``shift`` (B x hidden) added to the
         last edited block's output at each row's ``start`` column."""
         at = (torch.arange(len(self.hidden), device=self.hidden.device), self.start)
-        hidden = self.hidden.to(lm.dtype).index_put(at, shift.to(lm.dtype), accumulate=True)
+        base = self.hidden.to(lm.dtype)
+        # Each row's one position is set, not accumulated: no atomic adds on a GPU.
+        hidden = base.index_put(at, base[at] + shift.to(lm.dtype))
         cache = None
         if any(kv is not None for kv in self.prefix):
             cache = DynamicCache(config=lm.model.config)
