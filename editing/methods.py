@@ -7,11 +7,10 @@ new states and never modify their input, so a failed edit leaves the old state u
 - ``d4s``: the update is recomputed from W0 and the running sums (with RECT on the total;
   docs/algorithms.md sections 2 to 4).
 - ``memit-seq``: each record's MEMIT update is added to the previous ones (the collapsing baseline).
-- ``alphaedit``: each record's update is projected onto the null space of C0 and of earlier keys.
+- ``alphaedit``: each record's update is projected onto the null space of C0 and of earlier keys
+  (the two baselines: docs/algorithms.md section 5).
 - ``memory``: no weight update; every record lives in the keyed memory (``editing.keyed_memory``),
   which any method can also use beside its weights (``EditHparams.memory_threshold``).
-
-The two baselines are docs/algorithms.md section 5.
 
 ``against_original`` says whether a record's keys and z* are computed on W0 (D4S) or on the live
 weights (the sequential baselines, whose later records depend on earlier ones).
@@ -366,9 +365,8 @@ class MemoryOnly(EditMethod[MemoryState]):
 
 
 #: The method the server and the command line use unless told otherwise: at 1,000 and 3,000
-#: CounterFact edits it is the only one that keeps both the edits and the model (docs/results.md,
-#: "Capacity"); ``d4s`` is the weight method to choose where the memory's lookup per token costs
-#: too much.
+#: CounterFact edits the only one that keeps both the edits and the model (docs/results.md,
+#: "Capacity"); ``d4s`` is for where the memory's lookup per token costs too much.
 DEFAULT_METHOD = "memory"
 
 METHODS: dict[str, type[EditMethod[Any]]] = {
@@ -376,8 +374,7 @@ METHODS: dict[str, type[EditMethod[Any]]] = {
 }
 
 
-def needs_c0(name: str) -> bool:
-    """Whether method ``name`` reads C0 (an unknown name is left to :func:`make_method`)."""
+def needs_c0(name: str) -> bool:  # an unknown name is left to make_method
     return name not in METHODS or METHODS[name].updates_weights
 
 
