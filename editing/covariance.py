@@ -96,12 +96,14 @@ def reference_keys(
     *,
     source: str = corpus.WIKI,
     cache_dir: Path | None = None,
+    progress: bool = True,
+    on_progress: Callable[[int, int], None] | None = None,
 ) -> torch.Tensor:
     """Unit-length inputs of ``layer``'s edited matrix at the first ``n_tokens`` positions of
     ``source``'s covariance texts (never its held-out ones): ``n_tokens x in``, float16 on the
     CPU. The keyed memory sets each entry's threshold above its nearest of them. The layer must
     be the first edited one, whose input no edit changes; cached beside C0 and in the process
-    (every editor of a model needs them)."""
+    (every editor of a model needs them). ``progress`` and ``on_progress`` as for ``covariance``."""
     memo = (model_fingerprint(lm), layer, n_tokens, source)
     if memo in _REFERENCE:
         return _REFERENCE[memo]
@@ -114,6 +116,7 @@ def reference_keys(
     texts, _heldout = corpus.split(corpus.load_texts(source))
     found: list[torch.Tensor] = []
     seen = 0
+    bar = tqdm(total=n_tokens, desc="reference keys", unit="tok", disable=not progress)
     for input_ids, mask in _batches(lm, texts):
         trace = Trace(capture_inputs=frozenset({layer}), stop_after=layer)
         with torch.no_grad(), trace:
@@ -121,8 +124,12 @@ def reference_keys(
         keys = trace.inputs[layer][mask.bool()][: n_tokens - seen].float()
         found.append(torch.nn.functional.normalize(keys, dim=-1).to(torch.float16).cpu())
         seen += len(keys)
+        bar.update(len(keys))
+        if on_progress is not None:
+            on_progress(seen, n_tokens)
         if seen >= n_tokens:
             break
+    bar.close()
     result = torch.cat(found)
     if path is not None:
         path.parent.mkdir(parents=True, exist_ok=True)

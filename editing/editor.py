@@ -14,6 +14,7 @@ import time
 import uuid
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -47,6 +48,12 @@ class ApplyResult:
     seconds: dict[str, float] = field(default_factory=dict)  # by phase
 
 
+def _about(
+    on_progress: Callable[[str, int, int], None] | None, what: str
+) -> Callable[[int, int], None] | None:
+    return None if on_progress is None else partial(on_progress, what)
+
+
 class Editor:
     """Sequential knowledge editing of ``lm`` with ``method`` (``memory`` by default: the keyed
     memory alone; ``d4s`` edits the weights).
@@ -55,8 +62,8 @@ class Editor:
     allocator keep freed memory for reuse in its process (``editing.memory``).
 
     Without ``c0`` a weight method's editor loads the covariance from ``cache_dir`` or computes it
-    (``editing.covariance``: ``progress`` shows a bar, ``on_progress(done, total)`` is told the
-    tokens done); so too the memory's reference keys.
+    (``editing.covariance``), and so too the memory's reference keys: ``progress`` shows a bar,
+    ``on_progress(what, done, total)`` is told which of the two and the tokens done.
     """
 
     def __init__(
@@ -70,7 +77,7 @@ class Editor:
         corpus_source: str = corpus.WIKI,
         covariance_tokens: int = DEFAULT_TOKENS,
         progress: bool = True,
-        on_progress: Callable[[int, int], None] | None = None,
+        on_progress: Callable[[str, int, int], None] | None = None,
     ) -> None:
         retain_freed_memory()
         self.lm = lm
@@ -90,7 +97,7 @@ class Editor:
                 cache_dir=cache_dir,
                 weights=self.w0,
                 progress=progress,
-                on_progress=on_progress,
+                on_progress=_about(on_progress, "the covariance C0"),
             )
         self.method: EditMethod[Any] = make_method(method, self.hp, c0 or {}, self.w0)
         if self.method.updates_weights and not self.adapter.output_is_added:
@@ -109,7 +116,15 @@ class Editor:
             )
         tokens = self.hp.memory_reference_tokens if self.memory_threshold > 0 else 0
         self.reference = (  # ordinary text's keys, to set each memory entry's threshold
-            reference_keys(lm, self.hp.layers[0], tokens, source=corpus_source, cache_dir=cache_dir)
+            reference_keys(
+                lm,
+                self.hp.layers[0],
+                tokens,
+                source=corpus_source,
+                cache_dir=cache_dir,
+                progress=progress,
+                on_progress=_about(on_progress, "the memory's reference keys"),
+            )
             if tokens
             else None
         )

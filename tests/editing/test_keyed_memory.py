@@ -87,6 +87,10 @@ def test_the_memory_is_a_pure_function_of_the_records(
         memory_editor.install(record)
     assert memory_editor.memory is not None
     three = memory_editor.memory
+    # The entries kept for the next plan are the memory's own rows, not a second copy.
+    storage = three.keys.untyped_storage().data_ptr()
+    kept = [e for _, e in memory_editor._entries.values()]
+    assert all(e.keys.untyped_storage().data_ptr() == storage for e in kept)
     memory_editor.revert("m1")
     two = memory_editor.digest()
 

@@ -125,10 +125,12 @@ def test_new_user_flow(
         if backend == "redis"
         else {}
     )
-    # On SQLite the server computes a covariance of its own (one not in the cache yet), so that
-    # its start-up reports progress as a first start does.
-    tokens = covariance_tokens if backend == "redis" else 2 * covariance_tokens
-    env = server_env(server_cache, tokens, tmp_path / "data", **extra)
+    # On SQLite the server collects reference keys of its own (as many as are not in the cache
+    # yet), so that its start-up reports progress as a first start does.
+    tokens = 2 * covariance_tokens
+    if backend == "sqlite":
+        extra["EDITSERVE_MEMORY_REFERENCE_TOKENS"] = str(tokens)
+    env = server_env(server_cache, covariance_tokens, tmp_path / "data", **extra)
     seen: list[dict] = []
     with serve(env, tmp_path / "server.log", seen) as (_, url):
         assert httpx.get(f"{url}/info").json()["log"] == backend
@@ -136,12 +138,14 @@ def test_new_user_flow(
     if backend == "sqlite":
         assert (tmp_path / "data" / "editlog.sqlite3").exists()
         said = (tmp_path / "server.log").read_text()
-        # The start-up says what it does, covariance progress included, and /ready says so too.
-        assert f"computing the covariance C0: {tokens:,} of {tokens:,} tokens: 100%" in said
+        # The start-up says what it does, its progress included, and /ready says so too.
+        assert (
+            f"computing the memory's reference keys: {tokens:,} of {tokens:,} tokens: 100%" in said
+        )
         assert "rebuilding the weights from the edit log" in said
         assert "ready at model version 0" in said
         steps = [body["detail"] for body in seen if not body["ready"] and body["detail"]]
-        assert any("covariance" in step and "% done" in step for step in steps), steps
+        assert any("reference keys" in step and "% done" in step for step in steps), steps
         shares = [body["progress"] for body in seen if body["progress"] is not None]
         assert shares and all(0 <= share <= 1 for share in shares)
         # The access log keeps the API's lines and leaves out the readiness polls.
