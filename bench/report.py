@@ -33,6 +33,7 @@ ORDER = [
     "d4s-rect0.4",
     "d4s-rect0.2",
     "memory",
+    "memory-global0.9",
 ]
 
 
