@@ -2,6 +2,7 @@
 
 editserve eval --facts FILE --method d4s --rect-keep 0.4 --limit N --json
 editserve demo
+editserve calibrate --model NAME   (a model's blocks, lambda and z* steps)
 """
 
 from __future__ import annotations
@@ -10,15 +11,18 @@ import argparse
 import json
 import logging
 import sys
+from collections.abc import Callable
 from pathlib import Path
 
+from editing import calibrate as calibrate_mod
+from editing.calibrate import Calibration, NotCalibratedError, calibration_key, find_calibration
 from editing.editor import Editor
 from editing.evaluate import find_dataset, run_sequential
 from editing.facts import Fact, load_facts
 from editing.files import write_atomically
 from editing.hparams import SOLVE_DTYPES, EditHparams, parse_layers
 from editing.methods import DEFAULT_METHOD, METHODS
-from editing.models import DEFAULT_MODEL, default_cache_dir, load_model
+from editing.models import DEFAULT_MODEL, LoadedModel, default_cache_dir, load_model
 
 
 def build_parser() -> tuple[argparse.ArgumentParser, argparse._SubParsersAction]:
@@ -34,12 +38,18 @@ def build_parser() -> tuple[argparse.ArgumentParser, argparse._SubParsersAction]
         p.add_argument("--cache-dir", type=Path, default=default_cache_dir())
         p.add_argument("--method", default=DEFAULT_METHOD, choices=sorted(METHODS))
         p.add_argument("--rect-keep", type=float, default=defaults.rect_keep)
-        p.add_argument("--lambda", dest="mom2_lambda", type=float, default=defaults.mom2_lambda)
+        p.add_argument(
+            "--lambda",
+            dest="mom2_lambda",
+            type=float,
+            default=None,
+            help="C0's weight in the weight methods' solve (default: the model's calibration)",
+        )
         p.add_argument(
             "--layers",
             type=_layers,
             default=None,
-            help="first-last edited blocks, e.g. 3-7 (default: tuned)",
+            help="first-last edited blocks, e.g. 3-7 (default: the model's calibration)",
         )
         p.add_argument(
             "--memory-threshold",
@@ -48,7 +58,9 @@ def build_parser() -> tuple[argparse.ArgumentParser, argparse._SubParsersAction]
             help="the keyed memory's match cosine; 0: no memory (default: the method's own)",
         )
         p.add_argument("--clamp", type=float, default=defaults.clamp_norm_factor)
-        p.add_argument("--steps", type=int, default=defaults.v_steps)
+        p.add_argument(
+            "--steps", type=int, default=None, help="z* steps (default: the model's calibration)"
+        )
         p.add_argument(
             "--solve-dtype",
             choices=SOLVE_DTYPES,
@@ -94,6 +106,38 @@ def build_parser() -> tuple[argparse.ArgumentParser, argparse._SubParsersAction]
 
     demo = sub.add_parser("demo", help="edit one fact, generate, revert, generate")
     common(demo)
+
+    cal = sub.add_parser(
+        "calibrate",
+        help="measure a model and choose its edited blocks, lambda and z* steps",
+        description="Measure the model (C0's conditioning per block, a short sweep of the "
+        "best-conditioned windows on built-in facts, the keys' statistics) and write the "
+        "settings it chose, and why, to the cache, keyed by the model's fingerprint. serve, "
+        "eval and demo use them.",
+    )
+    cal.add_argument("--model", default=DEFAULT_MODEL, help="alias, local directory or hub id")
+    cal.add_argument("--device", default="auto")
+    cal.add_argument("--dtype", default="auto")
+    cal.add_argument("--cache-dir", type=Path, default=default_cache_dir())
+    cal.add_argument("--method", default=DEFAULT_METHOD, choices=sorted(METHODS))
+    cal.add_argument("--corpus", default="wiki", help="text for C0: wiki, a .txt/.json file")
+    cal.add_argument("--tokens", type=int, default=calibrate_mod.TOKENS, help="C0 tokens per block")
+    cal.add_argument(
+        "--candidates",
+        type=int,
+        default=calibrate_mod.CANDIDATES,
+        help="how many of the best-conditioned windows the sweep tries",
+    )
+    cal.add_argument(
+        "--facts",
+        type=Path,
+        default=calibrate_mod.FACTS,
+        help="the sweep's facts (default: editserve's built-in set)",
+    )
+    cal.add_argument("--limit", type=int, default=None, help="use only the first N facts")
+    cal.add_argument(
+        "--out", type=Path, default=None, help="write here instead of the cache's calibration/"
+    )
     return parser, sub
 
 
@@ -104,26 +148,29 @@ def _layers(text: str) -> tuple[int, ...]:
         raise argparse.ArgumentTypeError(str(exc)) from None
 
 
-def _hparams(args: argparse.Namespace) -> EditHparams:
+def _hparams(args: argparse.Namespace, calibration: Calibration | None = None) -> EditHparams:
+    """The flags given, over the model's calibration, over the defaults."""
     changes: dict[str, object] = {
         "rect_keep": args.rect_keep,
-        "mom2_lambda": args.mom2_lambda,
         "clamp_norm_factor": args.clamp,
-        "v_steps": args.steps,
         "solve_dtype": args.solve_dtype,
         "memory_threshold": args.memory_threshold,
     }
-    if args.layers:
-        changes["layers"] = args.layers
-    return EditHparams().with_(**changes)
+    given = {"layers": args.layers, "mom2_lambda": args.mom2_lambda, "v_steps": args.steps}
+    changes.update({name: value for name, value in given.items() if value is not None})
+    base = calibration.hparams() if calibration is not None else EditHparams()
+    return base.with_(**changes)
 
 
 def _editor(args: argparse.Namespace) -> Editor:
     lm = load_model(args.model, device=args.device, dtype=args.dtype, cache_dir=args.cache_dir)
+    calibration = find_calibration(lm, args.cache_dir)
+    if calibration is None and args.layers is None:
+        raise NotCalibratedError(args.model, calibration_key(lm))
     extra = {} if args.covariance_tokens is None else {"covariance_tokens": args.covariance_tokens}
     return Editor(
         lm,
-        _hparams(args),
+        _hparams(args, calibration),
         args.method,
         cache_dir=args.cache_dir,
         corpus_source=args.corpus,
@@ -201,13 +248,53 @@ def _demo(args: argparse.Namespace) -> int:
     return 0
 
 
-COMMANDS = {"eval": _eval, "demo": _demo}
+def calibrate_command(
+    args: argparse.Namespace,
+    then: Callable[[LoadedModel, Calibration, Callable[[str], None]], None] | None = None,
+) -> int:
+    """``editserve calibrate``; ``then(lm, calibration, say)`` measures more with the model loaded
+    (the server adds its probes' baseline)."""
+    lm = load_model(args.model, device=args.device, dtype=args.dtype, cache_dir=args.cache_dir)
+    found = calibrate_mod.calibrate(
+        lm,
+        method=args.method,
+        cache_dir=args.cache_dir,
+        corpus_source=args.corpus,
+        facts=load_facts(args.facts, args.limit),
+        tokens=args.tokens,
+        candidates=args.candidates,
+        say=lambda line: print(line, flush=True),
+    )
+    if then is not None:
+        then(lm, found, lambda line: print(line, flush=True))
+    if args.out is not None:
+        write_atomically(args.out, found.to_json().encode())
+        path = args.out
+    else:
+        path = calibrate_mod.save_calibration(found, args.cache_dir)
+    print(
+        f"calibrated {args.model}: blocks {found.layers[0]}-{found.layers[-1]}, lambda "
+        f"{found.mom2_lambda:g}, {found.v_steps} z* steps; wrote {path}"
+    )
+    return 0
+
+
+COMMANDS = {"eval": _eval, "demo": _demo, "calibrate": calibrate_command}
+
+
+def run(command: Callable[[argparse.Namespace], int], args: argparse.Namespace) -> int:
+    """``command(args)``, with a model that needs calibrating told so in one line."""
+    try:
+        return command(args)
+    except NotCalibratedError as exc:
+        print(f"editserve {args.command}: {exc}", file=sys.stderr)
+        return 2
 
 
 def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     args = build_parser()[0].parse_args(argv)
-    return COMMANDS[args.command](args)
+    return run(COMMANDS[args.command], args)
 
 
 if __name__ == "__main__":

@@ -10,6 +10,8 @@ from __future__ import annotations
 import argparse
 import logging
 import sys
+from collections.abc import Callable
+from functools import partial
 from pathlib import Path
 from types import UnionType
 from typing import Any, Literal, Union, get_args, get_origin
@@ -18,6 +20,8 @@ from pydantic import ValidationError
 from pydantic.fields import FieldInfo
 
 from editing import cli as engine_cli
+from editing.calibrate import Calibration
+from editing.models import LoadedModel
 from service.settings import Settings, env_var, flag, shown_default
 
 
@@ -108,13 +112,34 @@ def _openapi(args: argparse.Namespace) -> int:
     return 0
 
 
+def _probe_baseline(
+    lm: LoadedModel, calibration: Calibration, say: Callable[[str], None], *, cache_dir: Path
+) -> None:
+    """Score the default probe set on the original model at the calibrated blocks, so that the
+    server's first start finds the baseline in the cache."""
+    from editing.adapters import adapter_for
+    from service.probes import Prober, default_dtype, load_probes
+
+    say("scoring the locality probes' baseline on the original model")
+    adapter = adapter_for(lm.model)
+    w0 = {layer: adapter.read(lm.model, layer).float() for layer in calibration.layers}
+    Prober(lm, load_probes(None), w0, dtype=default_dtype(lm), cache_dir=cache_dir)
+
+
 def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     parser, sub = engine_cli.build_parser()
     _add_commands(sub)
     args = parser.parse_args(argv)
-    commands = {**engine_cli.COMMANDS, "serve": _serve, "openapi": _openapi}
-    return commands[args.command](args)
+    commands = {
+        **engine_cli.COMMANDS,
+        "calibrate": lambda args: engine_cli.calibrate_command(
+            args, then=partial(_probe_baseline, cache_dir=args.cache_dir)
+        ),
+        "serve": _serve,
+        "openapi": _openapi,
+    }
+    return engine_cli.run(commands[args.command], args)
 
 
 if __name__ == "__main__":

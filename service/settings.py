@@ -17,6 +17,7 @@ from typing import Literal
 from pydantic import Field, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
+from editing.calibrate import Calibration
 from editing.hparams import EditHparams, parse_layers
 from editing.methods import DEFAULT_METHOD
 from editing.models import DEFAULT_MODEL, default_cache_dir
@@ -71,14 +72,15 @@ class Settings(BaseSettings):
         description="The editing method: d4s, memory (the keyed memory alone, the weights "
         "stay the original's), or one of the sequential baselines memit-seq and alphaedit.",
     )
-    layers: str = Field(
-        default=f"{_HPARAMS.layers[0]}-{_HPARAMS.layers[-1]}",
-        description="The edited blocks: one consecutive run, written FIRST-LAST.",
+    layers: str | None = Field(
+        default=None,
+        description="The edited blocks: one consecutive run, written FIRST-LAST. Unset: the "
+        "model's calibration (`editserve calibrate`); a model without one is refused.",
     )
-    mom2_lambda: float = Field(
-        default=_HPARAMS.mom2_lambda,
+    mom2_lambda: float | None = Field(
+        default=None,
         description="The weight of the covariance C0 in the system every update solves, "
-        "lambda * C0 + the sum of k k^T over the edits' keys.",
+        "lambda * C0 + the sum of k k^T over the edits' keys. Unset: the model's calibration.",
     )
     rect_keep: float = Field(
         default=_HPARAMS.rect_keep,
@@ -104,10 +106,10 @@ class Settings(BaseSettings):
         description="The dtype of d4s's full solve past 256 key rows: float32 is faster, at "
         "the precision of float32 weights.",
     )
-    v_steps: int = Field(
-        default=_HPARAMS.v_steps,
+    v_steps: int | None = Field(
+        default=None,
         description="The most Adam steps of each edit's z* optimisation (it stops sooner once "
-        "every fact's target is learnt).",
+        "every fact's target is learnt). Unset: the model's calibration.",
     )
     covariance_tokens: int = Field(
         default=200_000,
@@ -258,21 +260,27 @@ class Settings(BaseSettings):
 
     @field_validator("layers")
     @classmethod
-    def _layers_form(cls, value: str) -> str:
-        parse_layers(value)
+    def _layers_form(cls, value: str | None) -> str | None:
+        if value is not None:
+            parse_layers(value)
         return value
 
-    def hparams(self) -> EditHparams:
+    def hparams(self, calibration: Calibration | None = None) -> EditHparams:
+        """The settings given, over the model's ``calibration``, over the defaults."""
         changes: dict[str, object] = {
-            "mom2_lambda": self.mom2_lambda,
             "rect_keep": self.rect_keep,
-            "v_steps": self.v_steps,
             "solve_dtype": self.solve_dtype,
             "memory_threshold": self.memory_threshold,
             "memory_reference_tokens": self.memory_reference_tokens,
-            "layers": parse_layers(self.layers),
         }
-        return EditHparams().with_(**changes)
+        given = {
+            "layers": parse_layers(self.layers) if self.layers is not None else None,
+            "mom2_lambda": self.mom2_lambda,
+            "v_steps": self.v_steps,
+        }
+        changes.update({name: value for name, value in given.items() if value is not None})
+        base = calibration.hparams() if calibration is not None else EditHparams()
+        return base.with_(**changes)
 
     def guardrails(self) -> Guardrails:
         return Guardrails(

@@ -30,6 +30,7 @@ from typing import Any
 
 import torch
 
+from editing.calibrate import NotCalibratedError, calibration_key, find_calibration
 from editing.editor import Editor
 from editing.models import LoadedModel, load_model, needs_conversion
 from service import __version__
@@ -130,10 +131,13 @@ class ModelWorker:
             else:
                 self._step(f"loading {s.model}")
             self.lm = load_model(s.model, device=s.device, dtype=s.dtype, cache_dir=s.cache_dir)
+        calibration = find_calibration(self.lm, s.cache_dir)
+        if calibration is None and s.layers is None:
+            raise NotCalibratedError(s.model, calibration_key(self.lm))
         self._step("loading or computing the statistics of ordinary text the method needs")
         editor = Editor(
             self.lm,
-            s.hparams(),
+            s.hparams(calibration),
             s.method,
             c0=self._c0,
             cache_dir=s.cache_dir,
@@ -151,7 +155,7 @@ class ModelWorker:
         log.info("%s%s", step, "" if done is None else f": {done:.0%}")
 
     def _statistics_progress(self, what: str, done: int, total: int) -> None:
-        """Publish every batch; log each tenth of the way (the covariance takes minutes on a CPU)."""
+        """Publish every batch; log each tenth of the way (C0 takes minutes on a CPU)."""
         share = done / total
         step = f"computing {what}: {done:,} of {total:,} tokens"
         if int(share * 10) > int((self._state.get().step_done or 0) * 10) or done == total:
