@@ -37,7 +37,9 @@ from service.editlog.base import (
     EditLog,
     EditStatus,
     Operation,
+    Transition,
     now,
+    server_event,
 )
 from service.guardrails import Breach, Guardrails, Norms
 from service.metrics import Metrics
@@ -367,8 +369,16 @@ class EditPipeline:
         self.metrics.edits.labels("rejected").inc()
         problem = errors.guardrail_rejection(breaches)
         log.warning("edit %s rejected: %s", op.edit_id, problem["detail"])
-        self.log.transition(
-            op.edit_id, IN_FLIGHT | {EditStatus.reverting}, EditStatus.rejected, error=problem
+        self.log.transition_many(
+            [
+                Transition(
+                    op.edit_id,
+                    IN_FLIGHT | {EditStatus.reverting},
+                    EditStatus.rejected,
+                    {"error": problem},
+                    server_event("reject", problem["detail"]),
+                )
+            ]
         )
 
     def _fail(
@@ -377,4 +387,15 @@ class EditPipeline:
         self.metrics.edits.labels(str(status)).inc()
         if status == EditStatus.failed:
             log.error("edit %s failed: %s", op.edit_id, "".join(traceback.format_exception(exc)))
-        self.log.transition(op.edit_id, IN_FLIGHT | {EditStatus.reverting}, status, error=problem)
+        action = "reject" if status == EditStatus.rejected else "fail"
+        self.log.transition_many(
+            [
+                Transition(
+                    op.edit_id,
+                    IN_FLIGHT | {EditStatus.reverting},
+                    status,
+                    {"error": problem},
+                    server_event(action, problem["detail"]),
+                )
+            ]
+        )

@@ -22,6 +22,7 @@ from service.editlog.base import (
     Operation,
     Transition,
     now,
+    server_event,
 )
 
 PAGE = 500  # operations read (and statuses marked) at a time
@@ -91,6 +92,7 @@ def applied(op: Operation, superseded: list[str], fields: dict[str, Any]) -> lis
                 frozenset({EditStatus.applied, EditStatus.reverting}),
                 EditStatus.superseded,
                 {"superseded_by": op.edit_id},
+                server_event("supersede", f"edit {op.edit_id} has the same subject and prompt"),
             )
             for old in superseded
         ),

@@ -6,7 +6,7 @@ The OpenAI-compatible bodies are in :mod:`service.api.openai_schemas`.
 from __future__ import annotations
 
 from datetime import UTC, datetime
-from typing import Annotated, Any, Literal
+from typing import Annotated, Any, Literal, Self
 
 from pydantic import BaseModel, ConfigDict, Discriminator, Field, Tag, model_validator
 
@@ -52,10 +52,31 @@ class FactIn(StrictModel):
         return self
 
 
+_REASON = Field(
+    default=None,
+    min_length=1,
+    max_length=1000,
+    description="why: kept in the edit's audit trail (required when the server says so)",
+)
+
+
+class FactEditIn(FactIn):
+    """One fact to edit, and why."""
+
+    reason: str | None = _REASON
+
+
 class BatchIn(StrictModel):
-    """Several facts, applied together as one edit step."""
+    """Several facts, applied together as one edit step, and why."""
 
     facts: list[FactIn] = Field(min_length=1)
+    reason: str | None = _REASON
+
+
+class RevertIn(StrictModel):
+    """Why an edit is reverted."""
+
+    reason: str | None = _REASON
 
 
 def _edit_kind(body: Any) -> str:
@@ -65,7 +86,7 @@ def _edit_kind(body: Any) -> str:
 # One fact, or ``{"facts": [...]}``; told apart by the ``facts`` key so that errors speak of
 # the form that was meant.
 EditRequest = Annotated[
-    Annotated[FactIn, Tag("fact")] | Annotated[BatchIn, Tag("batch")],
+    Annotated[FactEditIn, Tag("fact")] | Annotated[BatchIn, Tag("batch")],
     Discriminator(_edit_kind),
 ]
 
@@ -76,10 +97,43 @@ class EditAccepted(BaseModel):
     position: int = Field(description="operations ahead of this one in the log, plus one")
 
 
+class AuditEventOut(BaseModel):
+    """One operation on an edit: what, when, by whom (an API key's name, or ``editserve``),
+    why and from where."""
+
+    at: datetime
+    action: Literal["apply", "revert", "cancel", "supersede", "reject", "fail"]
+    by: str
+    reason: str | None = None
+    user_agent: str | None = None
+
+    @classmethod
+    def of(cls, event: dict[str, Any]) -> Self:
+        fields: dict[str, Any] = {k: event.get(k) for k in cls.model_fields}
+        return cls.model_validate({**fields, "at": _time(event["at"])})
+
+
+class AuditOut(AuditEventOut):
+    edit_id: str
+
+
+class AuditPage(BaseModel):
+    events: list[AuditOut]
+    next_cursor: str | None = Field(description="pass as ?cursor= for the next, older page")
+
+
 class EditOut(BaseModel):
     id: str
     status: EditStatus
     facts: list[FactIn]
+    submitted_by: str | None = Field(
+        default=None, description="the name of the API key that posted the edit"
+    )
+    reason: str | None = None
+    user_agent: str | None = None
+    history: list[AuditEventOut] = Field(
+        default_factory=list, description="every operation on the edit, oldest first"
+    )
     created_at: datetime
     updated_at: datetime
     applied_at: datetime | None = None
@@ -118,6 +172,10 @@ class EditOut(BaseModel):
             id=entry.id,
             status=entry.status,
             facts=[FactIn(**f) for f in entry.facts],
+            submitted_by=entry.submitted_by,
+            reason=entry.reason,
+            user_agent=entry.user_agent,
+            history=[AuditEventOut.of(event) for event in entry.history],
             created_at=_time(entry.created_at),
             updated_at=_time(entry.updated_at),
             applied_at=_time(entry.applied_at) if entry.applied_at else None,

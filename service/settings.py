@@ -1,20 +1,21 @@
 """Every setting of the server, in one object: ``EDITSERVE_*`` variables and ``editserve serve``
 flags (flags win).
 
-API keys map a bearer token to a role::
+API keys map a bearer token to its holder, named for the audit trail, or to a bare role::
 
-    EDITSERVE_API_KEYS='{"s3cret-editor": "editor", "s3cret-reader": "reader"}'
+    EDITSERVE_API_KEYS='{"s3cret-1": {"name": "data-team", "role": "editor"}, "s3cret-2": "reader"}'
 """
 
 from __future__ import annotations
 
+import hashlib
 import ipaddress
 import json
 from enum import StrEnum
 from pathlib import Path
 from typing import Literal
 
-from pydantic import Field, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from editing.calibrate import Calibration
@@ -27,6 +28,23 @@ from service.guardrails import Guardrails
 class Role(StrEnum):
     reader = "reader"  # may generate
     editor = "editor"  # may also edit and revert
+
+
+class ApiKey(BaseModel):
+    """An API key's holder: the name the audit trail records, and the role."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    name: str = Field(min_length=1, max_length=100, pattern=r"^[A-Za-z0-9_.@-]+$")
+    role: Role
+
+    @classmethod
+    def of(cls, key: str, held: ApiKey | Role) -> ApiKey:
+        """``held`` as a holder: a bare role is named ``key-`` and the start of the key's
+        sha256, which names it without showing it."""
+        if isinstance(held, ApiKey):
+            return held
+        return cls(name=f"key-{hashlib.sha256(key.encode()).hexdigest()[:8]}", role=held)
 
 
 _HPARAMS = EditHparams()
@@ -203,10 +221,16 @@ class Settings(BaseSettings):
         description="Allow listening beyond loopback without API keys: anyone who reaches the "
         "port may edit the model.",
     )
-    api_keys: dict[str, Role] = Field(
+    api_keys: dict[str, ApiKey | Role] = Field(
         default_factory=dict,
-        description="A JSON object mapping each bearer token to its role, reader or editor "
+        description="A JSON object mapping each bearer token to its holder, "
+        '{"name": "data-team", "role": "editor"}, or to a role alone (reader or editor; the '
+        "key is then named by a short hash of it). The name is what the audit trail records "
         "(unset: no keys, loopback only).",
+    )
+    require_reason: bool = Field(
+        default=False,
+        description="Refuse an edit or a revert that gives no reason (422).",
     )
 
     # -- limits --

@@ -3,27 +3,40 @@
 from __future__ import annotations
 
 import uuid
-from typing import Annotated, Any
+from datetime import UTC, datetime
+from typing import Annotated, Any, Literal
 
-from fastapi import APIRouter, Depends, Header, Path, Query, Response
+from fastapi import APIRouter, Depends, Header, Path, Query, Request, Response
 
 from editing.facts import InvalidFactError, validate_fact
 from editing.records import fact_from_json
-from service.auth import require
+from service.auth import actor, require
 from service.editlog.base import (
+    AuditFilter,
     EditEntry,
+    EditFilter,
     EditLogError,
     EditStatus,
     IdempotencyConflict,
     QueueFull,
     RevertConflict,
     UnknownEdit,
+    micros,
     request_fingerprint,
 )
 from service.errors import Problem, problem_responses
 from service.runtime import Runtime, runtime
-from service.schemas import BatchIn, EditAccepted, EditOut, EditPage, EditRequest
-from service.settings import Role
+from service.schemas import (
+    AuditOut,
+    AuditPage,
+    BatchIn,
+    EditAccepted,
+    EditOut,
+    EditPage,
+    EditRequest,
+    RevertIn,
+)
+from service.settings import ApiKey, Role
 
 router = APIRouter(tags=["edits"])
 
@@ -34,20 +47,22 @@ EditId = Annotated[str, Path(min_length=1, max_length=64)]
     "/edits",
     status_code=202,
     response_model=EditAccepted,
-    dependencies=[Depends(require(Role.editor))],
     responses=problem_responses(401, 403, 409, 413, 422, 429, 503),
     summary="Queue one fact, or several applied together as one step",
 )
 def post_edit(
     body: EditRequest,
+    request: Request,
     response: Response,
     rt: Annotated[Runtime, Depends(runtime)],
+    holder: Annotated[ApiKey, Depends(require(Role.editor))],
     idempotency_key: Annotated[
         str | None, Header(alias="Idempotency-Key", min_length=1, max_length=200)
     ] = None,
 ) -> EditAccepted:
     facts = body.facts if isinstance(body, BatchIn) else [body]
-    docs = [f.model_dump() for f in facts]
+    docs = [f.model_dump(exclude={"reason"}) for f in facts]
+    _check_reason(rt, body.reason)
     _check_facts(rt, docs)
     try:
         entry, created = rt.log.append_edit(
@@ -57,6 +72,7 @@ def post_edit(
             request_fingerprint(docs),
             max_pending=rt.settings.max_queued_edits,
             after=rt.worker.state.processed,
+            actor=actor(holder, request, body.reason),
         )
     except QueueFull as exc:
         raise Problem(
@@ -101,11 +117,20 @@ def get_edit(edit_id: EditId, rt: Annotated[Runtime, Depends(runtime)]) -> EditO
 def list_edits(
     rt: Annotated[Runtime, Depends(runtime)],
     status: EditStatus | None = None,
+    subject: Annotated[
+        str | None, Query(min_length=1, max_length=2000, description="any fact's subject")
+    ] = None,
+    submitted_by: Annotated[
+        str | None, Query(min_length=1, max_length=100, description="an API key's name")
+    ] = None,
+    since: Annotated[datetime | None, Query(description="created at or after")] = None,
+    until: Annotated[datetime | None, Query(description="created before")] = None,
     limit: Annotated[int, Query(ge=1, le=200)] = 50,
     cursor: Annotated[str | None, Query(pattern=r"^[0-9]{1,18}$")] = None,
 ) -> EditPage:
+    where = EditFilter(subject, submitted_by, _seconds(since), _seconds(until))
     try:
-        entries = rt.log.list_edits(status, limit, int(cursor) if cursor else None)
+        entries = rt.log.list_edits(status, limit, int(cursor) if cursor else None, where)
     except EditLogError as exc:
         raise _log_down(exc) from None
     more = len(entries) == limit
@@ -119,15 +144,21 @@ def list_edits(
     "/edits/{edit_id}/revert",
     status_code=202,
     response_model=EditAccepted,
-    dependencies=[Depends(require(Role.editor))],
     responses=problem_responses(401, 403, 404, 409, 422, 503),
     summary="Undo an edit (a queued one is cancelled); the revert enters the ordered log",
 )
 def revert_edit(
-    edit_id: EditId, response: Response, rt: Annotated[Runtime, Depends(runtime)]
+    edit_id: EditId,
+    request: Request,
+    response: Response,
+    rt: Annotated[Runtime, Depends(runtime)],
+    holder: Annotated[ApiKey, Depends(require(Role.editor))],
+    body: RevertIn | None = None,
 ) -> EditAccepted:
+    reason = body.reason if body is not None else None
+    _check_reason(rt, reason)
     try:
-        entry = rt.log.request_revert(edit_id)
+        entry = rt.log.request_revert(edit_id, actor(holder, request, reason))
     except UnknownEdit:
         raise Problem(404, f"no edit {edit_id}") from None
     except RevertConflict as exc:
@@ -137,6 +168,51 @@ def revert_edit(
     position = _pending(rt)  # a 503 too, when the log went down after the revert was stored
     response.headers["Location"] = f"/edits/{entry.id}"
     return EditAccepted(id=entry.id, status=entry.status, position=position)
+
+
+@router.get(
+    "/audit",
+    response_model=AuditPage,
+    dependencies=[Depends(require(Role.reader))],
+    responses=problem_responses(401, 422, 503),
+    summary="Every operation on every edit, newest first: who, when, why and from where",
+)
+def list_audit(
+    rt: Annotated[Runtime, Depends(runtime)],
+    action: Literal["apply", "revert", "cancel", "supersede", "reject", "fail"] | None = None,
+    by: Annotated[
+        str | None,
+        Query(min_length=1, max_length=100, description="an API key's name, or editserve"),
+    ] = None,
+    subject: Annotated[
+        str | None, Query(min_length=1, max_length=2000, description="the edit's subject")
+    ] = None,
+    since: Annotated[datetime | None, Query(description="at or after")] = None,
+    until: Annotated[datetime | None, Query(description="before")] = None,
+    limit: Annotated[int, Query(ge=1, le=200)] = 50,
+    cursor: Annotated[str | None, Query(pattern=r"^[0-9]{1,20}$")] = None,
+) -> AuditPage:
+    where = AuditFilter(action, by, subject, _seconds(since), _seconds(until))
+    try:
+        events = rt.log.audit(limit, int(cursor) / 1e6 if cursor else None, where)
+    except EditLogError as exc:
+        raise _log_down(exc) from None
+    more = len(events) == limit
+    return AuditPage(
+        events=[AuditOut.of(event) for event in events],
+        next_cursor=str(micros(events[-1]["at"])) if more and events else None,
+    )
+
+
+def _seconds(moment: datetime | None) -> float | None:
+    if moment is None:
+        return None
+    return (moment if moment.tzinfo else moment.replace(tzinfo=UTC)).timestamp()
+
+
+def _check_reason(rt: Runtime, reason: str | None) -> None:
+    if rt.settings.require_reason and reason is None:
+        raise Problem(422, "give a reason: this server keeps one for every change", field="reason")
 
 
 def _check_facts(rt: Runtime, docs: list[dict[str, Any]]) -> None:

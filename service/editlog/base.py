@@ -80,6 +80,31 @@ class IdempotencyConflict(EditLogError):
         super().__init__(f"Idempotency-Key {key!r} was used for another request")
 
 
+@dataclass(frozen=True)
+class Actor:
+    """Who asked for an operation (an API key's name, or ``editserve`` for the server itself),
+    why, and from where (the client's User-Agent)."""
+
+    by: str
+    reason: str | None = None
+    user_agent: str | None = None
+
+    def event(self, action: str, **detail: Any) -> dict[str, Any]:
+        """An audit event: ``action`` by this actor, now."""
+        found = {"at": now(), "action": action, "by": self.by, "reason": self.reason}
+        found["user_agent"] = self.user_agent
+        return {**found, **detail}
+
+
+def server_event(action: str, reason: str) -> dict[str, Any]:
+    """An audit event of the server's own (a guardrail's rejection, a supersede, a failure)."""
+    return Actor("editserve", reason).event(action)
+
+
+#: Every action the audit trail records.
+ACTIONS = ("apply", "revert", "cancel", "supersede", "reject", "fail")
+
+
 @dataclass
 class Operation:
     seq: int  # 1, 2, 3, ... in log order
@@ -107,6 +132,11 @@ class EditEntry:
     error: dict[str, Any] | None = None  # an RFC 9457 problem detail
     scores: dict[str, Any] | None = None
     idempotency_key: str | None = None
+    submitted_by: str | None = None  # the name of the API key that posted it
+    reason: str | None = None
+    user_agent: str | None = None
+    # Append-only audit events (``Actor.event``), oldest first: every operation on the edit.
+    history: list[dict[str, Any]] = field(default_factory=list)
 
     def to_json(self) -> str:
         doc = {k: v for k, v in self.__dict__.items() if k not in ("status",)}
@@ -115,10 +145,16 @@ class EditEntry:
 
     @classmethod
     def queued(
-        cls, edit_id: str, seq: int, facts: list[dict[str, Any]], idempotency_key: str | None
+        cls,
+        edit_id: str,
+        seq: int,
+        facts: list[dict[str, Any]],
+        idempotency_key: str | None,
+        actor: Actor | None = None,
     ) -> EditEntry:
-        """A new edit, just appended at ``seq``."""
+        """A new edit, just appended at ``seq`` by ``actor``."""
         t = now()
+        actor = actor or Actor("anonymous")
         return cls(
             id=edit_id,
             seq=seq,
@@ -127,16 +163,30 @@ class EditEntry:
             created_at=t,
             updated_at=t,
             idempotency_key=idempotency_key,
+            submitted_by=actor.by,
+            reason=actor.reason,
+            user_agent=actor.user_agent,
+            history=[{**actor.event("apply"), "at": t}],
         )
 
-    def updated(self, status: EditStatus | None, fields: dict[str, Any]) -> EditEntry:
-        """A copy with ``status`` (None: unchanged) and ``fields`` set, stamped now."""
+    def updated(
+        self,
+        status: EditStatus | None,
+        fields: dict[str, Any],
+        event: dict[str, Any] | None = None,
+    ) -> EditEntry:
+        """A copy with ``status`` (None: unchanged) and ``fields`` set, stamped now, and
+        ``event`` added to its history."""
         check_fields(fields)
         doc = dict(self.__dict__, **fields)
         if status is not None:
             doc["status"] = status
         doc["updated_at"] = now()
+        doc["history"] = [*self.history, event] if event is not None else list(self.history)
         return EditEntry(**doc)
+
+    def subjects(self) -> set[str]:
+        return {str(fact.get("subject", "")).casefold() for fact in self.facts}
 
     @classmethod
     def from_json(cls, text: str | bytes) -> EditEntry:
@@ -155,9 +205,13 @@ class Transition:
     expected: frozenset[EditStatus]
     status: EditStatus | None
     fields: dict[str, Any] = field(default_factory=dict)
+    event: dict[str, Any] | None = None  # for the edit's audit history, when the change is made
 
     def __post_init__(self) -> None:
         check_fields(self.fields)  # refused here, before a batch of them changes anything
+
+    def apply_to(self, entry: EditEntry) -> EditEntry:
+        return entry.updated(self.status, self.fields, self.event)
 
 
 UPDATABLE = frozenset(
@@ -184,6 +238,12 @@ def now() -> float:
     return time.time()
 
 
+def micros(t: float) -> int:
+    """``t`` (Unix seconds) in whole microseconds, the resolution the API shows times at: a
+    time read back from the API compares with the one stored as it was shown."""
+    return round(t * 1_000_000)
+
+
 class EditLog(ABC):
     """The protocol every edit log implements. All methods are safe to call from any thread."""
 
@@ -197,9 +257,10 @@ class EditLog(ABC):
         *,
         max_pending: int | None = None,
         after: int = 0,
+        actor: Actor | None = None,
     ) -> tuple[EditEntry, bool]:
-        """Append an ``apply`` operation for a new queued edit, atomically with its key and
-        with the queue limit.
+        """Append an ``apply`` operation for a new queued edit by ``actor``, atomically with
+        its key and with the queue limit.
 
         Returns (the entry, whether it was created). A key seen before returns the edit it
         created, and ``False``, full queue or not; the same key with another ``fingerprint``
@@ -210,8 +271,8 @@ class EditLog(ABC):
         """
 
     @abstractmethod
-    def request_revert(self, edit_id: str) -> EditEntry:
-        """Append a ``revert`` operation, atomically with the status change.
+    def request_revert(self, edit_id: str, actor: Actor | None = None) -> EditEntry:
+        """Append a ``revert`` operation by ``actor``, atomically with the status change.
 
         A queued edit is cancelled at once (``reverted``, ``cancelled``); an applying or applied
         one becomes ``reverting``. Raises :class:`UnknownEdit` or :class:`RevertConflict`.
@@ -239,10 +300,50 @@ class EditLog(ABC):
         return {k: v for k, v in found.items() if v is not None}
 
     @abstractmethod
+    def _newest(self, status: EditStatus | None, limit: int, before: int | None) -> list[EditEntry]:
+        """Up to ``limit`` edits newest first, with ``seq < before`` when given."""
+
     def list_edits(
-        self, status: EditStatus | None = None, limit: int = 50, before: int | None = None
+        self,
+        status: EditStatus | None = None,
+        limit: int = 50,
+        before: int | None = None,
+        where: EditFilter | None = None,
     ) -> list[EditEntry]:
-        """Edits newest first, with ``seq < before`` when given."""
+        """Edits newest first, with ``seq < before`` when given, that ``where`` admits."""
+        out: list[EditEntry] = []
+        page = limit if where is None else max(limit, 200)
+        while len(out) < limit:
+            found = self._newest(status, page, before)
+            out += [e for e in found if where is None or where.admits(e)][: limit - len(out)]
+            if len(found) < page:
+                break
+            before = found[-1].seq
+        return out
+
+    def audit(
+        self, limit: int = 50, before: float | None = None, where: AuditFilter | None = None
+    ) -> list[dict[str, Any]]:
+        """Audit events newest first (each with its ``edit_id``), older than ``before`` (a
+        time) when given, that ``where`` admits. Reads every edit's history: a scan of the
+        log, paged by the caller."""
+        where = where or AuditFilter()
+        events: list[dict[str, Any]] = []
+        cursor: int | None = None
+        while True:
+            page = self._newest(None, 500, cursor)
+            for entry in page:
+                if where.subject is not None and where.subject.casefold() not in entry.subjects():
+                    continue
+                for event in entry.history:
+                    early = before is None or micros(event["at"]) < micros(before)
+                    if early and where.admits(event):
+                        events.append({**event, "edit_id": entry.id})
+            if len(page) < 500:
+                break
+            cursor = page[-1].seq
+        events.sort(key=lambda e: (e["at"], e["edit_id"]), reverse=True)
+        return events[:limit]
 
     def transition(
         self,
@@ -305,16 +406,59 @@ class EditLog(ABC):
         """Release connections."""
 
 
+@dataclass(frozen=True)
+class EditFilter:
+    """Which edits a listing keeps: any fact's subject (case-insensitive), the submitter's key
+    name, and creation between ``since`` and ``until`` (Unix seconds)."""
+
+    subject: str | None = None
+    submitted_by: str | None = None
+    since: float | None = None
+    until: float | None = None
+
+    def admits(self, entry: EditEntry) -> bool:
+        return (
+            (self.subject is None or self.subject.casefold() in entry.subjects())
+            and (self.submitted_by is None or entry.submitted_by == self.submitted_by)
+            and (self.since is None or micros(entry.created_at) >= micros(self.since))
+            and (self.until is None or micros(entry.created_at) < micros(self.until))
+        )
+
+
+@dataclass(frozen=True)
+class AuditFilter:
+    """Which audit events a listing keeps: by action, by who, by the edit's subject, and by time
+    (``since`` <= at < ``until``)."""
+
+    action: str | None = None
+    by: str | None = None
+    subject: str | None = None
+    since: float | None = None
+    until: float | None = None
+
+    def admits(self, event: dict[str, Any]) -> bool:
+        return (
+            (self.action is None or event["action"] == self.action)
+            and (self.by is None or event["by"] == self.by)
+            and (self.since is None or micros(event["at"]) >= micros(self.since))
+            and (self.until is None or micros(event["at"]) < micros(self.until))
+        )
+
+
 def check_fields(fields: dict[str, Any]) -> None:
     unknown = set(fields) - UPDATABLE
     if unknown:
         raise ValueError(f"not updatable: {sorted(unknown)}")
 
 
-def revert_outcome(entry: EditEntry) -> tuple[EditStatus, dict[str, Any]]:
-    """What a revert request does to ``entry``: its new status and fields, or raise."""
+def revert_outcome(
+    entry: EditEntry, actor: Actor | None = None
+) -> tuple[EditStatus, dict[str, Any], dict[str, Any]]:
+    """What ``actor``'s revert request does to ``entry``: its new status, fields and audit
+    event, or raise."""
     if entry.status in _REVERT_CONFLICTS:
         raise RevertConflict(entry.id, entry.status)
+    actor = actor or Actor("anonymous")
     if entry.status == EditStatus.queued:
-        return EditStatus.reverted, {"cancelled": True, "reverted_at": now()}
-    return EditStatus.reverting, {}
+        return EditStatus.reverted, {"cancelled": True, "reverted_at": now()}, actor.event("cancel")
+    return EditStatus.reverting, {}, actor.event("revert")

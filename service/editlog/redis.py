@@ -24,6 +24,7 @@ import redis
 from redis.exceptions import RedisError
 
 from service.editlog.base import (
+    Actor,
     EditEntry,
     EditLog,
     EditLogError,
@@ -170,9 +171,10 @@ class RedisEditLog(EditLog):
         *,
         max_pending: int | None = None,
         after: int = 0,
+        actor: Actor | None = None,
     ) -> tuple[EditEntry, bool]:
         # seq 0 for now: the script assigns it, and the hash's seq field is authoritative.
-        entry = EditEntry.queued(edit_id, 0, facts, idempotency_key)
+        entry = EditEntry.queued(edit_id, 0, facts, idempotency_key, actor)
         keys = [
             self._key("ops"),
             self._key("seq"),
@@ -201,7 +203,9 @@ class RedisEditLog(EditLog):
     def _compare_and_set(
         self,
         edit_id: str,
-        decide: Callable[[EditEntry], tuple[EditStatus | None, dict[str, Any]] | None],
+        decide: Callable[
+            [EditEntry], tuple[EditStatus | None, dict[str, Any], dict[str, Any] | None] | None
+        ],
         append_revert: bool = False,
     ) -> EditEntry | None:
         """Read, ``decide`` the change (None: no change), write if nobody wrote meanwhile."""
@@ -231,8 +235,10 @@ class RedisEditLog(EditLog):
                 return new
         raise EditLogError(f"edit {edit_id} kept changing; gave up after 100 tries")
 
-    def request_revert(self, edit_id: str) -> EditEntry:
-        new = self._compare_and_set(edit_id, revert_outcome, append_revert=True)
+    def request_revert(self, edit_id: str, actor: Actor | None = None) -> EditEntry:
+        new = self._compare_and_set(
+            edit_id, lambda entry: revert_outcome(entry, actor), append_revert=True
+        )
         assert new is not None
         return new
 
@@ -255,7 +261,7 @@ class RedisEditLog(EditLog):
                 if entry.status not in change.expected:
                     results.append(None)
                     continue
-                latest[change.edit_id] = entry.updated(change.status, change.fields)
+                latest[change.edit_id] = change.apply_to(entry)
                 results.append(latest[change.edit_id])
             written = [i for i in ids if latest[i] is not loaded[i][0]]
             if not written:
@@ -299,9 +305,7 @@ class RedisEditLog(EditLog):
     def get_many(self, edit_ids: Sequence[str]) -> dict[str, EditEntry]:
         return {k: entry for k, (entry, _) in self._load_many(list(edit_ids)).items()}
 
-    def list_edits(
-        self, status: EditStatus | None = None, limit: int = 50, before: int | None = None
-    ) -> list[EditEntry]:
+    def _newest(self, status: EditStatus | None, limit: int, before: int | None) -> list[EditEntry]:
         out: list[EditEntry] = []
         upper = f"({before}" if before is not None else "+inf"
         page = max(limit, 100)

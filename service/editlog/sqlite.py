@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Any
 
 from service.editlog.base import (
+    Actor,
     EditEntry,
     EditLog,
     EditLogError,
@@ -115,6 +116,7 @@ class SqliteEditLog(EditLog):
         *,
         max_pending: int | None = None,
         after: int = 0,
+        actor: Actor | None = None,
     ) -> tuple[EditEntry, bool]:
         # BEGIN IMMEDIATE takes the write lock before the count: no other writer, in this
         # process or another, appends between the count and the append.
@@ -139,7 +141,7 @@ class SqliteEditLog(EditLog):
                     (idempotency_key, edit_id, fingerprint),
                 )
             seq = self._append_op(db, "apply", edit_id)
-            entry = EditEntry.queued(edit_id, seq, facts, idempotency_key)
+            entry = EditEntry.queued(edit_id, seq, facts, idempotency_key, actor)
             db.execute(
                 "INSERT INTO edits (id, seq, status, doc) VALUES (?, ?, ?, ?)",
                 (edit_id, seq, entry.status, entry.to_json()),
@@ -147,15 +149,15 @@ class SqliteEditLog(EditLog):
         self._notify()
         return entry, True
 
-    def request_revert(self, edit_id: str) -> EditEntry:
+    def request_revert(self, edit_id: str, actor: Actor | None = None) -> EditEntry:
         with self._write() as db:
             row = db.execute("SELECT doc FROM edits WHERE id = ?", (edit_id,)).fetchone()
             if row is None:
                 raise UnknownEdit(edit_id)
             entry = EditEntry.from_json(row[0])
-            status, fields = revert_outcome(entry)
+            status, fields, event = revert_outcome(entry, actor)
             self._append_op(db, "revert", edit_id)
-            entry = entry.updated(status, fields)
+            entry = entry.updated(status, fields, event)
             _save(db, entry)
         self._notify()
         return entry
@@ -183,9 +185,7 @@ class SqliteEditLog(EditLog):
         rows = self._query("SELECT doc FROM edits WHERE id = ?", (edit_id,))
         return EditEntry.from_json(rows[0][0]) if rows else None
 
-    def list_edits(
-        self, status: EditStatus | None = None, limit: int = 50, before: int | None = None
-    ) -> list[EditEntry]:
+    def _newest(self, status: EditStatus | None, limit: int, before: int | None) -> list[EditEntry]:
         sql = "SELECT doc FROM edits WHERE seq < ?"
         args: list[Any] = [before if before is not None else 2**62]
         if status is not None:
@@ -248,7 +248,7 @@ def _transition(db: sqlite3.Connection, change: Transition) -> EditEntry | None:
     entry = EditEntry.from_json(row[0])
     if entry.status not in change.expected:
         return None
-    entry = entry.updated(change.status, change.fields)
+    entry = change.apply_to(entry)
     _save(db, entry)
     return entry
 

@@ -14,6 +14,9 @@ from typing import Any
 import pytest
 
 from service.editlog.base import (
+    Actor,
+    AuditFilter,
+    EditFilter,
     EditLog,
     EditLogError,
     EditStatus,
@@ -22,6 +25,7 @@ from service.editlog.base import (
     RevertConflict,
     Transition,
     UnknownEdit,
+    server_event,
 )
 from service.editlog.redis import RedisEditLog
 from service.editlog.sqlite import SqliteEditLog
@@ -416,3 +420,83 @@ def test_unreachable_redis_raises_log_error() -> None:
         log.ping()
     with pytest.raises(EditLogError):
         log.append_edit(new_id(), [FACT])
+
+
+def _reopen(edit_log: EditLog, tmp_path: Path) -> EditLog:
+    """The same log as a restarted server (or another replica) opens it."""
+    if isinstance(edit_log, SqliteEditLog):
+        return SqliteEditLog(tmp_path / "log.sqlite3")
+    assert isinstance(edit_log, RedisEditLog)
+    return RedisEditLog(edit_log.url, prefix=edit_log.prefix)
+
+
+def test_every_operation_is_in_the_audit_trail_across_a_reopen(
+    edit_log: EditLog, tmp_path: Path
+) -> None:
+    ops, data = Actor("ops-team", "ticket 12", "curl/8"), Actor("data-team", None, "client/1")
+    first, _ = edit_log.append_edit(new_id(), [FACT], actor=ops)
+    other = {**FACT, "subject": "Louvre", "prompt": "The Louvre is in"}
+    second, _ = edit_log.append_edit(new_id(), [other], actor=data)
+    third, _ = edit_log.append_edit(new_id(), [FACT], actor=data)
+    edit_log.request_revert(second.id, Actor("ops-team", "wrong city"))  # queued: a cancel
+    edit_log.transition(first.id, {EditStatus.queued}, EditStatus.applied)
+    edit_log.transition_many(
+        [
+            Transition(
+                first.id,
+                frozenset({EditStatus.applied}),
+                EditStatus.superseded,
+                {"superseded_by": third.id},
+                server_event("supersede", f"edit {third.id} has the same subject and prompt"),
+            )
+        ]
+    )
+    # An operation that does not happen (the status did not match) leaves no event.
+    edit_log.transition_many(
+        [Transition(first.id, frozenset({EditStatus.queued}), None, {}, server_event("fail", "x"))]
+    )
+    edit_log.transition(third.id, {EditStatus.queued}, EditStatus.applied)
+    edit_log.request_revert(third.id, Actor("data-team", "changed our mind"))  # applied: a revert
+    reopened = _reopen(edit_log, tmp_path)
+    try:
+        entry = reopened.get(first.id)
+        assert entry is not None
+        assert (entry.submitted_by, entry.reason, entry.user_agent) == (
+            "ops-team",
+            "ticket 12",
+            "curl/8",
+        )
+        assert [e["action"] for e in entry.history] == ["apply", "supersede"]
+        assert entry.history[1]["by"] == "editserve" and third.id in entry.history[1]["reason"]
+        cancelled = reopened.get(second.id)
+        assert cancelled is not None
+        assert [(e["action"], e["by"], e["reason"]) for e in cancelled.history] == [
+            ("apply", "data-team", None),
+            ("cancel", "ops-team", "wrong city"),
+        ]
+        events = reopened.audit(limit=50)
+        times = [e["at"] for e in events]
+        assert times == sorted(times, reverse=True) and len(events) == 6
+        assert {e["action"] for e in events} == {"apply", "cancel", "supersede", "revert"}
+        assert [e["edit_id"] for e in reopened.audit(where=AuditFilter(action="cancel"))] == [
+            second.id
+        ]
+        by_data = reopened.audit(where=AuditFilter(by="data-team"))
+        assert {e["edit_id"] for e in by_data} == {second.id, third.id}
+        louvre = reopened.audit(where=AuditFilter(subject="louvre"))
+        assert {e["edit_id"] for e in louvre} == {second.id}
+        # Paging by time: the second page starts where the first ended.
+        page = reopened.audit(limit=4)
+        rest = reopened.audit(limit=50, before=page[-1]["at"])
+        assert [e["at"] for e in page + rest] == times
+        # The edit listing filters too.
+        mine = reopened.list_edits(where=EditFilter(submitted_by="data-team"))
+        assert [e.id for e in mine] == [third.id, second.id]
+        assert [e.id for e in reopened.list_edits(where=EditFilter(subject="LOUVRE"))] == [
+            second.id
+        ]
+        later = reopened.list_edits(where=EditFilter(since=second.created_at))
+        assert [e.id for e in later] == [third.id, second.id]
+        assert reopened.list_edits(where=EditFilter(until=first.created_at)) == []
+    finally:
+        reopened.close()
