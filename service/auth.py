@@ -14,7 +14,7 @@ from collections.abc import Awaitable, Callable
 from fastapi import Depends, Request
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 
-from service.editlog.base import Actor
+from service.editlog.audit import Actor
 from service.errors import Problem
 from service.settings import ApiKey, Role, Settings
 

@@ -30,6 +30,7 @@ from editing.keyed_memory import KeyedMemory
 from editing.metrics import weight_norms
 from editing.records import DeltaRecord, fact_from_json
 from service import errors
+from service.editlog.audit import server_event
 from service.editlog.base import (
     IN_FLIGHT,
     NEEDS_WORK,
@@ -39,7 +40,6 @@ from service.editlog.base import (
     Operation,
     Transition,
     now,
-    server_event,
 )
 from service.guardrails import Breach, Guardrails, Norms
 from service.metrics import Metrics
@@ -369,17 +369,7 @@ class EditPipeline:
         self.metrics.edits.labels("rejected").inc()
         problem = errors.guardrail_rejection(breaches)
         log.warning("edit %s rejected: %s", op.edit_id, problem["detail"])
-        self.log.transition_many(
-            [
-                Transition(
-                    op.edit_id,
-                    IN_FLIGHT | {EditStatus.reverting},
-                    EditStatus.rejected,
-                    {"error": problem},
-                    server_event("reject", problem["detail"]),
-                )
-            ]
-        )
+        self._end(op, EditStatus.rejected, problem)
 
     def _fail(
         self, op: Operation, status: EditStatus, problem: dict[str, Any], exc: BaseException
@@ -387,15 +377,13 @@ class EditPipeline:
         self.metrics.edits.labels(str(status)).inc()
         if status == EditStatus.failed:
             log.error("edit %s failed: %s", op.edit_id, "".join(traceback.format_exception(exc)))
+        self._end(op, status, problem)
+
+    def _end(self, op: Operation, status: EditStatus, problem: dict[str, Any]) -> None:
+        """Mark ``op``'s edit rejected or failed with ``problem``, in its audit trail too."""
         action = "reject" if status == EditStatus.rejected else "fail"
+        event = server_event(action, problem["detail"])
+        expected = IN_FLIGHT | {EditStatus.reverting}
         self.log.transition_many(
-            [
-                Transition(
-                    op.edit_id,
-                    IN_FLIGHT | {EditStatus.reverting},
-                    status,
-                    {"error": problem},
-                    server_event(action, problem["detail"]),
-                )
-            ]
+            [Transition(op.edit_id, expected, status, {"error": problem}, event)]
         )

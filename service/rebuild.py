@@ -14,6 +14,7 @@ from typing import Any
 
 from editing.active import ActiveRecords
 from editing.records import DeltaRecord
+from service.editlog.audit import server_event
 from service.editlog.base import (
     IN_FLIGHT,
     NEEDS_WORK,
@@ -22,7 +23,6 @@ from service.editlog.base import (
     Operation,
     Transition,
     now,
-    server_event,
 )
 
 PAGE = 500  # operations read (and statuses marked) at a time

@@ -11,17 +11,15 @@ from fastapi import APIRouter, Depends, Header, Path, Query, Request, Response
 from editing.facts import InvalidFactError, validate_fact
 from editing.records import fact_from_json
 from service.auth import actor, require
+from service.editlog.audit import AuditFilter, EditFilter, micros
 from service.editlog.base import (
-    AuditFilter,
     EditEntry,
-    EditFilter,
     EditLogError,
     EditStatus,
     IdempotencyConflict,
     QueueFull,
     RevertConflict,
     UnknownEdit,
-    micros,
     request_fingerprint,
 )
 from service.errors import Problem, problem_responses

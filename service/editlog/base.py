@@ -13,13 +13,14 @@ from __future__ import annotations
 
 import hashlib
 import json
-import time
 from abc import ABC, abstractmethod
 from collections.abc import Sequence
 from collections.abc import Set as AbstractSet
 from dataclasses import dataclass, field
 from enum import StrEnum
 from typing import Any, Literal
+
+from service.editlog.audit import Actor, AuditFilter, EditFilter, micros, now
 
 
 class EditStatus(StrEnum):
@@ -78,31 +79,6 @@ class IdempotencyConflict(EditLogError):
 
     def __init__(self, key: str | None) -> None:
         super().__init__(f"Idempotency-Key {key!r} was used for another request")
-
-
-@dataclass(frozen=True)
-class Actor:
-    """Who asked for an operation (an API key's name, or ``editserve`` for the server itself),
-    why, and from where (the client's User-Agent)."""
-
-    by: str
-    reason: str | None = None
-    user_agent: str | None = None
-
-    def event(self, action: str, **detail: Any) -> dict[str, Any]:
-        """An audit event: ``action`` by this actor, now."""
-        found = {"at": now(), "action": action, "by": self.by, "reason": self.reason}
-        found["user_agent"] = self.user_agent
-        return {**found, **detail}
-
-
-def server_event(action: str, reason: str) -> dict[str, Any]:
-    """An audit event of the server's own (a guardrail's rejection, a supersede, a failure)."""
-    return Actor("editserve", reason).event(action)
-
-
-#: Every action the audit trail records.
-ACTIONS = ("apply", "revert", "cancel", "supersede", "reject", "fail")
 
 
 @dataclass
@@ -232,16 +208,6 @@ UPDATABLE = frozenset(
 def request_fingerprint(body: Any) -> str:
     """A digest of a request body, to tell a retry from a reuse of its Idempotency-Key."""
     return hashlib.sha256(json.dumps(body, sort_keys=True).encode()).hexdigest()
-
-
-def now() -> float:
-    return time.time()
-
-
-def micros(t: float) -> int:
-    """``t`` (Unix seconds) in whole microseconds, the resolution the API shows times at: a
-    time read back from the API compares with the one stored as it was shown."""
-    return round(t * 1_000_000)
 
 
 class EditLog(ABC):
@@ -404,45 +370,6 @@ class EditLog(ABC):
 
     def close(self) -> None:  # noqa: B027 - optional for implementations
         """Release connections."""
-
-
-@dataclass(frozen=True)
-class EditFilter:
-    """Which edits a listing keeps: any fact's subject (case-insensitive), the submitter's key
-    name, and creation between ``since`` and ``until`` (Unix seconds)."""
-
-    subject: str | None = None
-    submitted_by: str | None = None
-    since: float | None = None
-    until: float | None = None
-
-    def admits(self, entry: EditEntry) -> bool:
-        return (
-            (self.subject is None or self.subject.casefold() in entry.subjects())
-            and (self.submitted_by is None or entry.submitted_by == self.submitted_by)
-            and (self.since is None or micros(entry.created_at) >= micros(self.since))
-            and (self.until is None or micros(entry.created_at) < micros(self.until))
-        )
-
-
-@dataclass(frozen=True)
-class AuditFilter:
-    """Which audit events a listing keeps: by action, by who, by the edit's subject, and by time
-    (``since`` <= at < ``until``)."""
-
-    action: str | None = None
-    by: str | None = None
-    subject: str | None = None
-    since: float | None = None
-    until: float | None = None
-
-    def admits(self, event: dict[str, Any]) -> bool:
-        return (
-            (self.action is None or event["action"] == self.action)
-            and (self.by is None or event["by"] == self.by)
-            and (self.since is None or micros(event["at"]) >= micros(self.since))
-            and (self.until is None or micros(event["at"]) < micros(self.until))
-        )
 
 
 def check_fields(fields: dict[str, Any]) -> None:

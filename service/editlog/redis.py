@@ -23,8 +23,8 @@ from typing import Any, TypeVar
 import redis
 from redis.exceptions import RedisError
 
+from service.editlog.audit import Actor
 from service.editlog.base import (
-    Actor,
     EditEntry,
     EditLog,
     EditLogError,

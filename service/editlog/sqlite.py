@@ -15,8 +15,8 @@ from contextlib import contextmanager, suppress
 from pathlib import Path
 from typing import Any
 
+from service.editlog.audit import Actor
 from service.editlog.base import (
-    Actor,
     EditEntry,
     EditLog,
     EditLogError,

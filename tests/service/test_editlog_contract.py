@@ -13,10 +13,8 @@ from typing import Any
 
 import pytest
 
+from service.editlog.audit import Actor, AuditFilter, EditFilter, server_event
 from service.editlog.base import (
-    Actor,
-    AuditFilter,
-    EditFilter,
     EditLog,
     EditLogError,
     EditStatus,
@@ -25,7 +23,6 @@ from service.editlog.base import (
     RevertConflict,
     Transition,
     UnknownEdit,
-    server_event,
 )
 from service.editlog.redis import RedisEditLog
 from service.editlog.sqlite import SqliteEditLog

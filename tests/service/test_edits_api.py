@@ -90,8 +90,8 @@ def test_a_revert_answers_503_when_the_log_goes_down(
     log = runtime.log
     request_revert = log.request_revert
 
-    def then_down(edit_id: str) -> Any:
-        entry = request_revert(edit_id)
+    def then_down(edit_id: str, actor: Any = None) -> Any:
+        entry = request_revert(edit_id, actor)
         backend.take_down(log)
         return entry
 
