@@ -32,9 +32,7 @@ def _add_commands(sub: Any) -> None:
         description="Run the HTTP server. Every setting is also an EDITSERVE_* variable; a flag "
         "wins over its variable. API keys are set by EDITSERVE_API_KEYS alone.",
     )
-    for name, field in Settings.model_fields.items():
-        if (option := flag(name)) is not None:
-            serve.add_argument(option, dest=name, **_flag_kwargs(name, field))
+    _setting_flags(serve)
     serve.add_argument(
         "--log-level",
         default="info",
@@ -42,8 +40,33 @@ def _add_commands(sub: Any) -> None:
         help="the server's log level (default: info)",
     )
 
+    out = sub.add_parser(
+        "export",
+        help="write the edited model, rebuilt from the edit log, for another serving stack",
+        description="Rebuild the weights from the edit log's stored records (no z*, no running "
+        "server), with the same settings as serve (every serve flag and EDITSERVE_* variable), "
+        "and write them: --format hf, a Hugging Face checkpoint; --format delta, the edited "
+        "matrices' change alone. Both carry editserve-manifest.json.",
+    )
+    out.add_argument("out", type=Path, help="an empty or new folder")
+    out.add_argument("--format", dest="export_format", choices=["hf", "delta"], default="hf")
+    out.add_argument(
+        "--version",
+        dest="export_version",
+        type=int,
+        default=None,
+        help="the model_version to export (default: the newest)",
+    )
+    _setting_flags(out)
+
     spec = sub.add_parser("openapi", help="write the OpenAPI document of the server")
     spec.add_argument("--output", type=Path, default=Path("openapi.yaml"))
+
+
+def _setting_flags(parser: argparse.ArgumentParser) -> None:
+    for name, field in Settings.model_fields.items():
+        if (option := flag(name)) is not None:
+            parser.add_argument(option, dest=name, **_flag_kwargs(name, field))
 
 
 def _flag_kwargs(name: str, field: FieldInfo) -> dict[str, Any]:
@@ -104,6 +127,23 @@ def _serve(args: argparse.Namespace) -> int:
     return 0
 
 
+def _export(args: argparse.Namespace) -> int:
+    from editing.adapters import UnsupportedModelError
+    from service.export import ExportError, export
+
+    try:
+        settings = settings_from(args)
+        manifest = export(settings, args.out, args.export_format, args.export_version)
+    except (ExportError, UnsupportedModelError, ValidationError) as exc:
+        print(f"editserve export: {exc}", file=sys.stderr)
+        return 2
+    print(
+        f"wrote {args.out} ({args.export_format}): model version {manifest['model_version']}, "
+        f"{len(manifest['active_edits'])} edits, weights digest {manifest['weights_digest']}"
+    )
+    return 0
+
+
 def _openapi(args: argparse.Namespace) -> int:
     from service.openapi import render
 
@@ -137,6 +177,7 @@ def main(argv: list[str] | None = None) -> int:
             args, then=partial(_probe_baseline, cache_dir=args.cache_dir)
         ),
         "serve": _serve,
+        "export": _export,
         "openapi": _openapi,
     }
     return engine_cli.run(commands[args.command], args)

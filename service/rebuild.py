@@ -35,10 +35,11 @@ class LogState:
     processed: int  # seq of the last operation read; the worker's loop takes it from there
 
 
-def read_log(edit_log: EditLog) -> LogState:
+def read_log(edit_log: EditLog, *, until: int | None = None, mark: bool = True) -> LogState:
     """The active records of every operation whose record is stored, marking the statuses a
-    crash left behind. Stops before the first ``apply`` still to be computed: it and what
-    follows are the worker's normal loop's."""
+    crash left behind (unless ``mark`` is off: a reader such as ``editserve export`` changes
+    nothing). Stops before the first ``apply`` still to be computed (it and what follows are
+    the worker's normal loop's), or past seq ``until``."""
     active = ActiveRecords()
     version = processed = 0
     while True:
@@ -52,6 +53,9 @@ def read_log(edit_log: EditLog) -> LogState:
         marks: list[Transition] = []
         stopped = False
         for op in ops:
+            if until is not None and op.seq > until:
+                stopped = True
+                break
             entry = entries.get(op.edit_id)
             if op.kind == "apply":
                 blob = blobs.get(op.edit_id)
@@ -71,7 +75,8 @@ def read_log(edit_log: EditLog) -> LogState:
                 if entry is None or entry.status in NEEDS_WORK | {EditStatus.applied}:
                     marks.append(reverted(op))
             processed = op.seq
-        edit_log.transition_many(marks)
+        if mark:
+            edit_log.transition_many(marks)
         if stopped:
             break
     return LogState(records=active.records, version=version, processed=processed)

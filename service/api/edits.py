@@ -81,7 +81,7 @@ def post_edit(
     except IdempotencyConflict as exc:
         raise Problem(422, str(exc), kind="idempotency-key-reused") from None
     except EditLogError as exc:
-        raise _log_down(exc) from None
+        raise log_down(exc) from None
     response.headers["Location"] = f"/edits/{entry.id}"
     if not created:
         response.headers["Idempotent-Replayed"] = "true"
@@ -99,7 +99,7 @@ def get_edit(edit_id: EditId, rt: Annotated[Runtime, Depends(runtime)]) -> EditO
     try:
         entry = rt.log.get(edit_id)
     except EditLogError as exc:
-        raise _log_down(exc) from None
+        raise log_down(exc) from None
     if entry is None:
         raise Problem(404, f"no edit {edit_id}")
     return EditOut.of(entry, rt.worker.retention.last(entry.id))
@@ -130,7 +130,7 @@ def list_edits(
     try:
         entries = rt.log.list_edits(status, limit, int(cursor) if cursor else None, where)
     except EditLogError as exc:
-        raise _log_down(exc) from None
+        raise log_down(exc) from None
     more = len(entries) == limit
     return EditPage(
         edits=[EditOut.of(e, rt.worker.retention.last(e.id)) for e in entries],
@@ -162,7 +162,7 @@ def revert_edit(
     except RevertConflict as exc:
         raise Problem(409, str(exc), kind="revert-conflict", edit_status=str(exc.status)) from None
     except EditLogError as exc:
-        raise _log_down(exc) from None
+        raise log_down(exc) from None
     position = _pending(rt)  # a 503 too, when the log went down after the revert was stored
     response.headers["Location"] = f"/edits/{entry.id}"
     return EditAccepted(id=entry.id, status=entry.status, position=position)
@@ -194,7 +194,7 @@ def list_audit(
     try:
         events = rt.log.audit(limit, int(cursor) / 1e6 if cursor else None, where)
     except EditLogError as exc:
-        raise _log_down(exc) from None
+        raise log_down(exc) from None
     more = len(events) == limit
     return AuditPage(
         events=[AuditOut.of(event) for event in events],
@@ -244,7 +244,7 @@ def _pending(rt: Runtime) -> int:
     try:
         return max(rt.log.last_seq() - rt.worker.state.processed, 0)
     except EditLogError as exc:
-        raise _log_down(exc) from None
+        raise log_down(exc) from None
 
 
 def _position(rt: Runtime, entry: EditEntry) -> int:
@@ -258,7 +258,7 @@ def _retry_after(rt: Runtime, pending: int) -> int:
     return max(1, int(per_edit * (pending - rt.settings.max_queued_edits + 1)))
 
 
-def _log_down(exc: EditLogError) -> Problem:
+def log_down(exc: EditLogError) -> Problem:
     return Problem(
         503,
         f"the edit log is unreachable: {exc}",
