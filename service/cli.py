@@ -22,6 +22,7 @@ from pydantic.fields import FieldInfo
 from editing import cli as engine_cli
 from editing.calibrate import Calibration
 from editing.models import LoadedModel
+from service import edits_cli
 from service.settings import Settings, env_var, flag, shown_default
 
 
@@ -170,6 +171,7 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     parser, sub = engine_cli.build_parser()
     _add_commands(sub)
+    edits_cli.add_commands(sub)
     args = parser.parse_args(argv)
     commands = {
         **engine_cli.COMMANDS,
@@ -178,6 +180,8 @@ def main(argv: list[str] | None = None) -> int:
         ),
         "serve": _serve,
         "export": _export,
+        "edits": edits_cli.run_edits,
+        "generate": edits_cli.run_generate,
         "openapi": _openapi,
     }
     return engine_cli.run(commands[args.command], args)
