@@ -325,6 +325,11 @@ class EditPipeline:
         self._observe(norms, report)
         return breaches
 
+    def assess(self, change: Change) -> tuple[ProbeReport | None, list[Breach]]:
+        """The probe report of ``change`` and the guardrails it would breach, swapping nothing."""
+        norms, report = self._measure(change.weights, change.memory)
+        return report, self._breaches(self.state.get().weight_norms, norms, report, count=False)
+
     def _measure(
         self,
         weights: dict[int, torch.Tensor],
@@ -341,11 +346,13 @@ class EditPipeline:
             seconds["probes"] = report.seconds
         return norms, report
 
-    def _breaches(self, before: Norms, after: Norms, report: ProbeReport | None) -> list[Breach]:
+    def _breaches(
+        self, before: Norms, after: Norms, report: ProbeReport | None, count: bool = True
+    ) -> list[Breach]:
         if not self.guard.active:
             return []
         breaches = self.guard.check(report, before, after, self._w0_mean)
-        for breach in breaches:
+        for breach in breaches if count else []:
             self.metrics.guardrail_breaches.labels(breach.guardrail, self.guard.action).inc()
         return breaches
 

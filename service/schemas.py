@@ -73,12 +73,6 @@ class BatchIn(StrictModel):
     reason: str | None = _REASON
 
 
-class RevertIn(StrictModel):
-    """Why an edit is reverted."""
-
-    reason: str | None = _REASON
-
-
 def _edit_kind(body: Any) -> str:
     return "batch" if isinstance(body, dict) and "facts" in body else "fact"
 
@@ -89,6 +83,59 @@ EditRequest = Annotated[
     Annotated[FactEditIn, Tag("fact")] | Annotated[BatchIn, Tag("batch")],
     Discriminator(_edit_kind),
 ]
+
+
+_PROMPTS: Any = Field(
+    default_factory=list,
+    max_length=8,
+    description="prompts to generate from greedily, before and after the edit",
+)
+
+
+class FactPreviewIn(FactEditIn):
+    """One fact to preview, and prompts to try."""
+
+    prompts: list[Annotated[str, _TEXT]] = _PROMPTS
+
+
+class BatchPreviewIn(BatchIn):
+    """Several facts to preview as one edit step, and prompts to try."""
+
+    prompts: list[Annotated[str, _TEXT]] = _PROMPTS
+
+
+PreviewRequest = Annotated[
+    Annotated[FactPreviewIn, Tag("fact")] | Annotated[BatchPreviewIn, Tag("batch")],
+    Discriminator(_edit_kind),
+]
+
+
+class Generation(BaseModel):
+    prompt: str
+    before: str
+    after: str
+
+
+class PreviewOut(BaseModel):
+    """What an edit would do, computed as the worker computes it, and then dropped."""
+
+    scores: dict[str, Any] = Field(
+        description="as an applied edit's: P(target_new) before/after on the prompt and "
+        "paraphrases, the locality prompts' drift, the probe pass of the weights it would leave"
+    )
+    verdict: Literal["pass", "flag", "reject"] = Field(
+        description="the guardrails' verdict: reject means POST /edits would reject it"
+    )
+    would_supersede: list[str] = Field(description="active edits of the same subject and prompt")
+    generations: list[Generation]
+    model_version: int = Field(description="the served version, unchanged by the preview")
+    weights_digest: str | None = None
+
+
+class RevertIn(StrictModel):
+    """Why an edit is reverted."""
+
+    reason: str | None = _REASON
 
 
 class EditAccepted(BaseModel):

@@ -246,6 +246,16 @@ class Settings(BaseSettings):
         default=512,
         description="The most tokens one generation request may ask for.",
     )
+    max_previews: int = Field(
+        default=1,
+        ge=1,
+        description="POST /edits/preview requests computed at once; 429 beyond them.",
+    )
+    preview_timeout_seconds: float = Field(
+        default=300.0,
+        gt=0,
+        description="How long a preview waits for the worker (busy with edits) before a 503.",
+    )
     max_queued_edits: int = Field(
         default=64,
         description="Edit operations that may wait for this replica; POST /edits answers 429 "

@@ -22,9 +22,11 @@ from __future__ import annotations
 
 import logging
 import os
+import queue
 import socket
 import threading
 import time
+from concurrent.futures import Future
 from dataclasses import replace
 from typing import Any
 
@@ -32,12 +34,14 @@ import torch
 
 from editing.calibrate import NotCalibratedError, calibration_key, find_calibration
 from editing.editor import Editor
+from editing.facts import Fact
 from editing.models import LoadedModel, load_model, needs_conversion
 from service import __version__
 from service.editlog.base import EditLog, EditLogError, Operation
 from service.generation import Batcher
 from service.metrics import Metrics
 from service.pipeline import EditPipeline
+from service.preview import preview
 from service.probes import Prober, default_dtype, load_probes
 from service.rebuild import read_log
 from service.replicas import Replicas, Stopping
@@ -84,6 +88,8 @@ class ModelWorker:
         self.batcher: Batcher | None = None
         self._thread = threading.Thread(target=self._main, name="applier", daemon=True)
         self._ready = threading.Event()
+        # Previews wait here for the worker's thread, the one thread that computes edits.
+        self._previews: queue.Queue[tuple[tuple[Any, ...], Future[dict[str, Any]]]] = queue.Queue()
 
     # -- life cycle ------------------------------------------------------------------------
 
@@ -239,9 +245,32 @@ class ModelWorker:
 
     # -- following the log -----------------------------------------------------------------
 
+    def preview(
+        self, facts: list[Fact], prompts: list[str], max_new_tokens: int, timeout: float
+    ) -> dict[str, Any]:
+        """Compute ``facts``' edit on this worker's thread, between log operations, and score
+        it without applying it (``service.preview``); raise TimeoutError past ``timeout``."""
+        future: Future[dict[str, Any]] = Future()
+        self._previews.put(((facts, prompts, max_new_tokens), future))
+        return future.result(timeout)
+
+    def _serve_previews(self) -> None:
+        while True:
+            try:
+                args, future = self._previews.get_nowait()
+            except queue.Empty:
+                return
+            if not future.set_running_or_notify_cancel():
+                continue
+            try:
+                future.set_result(on_own_thread(preview, self.pipeline, *args))
+            except Exception as exc:  # the caller's to report
+                future.set_exception(exc)
+
     def _follow(self) -> None:
         assert self.pipeline is not None
         while not self._stopping.is_set():
+            self._serve_previews()
             processed = self._state.get().processed
             try:
                 ops = self.log.read(processed, limit=self._batch_limit, block=0.5)

@@ -61,7 +61,7 @@ def post_edit(
     facts = body.facts if isinstance(body, BatchIn) else [body]
     docs = [f.model_dump(exclude={"reason"}) for f in facts]
     _check_reason(rt, body.reason)
-    _check_facts(rt, docs)
+    check_facts(rt, docs)
     try:
         entry, created = rt.log.append_edit(
             uuid.uuid4().hex,
@@ -213,7 +213,7 @@ def _check_reason(rt: Runtime, reason: str | None) -> None:
         raise Problem(422, "give a reason: this server keeps one for every change", field="reason")
 
 
-def _check_facts(rt: Runtime, docs: list[dict[str, Any]]) -> None:
+def check_facts(rt: Runtime, docs: list[dict[str, Any]]) -> None:
     """Refuse what the worker would reject, before it enters the log."""
     if len(docs) > rt.settings.max_facts_per_edit:
         raise Problem(422, f"at most {rt.settings.max_facts_per_edit} facts per edit")
