@@ -8,9 +8,10 @@ STAMP := $(VENV)/.installed
 
 # Debian packages, installed only where missing (apt needs root: sudo where there is one).
 # `command:package` pairs: the set-up needs venv; the tests start redis-server processes of their
-# own and run promtool and a real Prometheus.
+# own, run promtool and a real Prometheus, and drive the console in a real chromium.
 SETUP_PACKAGES := ensurepip:python3-venv
-TEST_PACKAGES := redis-server:redis-server promtool:prometheus
+TEST_PACKAGES := redis-server:redis-server promtool:prometheus chromium:chromium \
+	chromedriver:chromium-driver
 SUDO := $(shell [ "$$(id -u)" = 0 ] || { command -v sudo >/dev/null && echo sudo; })
 define install_missing
 	@missing=""; for pair in $(1); do \

@@ -19,7 +19,7 @@ from starlette.responses import Response
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from service import __version__, errors
-from service.api import edits, export, generate, health, openai, preview
+from service.api import console, edits, export, generate, health, openai, preview
 from service.runtime import Runtime, open_log
 from service.settings import Settings
 from service.worker import ModelWorker
@@ -57,7 +57,7 @@ def create_app(settings: Settings | None = None, runtime: Runtime | None = None)
     if runtime is not None:
         app.state.runtime = runtime
     errors.install(app)
-    for module in (preview, edits, export, generate, openai, health):
+    for module in (preview, edits, export, generate, openai, health, console):
         app.include_router(module.router)
 
     @app.get("/metrics", tags=["health"], include_in_schema=False)

@@ -375,4 +375,13 @@ class Info(BaseModel):
         description="set while this replica's weights differ from those of the replica that "
         "computed the last record it checked (replicas on one log should be identical)",
     )
+    probes: dict[str, float | None] | None = Field(
+        default=None,
+        description="the locality probes' last pass on the served model: agreement with the "
+        "original's top token, KL and perplexity ratio (null: probes off)",
+    )
+    layer_change: dict[str, float] = Field(
+        default_factory=dict,
+        description="mean |W - W0| of each edited block's matrix (0 while the weights are W0)",
+    )
     log: str

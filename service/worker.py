@@ -354,6 +354,11 @@ class ModelWorker:
             },
             "weights_digest": state.weights_digest,
             "weights_mismatch": state.weights_mismatch,
+            "probes": state.probes.as_dict() if state.probes is not None else None,
+            "layer_change": {
+                str(layer): value
+                for layer, value in (state.weight_norms or {}).get("mean_abs_delta", {}).items()
+            },
         }
 
     @property
