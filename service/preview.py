@@ -23,14 +23,14 @@ def preview(
     for fact in facts:
         validate_fact(fact, lm.tokenizer, editor.max_tokens)
     before = snapshot(lm, facts)
-    generated_before = [_greedy(lm, prompt, max_new_tokens) for prompt in prompts]
+    generated_before = _greedy(lm, prompts, max_new_tokens)
     record = editor.compute(facts, record_id="preview")
     change = editor.plan_install(record)  # a plan: the editor's state is untouched
     report, breaches = pipeline.assess(change)
     weights = {layer: w.to(lm.dtype) for layer, w in change.weights.items()}
     with torch.no_grad(), Trace(weights=weights, memory=change.memory):
         after = snapshot(lm, facts)
-        generated_after = [_greedy(lm, prompt, max_new_tokens) for prompt in prompts]
+        generated_after = _greedy(lm, prompts, max_new_tokens)
     scores = edit_scores(facts, before, after, report, pipeline.probe_set, breaches, None)
     verdict = "pass" if not breaches else ("reject" if pipeline.guard.rejects else "flag")
     return {
@@ -45,7 +45,21 @@ def preview(
 
 
 @torch.no_grad()
-def _greedy(lm: LoadedModel, prompt: str, max_new_tokens: int) -> str:
-    enc = lm.tokenizer(prompt, return_tensors="pt").to(lm.device)
-    out = lm.generate(**enc, max_new_tokens=max_new_tokens, do_sample=False)
-    return str(lm.tokenizer.decode(out[0, enc["input_ids"].shape[1] :], skip_special_tokens=True))
+def _greedy(lm: LoadedModel, prompts: list[str], max_new_tokens: int) -> list[str]:
+    """Greedy continuations of ``prompts``, all in one left-padded batch."""
+    if not prompts:
+        return []
+    rows = [lm.tokenizer(p)["input_ids"] for p in prompts]
+    width = max(len(r) for r in rows)
+    pad = lm.tokenizer.pad_token_id
+    pad = pad if pad is not None else lm.tokenizer.eos_token_id
+    ids = torch.tensor([[pad] * (width - len(r)) + r for r in rows], device=lm.device)
+    mask = torch.tensor([[0] * (width - len(r)) + [1] * len(r) for r in rows], device=lm.device)
+    out = lm.generate(
+        input_ids=ids,
+        attention_mask=mask,
+        max_new_tokens=max_new_tokens,
+        do_sample=False,
+        pad_token_id=pad,
+    )
+    return [str(lm.tokenizer.decode(row[width:], skip_special_tokens=True)) for row in out]

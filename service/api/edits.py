@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import re
 import uuid
 from datetime import UTC, datetime
 from typing import Annotated, Any, Literal
 
 from fastapi import APIRouter, Depends, Header, Path, Query, Request, Response
+from pydantic import BeforeValidator
 
 from editing.facts import InvalidFactError, validate_fact
 from editing.records import fact_from_json
@@ -37,6 +39,16 @@ from service.schemas import (
 from service.settings import ApiKey, Role
 
 router = APIRouter(tags=["edits"])
+
+
+def _iso(value: object) -> object:
+    """Refuse what the schema's date-time refuses: a bare number is not a time here."""
+    if isinstance(value, str) and not re.match(r"^\d{4}-\d{2}-\d{2}", value):
+        raise ValueError("a date-time in ISO 8601, e.g. 2026-12-04T10:00:00Z")
+    return value
+
+
+When = Annotated[datetime, BeforeValidator(_iso)]
 
 EditId = Annotated[str, Path(min_length=1, max_length=64)]
 
@@ -121,8 +133,8 @@ def list_edits(
     submitted_by: Annotated[
         str | None, Query(min_length=1, max_length=100, description="an API key's name")
     ] = None,
-    since: Annotated[datetime | None, Query(description="created at or after")] = None,
-    until: Annotated[datetime | None, Query(description="created before")] = None,
+    since: Annotated[When | None, Query(description="created at or after (ISO 8601)")] = None,
+    until: Annotated[When | None, Query(description="created before (ISO 8601)")] = None,
     limit: Annotated[int, Query(ge=1, le=200)] = 50,
     cursor: Annotated[str | None, Query(pattern=r"^[0-9]{1,18}$")] = None,
 ) -> EditPage:
@@ -185,8 +197,8 @@ def list_audit(
     subject: Annotated[
         str | None, Query(min_length=1, max_length=2000, description="the edit's subject")
     ] = None,
-    since: Annotated[datetime | None, Query(description="at or after")] = None,
-    until: Annotated[datetime | None, Query(description="before")] = None,
+    since: Annotated[When | None, Query(description="at or after (ISO 8601)")] = None,
+    until: Annotated[When | None, Query(description="before (ISO 8601)")] = None,
     limit: Annotated[int, Query(ge=1, le=200)] = 50,
     cursor: Annotated[str | None, Query(pattern=r"^[0-9]{1,20}$")] = None,
 ) -> AuditPage:

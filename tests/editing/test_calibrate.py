@@ -92,11 +92,11 @@ def test_a_short_calibration_measures_chooses_and_leaves_the_weights(
         method="d4s",  # edits the weights, so that putting them back is checked
         cache_dir=cache_dir,
         facts=load_facts(FACTS, 2),
-        tokens=3000,
+        tokens=2000,
         candidates=2,
-        heldout_tokens=512,
-        blocks=list(range(2, 9)),
-        max_steps=8,
+        heldout_tokens=256,
+        blocks=list(range(3, 9)),
+        max_steps=4,
         say=said.append,
     )
     after = dict(lm.model.named_parameters())
@@ -119,7 +119,8 @@ def test_eval_refuses_a_model_without_calibration_and_names_the_command(lm: Load
     folder = default_cache_dir() / "models" / "smollm2-135m"  # the default, loaded by path
     assert folder.is_dir()
     done = subprocess.run(
-        [sys.executable, "-m", "service.cli", "eval", "--model", str(folder), "--limit", "1"],
+        [sys.executable, "-m", "service.cli", "eval", "--model", str(folder), "--limit", "1"]
+        + ["--facts", str(Path(__file__).parents[1] / "data" / "facts.json")],
         capture_output=True,
         text=True,
         timeout=300,

@@ -58,7 +58,7 @@ def test_sign_in_preview_apply_revert_and_read_the_trail(
     tmp_path: Path,
 ) -> None:
     settings = server_settings(
-        server_cache, covariance_tokens, tmp_path / "data", api_keys=KEYS, v_steps=8
+        server_cache, covariance_tokens, tmp_path / "data", api_keys=KEYS, v_steps=2
     )
     wait = WebDriverWait(browser, 120)
     with live_server(settings, lm, c0) as live:
