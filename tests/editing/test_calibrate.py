@@ -115,12 +115,24 @@ def test_a_short_calibration_measures_chooses_and_leaves_the_weights(
     assert Calibration.read(path) == found
 
 
+FILE = ["--facts", str(Path(__file__).parents[1] / "data" / "facts.json")]
+
+
 def test_eval_refuses_a_model_without_calibration_and_names_the_command(lm: LoadedModel) -> None:
     folder = default_cache_dir() / "models" / "smollm2-135m"  # the default, loaded by path
     assert folder.is_dir()
     done = subprocess.run(
-        [sys.executable, "-m", "service.cli", "eval", "--model", str(folder), "--limit", "1"]
-        + ["--facts", str(Path(__file__).parents[1] / "data" / "facts.json")],
+        [
+            sys.executable,
+            "-m",
+            "service.cli",
+            "eval",
+            "--model",
+            str(folder),
+            "--limit",
+            "1",
+            *FILE,
+        ],
         capture_output=True,
         text=True,
         timeout=300,
