@@ -246,6 +246,11 @@ def check_facts(rt: Runtime, docs: list[dict[str, Any]]) -> None:
         probes += [
             (f"locality[{j}].prompt", loc["prompt"]) for j, loc in enumerate(doc["locality"])
         ]
+        probes += [  # an answer is scored after its prompt: the two together obey the limit
+            (f"locality[{j}].answer", f"{loc['prompt']} {loc['answer']}")
+            for j, loc in enumerate(doc["locality"])
+            if loc.get("answer")
+        ]
         for name, text in probes:
             if len(lm.tokenizer(text)["input_ids"]) > limit:
                 where = name if len(docs) == 1 else f"facts[{i}].{name}"

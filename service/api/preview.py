@@ -43,6 +43,7 @@ def preview_edit(
     facts = body.facts if isinstance(body, BatchIn) else [body]
     docs = [f.model_dump(exclude={"reason", "prompts"}) for f in facts]
     check_facts(rt, docs)
+    _check_prompts(rt, list(body.prompts))
     if not rt.worker.ready:
         raise Problem(503, "the model is not ready yet", headers={"Retry-After": "5"})
     slots = _slots(request, rt.settings.max_previews)
@@ -71,3 +72,14 @@ def preview_edit(
     return PreviewOut(
         **found, model_version=state.model_version, weights_digest=state.weights_digest
     )
+
+
+def _check_prompts(rt: Runtime, prompts: list[str]) -> None:
+    """The prompts to generate from obey the limits of /generate's."""
+    lm, editor = rt.worker.lm, rt.worker.editor
+    if lm is None or editor is None:
+        return
+    limit = min(editor.max_tokens, rt.settings.max_prompt_tokens)
+    for i, prompt in enumerate(prompts):
+        if len(lm.tokenizer(prompt)["input_ids"]) > limit:
+            raise Problem(422, f"prompts[{i}]: longer than {limit} tokens", field=f"prompts[{i}]")

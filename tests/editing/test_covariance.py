@@ -39,3 +39,17 @@ def test_second_moment_is_symmetric_positive_and_cached(
     monkeypatch.setattr(cov, "_compute", refuse)
     again = cov.covariance(lm, [3, 4], n_tokens=4000, cache_dir=tmp_path, progress=False)
     assert torch.equal(again[3], first[3]) and torch.equal(again[4], first[4])
+
+
+def test_concurrent_writers_of_one_cache_file_each_leave_a_whole_file(tmp_path: Path) -> None:
+    # Replicas that start together on one cache volume write the same files at once.
+    from concurrent.futures import ThreadPoolExecutor
+
+    from editing.files import write_atomically
+
+    path = tmp_path / "shared.bin"
+    blobs = [bytes([i]) * 200_000 for i in range(8)]
+    with ThreadPoolExecutor(8) as pool:
+        list(pool.map(lambda blob: write_atomically(path, blob), blobs))
+    assert path.read_bytes() in blobs
+    assert [p.name for p in tmp_path.iterdir()] == ["shared.bin"]

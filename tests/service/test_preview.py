@@ -55,10 +55,12 @@ def test_a_preview_matches_the_edit_made_for_real_and_leaves_the_model_alone(
             assert p["p_target_before"] == pytest.approx(q["p_target_before"], rel=1e-4)
             assert p["p_target_after"] == pytest.approx(q["p_target_after"], rel=1e-3)
 
-        # A fact the server would refuse is refused here too.
+        # A fact the server would refuse is refused here too, and so is a prompt past the limit.
         bad = c.post("/edits/preview", json={**FACT, "prompt": "Nothing about it"})
         assert bad.status_code == 422
         assert bad.headers["content-type"] == "application/problem+json"
+        long = c.post("/edits/preview", json={**FACT, "prompts": ["word " * 300]})
+        assert long.status_code == 422 and long.json()["field"] == "prompts[0]"
 
         # One preview at a time (max_previews 1): a second one meanwhile gets 429.
         first: list[httpx.Response] = []
