@@ -9,12 +9,13 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
 import torch
 from svc_helpers import live_server, server_settings, wait_status
 
 from editing.adapters import adapter_for
 from editing.models import LoadedModel
-from service.export import MANIFEST, apply_delta
+from service.export import MANIFEST, ExportError, apply_delta, export
 
 FACTS = [
     {
@@ -98,10 +99,10 @@ def test_export_rebuilds_the_edited_model_for_transformers_and_as_a_delta(
     assert rome.startswith(" Rome") and german.startswith(" German"), (rome, german)
     assert paris.startswith(" Paris"), paris
 
-    # The delta of the first version, added to the original weights, is the same model.
+    # The delta of the first version, added to the original weights, is the same model (made
+    # in this process: the command's own path is the one above).
     delta = tmp_path / "delta"
-    done = _export(env, str(delta), "--format", "delta", "--version", str(versions[0]))
-    assert done.returncode == 0, done.stderr
+    export(settings, delta, "delta", versions[0], say=lambda _: None)
     first = json.loads((delta / MANIFEST).read_text())
     assert (
         first["active_edits"] == ids[:1] and first["weights_digest"] != manifest["weights_digest"]
@@ -117,8 +118,8 @@ def test_export_rebuilds_the_edited_model_for_transformers_and_as_a_delta(
     assert digest == first["weights_digest"]
 
     # A version the log never reached, or a folder in use: a clear error, nothing written.
-    done = _export(env, str(tmp_path / "later"), "--version", str(versions[-1] + 100))
-    assert done.returncode == 2 and "no model version" in done.stderr
+    with pytest.raises(ExportError, match="no model version"):
+        export(settings, tmp_path / "later", "hf", versions[-1] + 100)
     assert not (tmp_path / "later").exists()
     done = _export(env, str(hf))
     assert done.returncode == 2 and "not empty" in done.stderr

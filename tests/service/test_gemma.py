@@ -39,9 +39,15 @@ def _greedy(live: Live, prompt: str) -> str:
 def test_gemma3_edit_is_served_replayed_and_reverted(
     gemma: LoadedModel, server_cache: Path, covariance_tokens: int, tmp_path: Path
 ) -> None:
-    # The calibration's 50 z* steps buy nothing this test checks; 25 flip the fact.
+    # The calibration's 50 z* steps buy nothing this test checks (25 flip the fact), and the
+    # memory's reference sample need not be the default's size to set its entries' floors.
     settings = server_settings(
-        server_cache, covariance_tokens, tmp_path / "data", model="gemma3-270m", v_steps=25
+        server_cache,
+        covariance_tokens,
+        tmp_path / "data",
+        model="gemma3-270m",
+        v_steps=25,
+        memory_reference_tokens=4096,
     )
     with live_server(settings, gemma, {}) as live:
         start = live.client.get("/info").json()
