@@ -264,6 +264,38 @@ class Editor:
         """Deactivate one edit by rebuilding from the others."""
         self.commit(self.plan_revert(record_id))
 
+    def check_record(self, record: DeltaRecord) -> None:
+        """Raise ValueError, saying what is wrong, unless ``record`` fits this editor: a key
+        matrix for each edited block and no other, rows and widths that match the model's
+        matrices, finite values. A record from another model or other edited blocks would
+        otherwise install as other weights, or fail halfway through a rebuild."""
+        if record.layers != tuple(self.hp.layers):
+            raise ValueError(
+                f"it has keys for blocks {list(record.layers)}, the model edits blocks "
+                f"{list(self.hp.layers)}"
+            )
+        n = len(record.facts)
+        out_width, in_width = self.w0[self.hp.layers[0]].shape
+        expected = {f"keys.{layer}": (n, in_width) for layer in self.hp.layers}
+        expected["residual"] = (n, out_width)
+        found = {f"keys.{layer}": k for layer, k in record.keys.items()}
+        found["residual"] = record.residual
+        if record.row_keys is not None:
+            found["row_keys"] = record.row_keys
+        for name, tensor in found.items():
+            want = expected.get(name)
+            if name == "row_keys":
+                ok = tensor.dim() == 3 and tensor.shape[0] == n and tensor.shape[2] == in_width
+            else:
+                ok = tuple(tensor.shape) == want
+            if not ok:
+                shape = "x".join(map(str, want)) if want else f"{n}xPx{in_width}"
+                raise ValueError(
+                    f"its {name} is {'x'.join(map(str, tensor.shape))}, the model needs {shape}"
+                )
+            if not bool(torch.isfinite(tensor).all()):
+                raise ValueError(f"its {name} holds values that are not finite")
+
     def replay(self, records: list[DeltaRecord]) -> None:
         """Replace all active edits by ``records`` (in order), with no z* optimisation."""
         active = ActiveRecords()

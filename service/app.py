@@ -20,6 +20,7 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from service import __version__, errors
 from service.api import console, edits, export, generate, health, openai, preview
+from service.auth import holder_of
 from service.runtime import Runtime, open_log
 from service.settings import Settings
 from service.worker import ModelWorker
@@ -63,6 +64,9 @@ def create_app(settings: Settings | None = None, runtime: Runtime | None = None)
     @app.get("/metrics", tags=["health"], include_in_schema=False)
     def metrics(request: Request) -> Response:
         rt: Runtime = request.app.state.runtime
+        if rt.settings.metrics_require_key:
+            scheme, _, token = request.headers.get("authorization", "").partition(" ")
+            holder_of(rt.settings, token if scheme.lower() == "bearer" else None)
         return Response(rt.worker.metrics.render(), media_type=CONTENT_TYPE_LATEST)
 
     app.add_middleware(BodyLimit, max_bytes=settings.max_body_bytes)

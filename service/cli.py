@@ -101,7 +101,9 @@ def _serve(args: argparse.Namespace) -> int:
     import uvicorn
 
     from service.app import create_app
+    from service.editlog.base import EditLogError
     from service.logs import uvicorn_logging
+    from service.runtime import open_log
 
     try:
         settings = settings_from(args)
@@ -115,6 +117,11 @@ def _serve(args: argparse.Namespace) -> int:
             print(f"editserve serve: {where}{said}", file=sys.stderr)
         return 2
     except ValueError as exc:
+        print(f"editserve serve: {exc}", file=sys.stderr)
+        return 2
+    try:  # an edit log that cannot be opened (a read-only data directory) is refused now
+        open_log(settings).close()
+    except EditLogError as exc:
         print(f"editserve serve: {exc}", file=sys.stderr)
         return 2
     uvicorn.run(

@@ -33,7 +33,9 @@ from editing.calibrate import NotCalibratedError, calibration_key, find_calibrat
 from editing.editor import Editor
 from editing.files import write_atomically
 from editing.models import LoadedModel, load_model
-from service.rebuild import read_log
+from service.editlog.base import EditLog
+from service.log_settings import SettingsMismatch, check_settings, weight_settings
+from service.rebuild import BadRecord, LogState, read_log
 from service.runtime import open_log
 from service.settings import Settings
 
@@ -60,12 +62,13 @@ def export(
         raise ExportError(f"{out} is not empty")
     log = open_log(settings)
     try:
-        newest = read_log(log, mark=False)
+        newest = _read(log)
         if version is not None and not 0 <= version <= newest.version:
             raise ExportError(
                 f"no model version {version}: the log's versions run from 0 to {newest.version}"
             )
-        state = newest if version is None else read_log(log, until=version, mark=False)
+        state = newest if version is None else _read(log, until=version)
+        stored = log.stored_settings()
     finally:
         log.close()
     say(f"{len(state.records)} active edits at model version {state.version}")
@@ -77,6 +80,10 @@ def export(
     if calibration is None and settings.layers is None:
         raise NotCalibratedError(settings.model, calibration_key(lm))
     hp = settings.hparams(calibration)
+    try:
+        check_settings(stored, weight_settings(settings, lm, hp))
+    except SettingsMismatch as exc:
+        raise ExportError(str(exc)) from None
     method = settings.method
     baked = method == "memory"
     if baked:
@@ -111,6 +118,13 @@ def export(
     write_atomically(out / MANIFEST, json.dumps(manifest, indent=1).encode())
     editor.replay([])  # the model object goes back to W0 for whoever holds it next
     return manifest
+
+
+def _read(log: EditLog, until: int | None = None) -> LogState:
+    try:
+        return read_log(log, until=until, mark=False)
+    except BadRecord as exc:
+        raise ExportError(str(exc)) from None
 
 
 def _deltas(editor: Editor) -> dict[str, torch.Tensor]:

@@ -119,6 +119,18 @@ class Metrics:
             ["result"],
             registry=r,
         )
+        self.log_losses = Counter(
+            f"{PREFIX}_log_losses",
+            "Times the edit log came back without operations this replica had handled (the "
+            "weights were rebuilt from what the log still holds; GET /info: log_lost)",
+            registry=r,
+        )
+        self.edits_lost = Counter(
+            f"{PREFIX}_edits_lost",
+            "Applied edits, and reverts, that the edit log lost after this replica handled them",
+            ["operation"],
+            registry=r,
+        )
         self.edits_checked = Counter(
             f"{PREFIX}_edits_checked",
             "Active facts re-scored after an edit on the served weights, by result (held: "
@@ -136,6 +148,8 @@ class Metrics:
             self.generation_requests.labels(status)
         for result in ("match", "mismatch"):
             self.weights_checks.labels(result)
+        for operation in ("apply", "revert"):
+            self.edits_lost.labels(operation)
         for result in ("held", "lost"):
             self.edits_checked.labels(result)
         for guardrail in GUARDRAILS:

@@ -44,7 +44,7 @@ from service.editlog.base import (
 from service.guardrails import Breach, Guardrails, Norms
 from service.metrics import Metrics
 from service.probes import Prober, ProbeReport
-from service.rebuild import applied, reverted
+from service.rebuild import applied, decode_record, reverted
 from service.replicas import Replicas
 from service.retention import Retention
 from service.scores import Snapshot, edit_scores, snapshot, target_probability
@@ -216,7 +216,7 @@ class EditPipeline:
         # weights check: the other replica's digest covers this edit alone, this batch more.
         version = self.state.get().model_version
         self.weights.swap(self.editor.plan_revert(op.edit_id), version)
-        change = self.editor.plan_install(DeltaRecord.from_bytes(theirs))
+        change = self.editor.plan_install(decode_record(op, theirs, self.editor.check_record))
         self._probe_guard_and_swap(version, change, {}, guarded=False)
         return False
 
@@ -269,7 +269,7 @@ class EditPipeline:
         """Put in effect ``op``'s record as stored (``blob``), and check the weights against
         the replica that computed it. No probe pass either when that replica published one for
         the same probe set: the weights are the same here."""
-        change = self.editor.plan_install(DeltaRecord.from_bytes(blob))
+        change = self.editor.plan_install(decode_record(op, blob, self.editor.check_record))
         report = self.replicas.reported_probes(op, self.probe_set)
         self._probe_guard_and_swap(op.seq, change, {}, guarded=False, report=report)
         self.replicas.check_weights(op, blob)

@@ -9,6 +9,7 @@ those, in one log write per page of operations.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -25,7 +26,41 @@ from service.editlog.base import (
     now,
 )
 
+# Statuses of an edit whose revert was asked for.
+_REVERTING = frozenset({EditStatus.reverting, EditStatus.reverted})
+
 PAGE = 500  # operations read (and statuses marked) at a time
+
+# A record checker: raises ValueError, saying why, when a record does not fit the model
+# (``Editor.check_record``).
+Check = Callable[[DeltaRecord], None]
+
+
+class BadRecord(Exception):
+    """An active edit's stored record cannot be used: its bytes do not parse, or it does not
+    fit the model. The weights are never rebuilt without it, nor with it altered: the server
+    stops here, naming the edit, until it is reverted."""
+
+    def __init__(self, op: Operation, why: str) -> None:
+        super().__init__(
+            f"edit {op.edit_id} (log seq {op.seq}): its stored record cannot be used: {why}. "
+            f"The weights are not served without it. Revert it (POST /edits/{op.edit_id}/revert "
+            f"or editserve edits revert {op.edit_id}, which work while the server refuses to "
+            "start) and restart; send its facts again to have them recomputed"
+        )
+        self.edit_id = op.edit_id
+        self.seq = op.seq
+
+
+def decode_record(op: Operation, blob: bytes, check: Check | None = None) -> DeltaRecord:
+    """``op``'s record from its stored bytes, checked; :class:`BadRecord` if unusable."""
+    try:
+        record = DeltaRecord.from_bytes(blob)
+        if check is not None:
+            check(record)
+    except Exception as exc:  # safetensors, JSON and shape errors alike: the bytes are bad
+        raise BadRecord(op, str(exc) or type(exc).__name__) from exc
+    return record
 
 
 @dataclass
@@ -35,12 +70,18 @@ class LogState:
     processed: int  # seq of the last operation read; the worker's loop takes it from there
 
 
-def read_log(edit_log: EditLog, *, until: int | None = None, mark: bool = True) -> LogState:
+def read_log(
+    edit_log: EditLog, *, until: int | None = None, mark: bool = True, check: Check | None = None
+) -> LogState:
     """The active records of every operation whose record is stored, marking the statuses a
     crash left behind (unless ``mark`` is off: a reader such as ``editserve export`` changes
     nothing). Stops before the first ``apply`` still to be computed (it and what follows are
-    the worker's normal loop's), or past seq ``until``."""
+    the worker's normal loop's), or past seq ``until``.
+
+    Each record is decoded and ``check``-ed: :class:`BadRecord` for one that cannot be used,
+    unless a revert of its edit was asked for, which takes it out anyway (it is skipped)."""
     active = ActiveRecords()
+    skipped: set[str] = set()
     version = processed = 0
     while True:
         ops = edit_log.read(processed, limit=PAGE)
@@ -64,13 +105,23 @@ def read_log(edit_log: EditLog, *, until: int | None = None, mark: bool = True) 
                         stopped = True
                         break
                 else:
-                    superseded = active.add(DeltaRecord.from_bytes(blob))
+                    try:
+                        record = decode_record(op, blob, check)
+                    except BadRecord:
+                        if entry is None or entry.status not in _REVERTING:
+                            raise
+                        skipped.add(op.edit_id)  # its revert, later in the log, takes it out
+                        processed = op.seq
+                        continue
+                    superseded = active.add(record)
                     version = op.seq
                     # Already applied (a restart): nothing to mark.
                     if superseded or entry is None or entry.status in NEEDS_WORK:
                         marks += applied(op, superseded, {"applied_at": now()})
-            elif op.edit_id in active:
-                active.remove(op.edit_id)
+            elif op.edit_id in active or op.edit_id in skipped:
+                if op.edit_id in active:
+                    active.remove(op.edit_id)
+                skipped.discard(op.edit_id)
                 version = op.seq
                 if entry is None or entry.status in NEEDS_WORK | {EditStatus.applied}:
                     marks.append(reverted(op))

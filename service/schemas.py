@@ -349,6 +349,20 @@ class WeightsMismatch(BaseModel):
     ours: str = Field(description="this replica's")
 
 
+class LogLost(BaseModel):
+    at: float = Field(description="when this replica noticed, Unix seconds")
+    handled_to: int = Field(description="the last log seq this replica had handled")
+    log_end: int = Field(description="the seq the log now ends at (its rebuild's last)")
+    model_version_before: int
+    model_version: int = Field(description="the version rebuilt from what the log holds")
+    lost_applies: list[str] = Field(
+        description="edits this replica had applied that the log no longer holds: send again"
+    )
+    lost_reverts: list[str] = Field(
+        description="edits whose revert the log lost: they are active again"
+    )
+
+
 class MemoryInfo(BaseModel):
     threshold: float = Field(description="the match cosine; 0: the method uses no memory")
     entries: int = Field(description="the keyed memory's entries (a fact has one per z* row)")
@@ -374,6 +388,11 @@ class Info(BaseModel):
         default=None,
         description="set while this replica's weights differ from those of the replica that "
         "computed the last record it checked (replicas on one log should be identical)",
+    )
+    log_lost: LogLost | None = Field(
+        default=None,
+        description="set once the log came back without operations this replica had handled "
+        "(a Redis restarted without its last writes): what it lost",
     )
     probes: dict[str, float | None] | None = Field(
         default=None,

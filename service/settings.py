@@ -228,6 +228,12 @@ class Settings(BaseSettings):
         "key is then named by a short hash of it). The name is what the audit trail records "
         "(unset: no keys, loopback only).",
     )
+    metrics_require_key: bool = Field(
+        default=False,
+        description="Require an API key (any role) on /metrics; Prometheus then sends one "
+        "(authorization in its scrape config). Off: /metrics is open, for a scrape over the "
+        "cluster network.",
+    )
     require_reason: bool = Field(
         default=False,
         description="Refuse an edit or a revert that gives no reason (422).",

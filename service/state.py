@@ -44,6 +44,9 @@ class WorkerState:
     # Set when this replica's weights differed from those of the replica that computed an
     # installed record (at the same version); cleared by a later check that agrees.
     weights_mismatch: dict[str, Any] | None = None
+    # Set when the log came back with fewer operations than this replica had handled (a Redis
+    # restarted without its last writes, a failover to a lagging copy): what was lost.
+    log_lost: dict[str, Any] | None = None
     # Read when the snapshot is taken rather than published: they change between swaps.
     generation_waiting: int | None = None  # generation requests waiting for a batch
     sums_room_used: float | None = None  # Editor.room_used; None for a method without a limit

@@ -278,7 +278,7 @@ def _retry_after(rt: Runtime, pending: int) -> int:
 def log_down(exc: EditLogError) -> Problem:
     return Problem(
         503,
-        f"the edit log is unreachable: {exc}",
+        f"the edit log cannot be reached or written: {exc}",
         kind="log-unavailable",
         headers={"Retry-After": "5"},
     )

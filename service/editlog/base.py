@@ -365,6 +365,16 @@ class EditLog(ABC):
         return {k: v for k, v in found.items() if v is not None}
 
     @abstractmethod
+    def adopt_settings(self, settings: dict[str, str]) -> dict[str, str]:
+        """The settings that define this log's weights (``service.log_settings``): stored as
+        ``settings`` by the first process to call this, in one atomic write, and returned as
+        stored to every later one."""
+
+    @abstractmethod
+    def stored_settings(self) -> dict[str, str] | None:
+        """The settings :meth:`adopt_settings` stored; None before any process stored them."""
+
+    @abstractmethod
     def ping(self) -> None:
         """Raise :class:`EditLogError` when the log cannot be reached."""
 

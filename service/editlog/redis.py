@@ -9,6 +9,7 @@ Keys (all under one prefix, ``editserve`` by default)::
     {p}:counts         hash: the number of edits in each status
     {p}:idem:<key>     the edit id and request fingerprint an Idempotency-Key created
     {p}:record:<id>    the edit's delta record (safetensors bytes)
+    {p}:settings       the settings that define the weights, as JSON (set once, by the first)
 
 Every write that must be atomic with another (an append with its idempotency key, a revert with
 its status change, a status compare-and-set, a batch of them) is one Lua script. Durability is
@@ -17,6 +18,7 @@ Redis's: run it with ``appendonly yes`` in production.
 
 from __future__ import annotations
 
+import json
 from collections.abc import Callable, Sequence
 from typing import Any, TypeVar
 
@@ -356,6 +358,18 @@ class RedisEditLog(EditLog):
         keys = [self._key("record", edit_id) for edit_id in edit_ids]
         values: Any = self._call(lambda: self._r.mget(keys))
         return {k: bytes(v) for k, v in zip(edit_ids, values, strict=True) if v is not None}
+
+    def adopt_settings(self, settings: dict[str, str]) -> dict[str, str]:
+        doc = json.dumps(settings, sort_keys=True)
+        self._call(lambda: self._r.set(self._key("settings"), doc, nx=True))
+        stored = self.stored_settings()
+        if stored is None:
+            raise EditLogError(f"redis log {self.url}: the settings just stored are gone")
+        return stored
+
+    def stored_settings(self) -> dict[str, str] | None:
+        raw: Any = self._call(lambda: self._r.get(self._key("settings")))
+        return dict(json.loads(raw)) if raw is not None else None
 
     def ping(self) -> None:
         self._call(self._r.ping)

@@ -7,6 +7,8 @@ an idempotency key or a status and the write that follows are one transaction.
 
 from __future__ import annotations
 
+import json
+import os
 import sqlite3
 import threading
 import time
@@ -52,6 +54,10 @@ CREATE TABLE IF NOT EXISTS records (
     edit_id TEXT PRIMARY KEY,
     blob BLOB NOT NULL
 );
+CREATE TABLE IF NOT EXISTS meta (
+    key TEXT PRIMARY KEY,
+    value TEXT NOT NULL
+);
 CREATE TABLE IF NOT EXISTS leases (
     edit_id TEXT PRIMARY KEY,
     owner TEXT NOT NULL,
@@ -62,13 +68,18 @@ CREATE TABLE IF NOT EXISTS leases (
 
 class SqliteEditLog(EditLog):
     def __init__(self, path: Path) -> None:
-        path.parent.mkdir(parents=True, exist_ok=True)
         self.path = path
-        self._db = sqlite3.connect(path, check_same_thread=False, isolation_level=None)
-        self._db.execute("PRAGMA journal_mode=WAL")
-        self._db.execute("PRAGMA synchronous=FULL")
-        self._db.execute("PRAGMA busy_timeout=5000")
-        self._db.executescript(_SCHEMA)
+        try:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            self._db = sqlite3.connect(path, check_same_thread=False, isolation_level=None)
+            self._db.execute("PRAGMA journal_mode=WAL")
+            self._db.execute("PRAGMA synchronous=FULL")
+            self._db.execute("PRAGMA busy_timeout=5000")
+            self._db.executescript(_SCHEMA)
+        except (OSError, sqlite3.Error) as exc:
+            where = path.parent
+            why = "" if os.access(where, os.W_OK) else " (the directory is read-only to editserve)"
+            raise EditLogError(f"the edit log in {where} cannot be opened: {exc}{why}") from exc
         self._lock = threading.Lock()
         # Readers blocked in read() wake when this process appends; other processes' appends
         # are seen at the next poll.
@@ -232,6 +243,20 @@ class SqliteEditLog(EditLog):
     def get_record(self, edit_id: str) -> bytes | None:
         rows = self._query("SELECT blob FROM records WHERE edit_id = ?", (edit_id,))
         return bytes(rows[0][0]) if rows else None
+
+    def adopt_settings(self, settings: dict[str, str]) -> dict[str, str]:
+        with self._write() as db:
+            db.execute(
+                "INSERT OR IGNORE INTO meta (key, value) VALUES ('settings', ?)",
+                (json.dumps(settings, sort_keys=True),),
+            )
+        stored = self.stored_settings()
+        assert stored is not None
+        return stored
+
+    def stored_settings(self) -> dict[str, str] | None:
+        rows = self._query("SELECT value FROM meta WHERE key = 'settings'")
+        return dict(json.loads(rows[0][0])) if rows else None
 
     def ping(self) -> None:
         self._query("SELECT 1")

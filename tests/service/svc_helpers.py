@@ -44,11 +44,22 @@ def wait_for(check: Callable[[], bool], timeout: float, what: str) -> None:
 
 
 class RedisServer:
-    """A redis-server of the tests' own, on a free port; it can be stopped and restarted."""
+    """A redis-server of the tests' own, on a free port (or ``port``); it can be stopped, killed
+    and restarted on its files. ``appendonly`` off: it starts from ``dump.rdb`` in ``workdir``
+    if there is one (a copy taken with SAVE)."""
 
-    def __init__(self, workdir: Path) -> None:
-        self.port = free_port()
+    def __init__(
+        self,
+        workdir: Path,
+        *,
+        port: int | None = None,
+        appendonly: bool = True,
+        appendfsync: str = "everysec",
+    ) -> None:
+        self.port = port or free_port()
         self.workdir = workdir
+        self.appendonly = appendonly
+        self.appendfsync = appendfsync
         self.proc: subprocess.Popen[bytes] | None = None
 
     @property
@@ -58,30 +69,28 @@ class RedisServer:
     def start(self) -> None:
         binary = shutil.which("redis-server")
         assert binary, "redis-server is not installed (.ci/run installs it)"
+        # Snapshots only when asked (SAVE): the append-only file, when on, is the durable copy.
+        args = ["--port", str(self.port), "--bind", "127.0.0.1", "--save", ""]
+        args += ["--appendonly", "yes" if self.appendonly else "no"]
+        args += ["--appendfsync", self.appendfsync, "--dir", str(self.workdir)]
         self.proc = subprocess.Popen(
-            [
-                binary,
-                "--port",
-                str(self.port),
-                "--bind",
-                "127.0.0.1",
-                "--save",
-                "",
-                "--appendonly",
-                "yes",
-                "--dir",
-                str(self.workdir),
-            ],
-            stdout=subprocess.DEVNULL,
-            stderr=subprocess.DEVNULL,
+            [binary, *args], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
         )
         import redis
 
-        wait_for(lambda: bool(redis.Redis(port=self.port).ping()), 10, "redis-server")
+        # (a server still loading its files answers with an error, which wait_for retries)
+        wait_for(lambda: bool(redis.Redis(port=self.port).ping()), 30, "redis-server")
 
     def stop(self) -> None:
         if self.proc is not None:
             self.proc.terminate()
+            self.proc.wait(10)
+            self.proc = None
+
+    def kill(self) -> None:
+        """SIGKILL: no shutdown, no last write; what survives is what reached its files."""
+        if self.proc is not None:
+            self.proc.kill()
             self.proc.wait(10)
             self.proc = None
 

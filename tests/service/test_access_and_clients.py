@@ -78,6 +78,18 @@ def test_keys_and_roles(live: Live) -> None:
     assert c.get("/info", headers=auth(READER)).status_code == 200
 
 
+def test_metrics_can_require_a_key(live: Live, monkeypatch: pytest.MonkeyPatch) -> None:
+    c = live.client
+    assert c.get("/metrics").status_code == 200  # open by default: scraped on the cluster network
+    monkeypatch.setattr(live.runtime.settings, "metrics_require_key", True)
+    missing = c.get("/metrics")
+    assert missing.status_code == 401 and missing.headers["www-authenticate"].startswith("Bearer")
+    assert missing.headers["content-type"] == "application/problem+json"
+    assert c.get("/metrics", headers=auth("wrong")).status_code == 401
+    scraped = c.get("/metrics", headers=auth(READER))
+    assert scraped.status_code == 200 and "editserve_edits_lost_total" in scraped.text
+
+
 def test_limits(live: Live) -> None:
     c = live.client
     too_big = c.post("/generate", content=b"{" + b" " * 30_000 + b"}", headers=auth(READER))

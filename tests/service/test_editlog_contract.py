@@ -381,6 +381,17 @@ def test_the_first_record_stored_stays(edit_log: EditLog) -> None:
     assert edit_log.get_record(edit_id) == b"first"
 
 
+def test_the_first_settings_stored_are_the_logs_for_good(edit_log: EditLog) -> None:
+    assert edit_log.stored_settings() is None
+    first = {"layers": "[3, 4, 5, 6, 7]", "method": '"memory"'}
+    with ThreadPoolExecutor(4) as pool:  # several replicas starting at once: one wins
+        tries = [{**first, "layers": f"[{i}]"} for i in range(4)]
+        seen = list(pool.map(edit_log.adopt_settings, [first, *tries]))
+    assert all(stored == seen[0] for stored in seen) and seen[0] in [first, *tries]
+    assert edit_log.adopt_settings({"method": '"d4s"'}) == seen[0]
+    assert edit_log.stored_settings() == seen[0]
+
+
 def test_one_replica_holds_an_edit_lease_until_it_lapses(edit_log: EditLog) -> None:
     edit_id = edit_log.append_edit(new_id(), [FACT])[0].id
     assert edit_log.claim(edit_id, "a", 0.5)

@@ -2,12 +2,15 @@
 redis-server): one replica computes each edit under a lease, all install the records in log
 order and serve identical weights; a replica killed mid-edit loses its lease to another; a
 replica started late catches up before it is ready; ``min_version`` reads your own writes; each
-replica checks its weights against the digest that the computing replica noted, and one with
-another memory threshold reports that it diverged."""
+replica checks its weights against the digest that the computing replica noted; one with
+another memory threshold is refused at start (``service.log_settings``)."""
 
 from __future__ import annotations
 
+import os
 import signal
+import subprocess
+import sys
 import time
 from contextlib import ExitStack
 from pathlib import Path
@@ -15,7 +18,7 @@ from pathlib import Path
 import httpx
 import redis
 from prometheus_client.parser import text_string_to_metric_families
-from svc_helpers import RedisServer, wait_for, wait_status
+from svc_helpers import RedisServer, free_port, wait_for, wait_status
 from test_server_process import BURST_STEPS, burst_facts, serve_many, server_env
 
 # Edits in the whole run: enough that a late replica has a log to catch up on.
@@ -144,15 +147,19 @@ def test_replicas_compute_each_edit_once_and_converge(
             assert wait_status(witness, edit_id, {"applied", "failed"}, 600)["status"] == "applied"
         state = converged(survivors)
         # The late replica and one with another memory threshold (a setting that defines the
-        # served model) start together.
-        [(_, url), (_, odd_url)] = stack.enter_context(
-            serve_many(
-                [
-                    (env("r4"), tmp_path / "r4.log"),
-                    (env("odd", EDITSERVE_MEMORY_THRESHOLD="0.85"), tmp_path / "odd.log"),
-                ]
+        # served model) start together: the first is ready once caught up, and identical; the
+        # other is refused, naming the setting.
+        odd_env = env("odd", EDITSERVE_MEMORY_THRESHOLD="0.85")
+        odd_port = free_port()
+        with open(tmp_path / "odd.log", "ab") as out:
+            odd = subprocess.Popen(
+                [sys.executable, "-m", "service.cli", "serve", "--port", str(odd_port)],
+                env={**os.environ, **odd_env},
+                stdout=out,
+                stderr=subprocess.STDOUT,
             )
-        )
+        stack.callback(odd.kill)
+        [(_, url)] = stack.enter_context(serve_many([(env("r4"), tmp_path / "r4.log")]))
         late = stack.enter_context(httpx.Client(base_url=url, timeout=60))
         info = late.get("/info").json()  # ready means caught up: no wait here
         assert (info["model_version"], info["weights_digest"]) == next(iter(state.values()))
@@ -164,25 +171,13 @@ def test_replicas_compute_each_edit_once_and_converge(
         # (a record is noted when it ends a swap: a single edit, or the last of a batch)
         assert sum(f["match"] for f in found.values()) >= 1, found
 
-        # The replica with another threshold: after the next edit, whichever replica computed
-        # it, the one and the others disagree, and it shows.
-        odd = stack.enter_context(httpx.Client(base_url=odd_url, timeout=60))
-        edit_id = witness.post("/edits", json=burst_facts(EDITS + 13)[-1]).json()["id"]
-        edit = wait_status(witness, edit_id, {"applied", "failed"}, 300)
-        assert edit["status"] == "applied", edit
-        computed_by, version = edit["computed_by"], edit["model_version"]
-        for client in (witness, odd):
-            wait_for(
-                lambda c=client: c.get("/info").json()["model_version"] >= version,
-                120,
-                "the edit's installation",
-            )
-        checked = [odd] if computed_by != "odd" else list(survivors.values())
-        for client in checked:
-            wait_for(lambda c=client: weights_checks(c)["diverged"] == 1, 60, "a mismatch")
-            mismatch = client.get("/info").json()["weights_mismatch"]
-            assert mismatch["computed_by"] == computed_by and mismatch["ours"] != mismatch["theirs"]
-        assert (
-            odd.get("/info").json()["weights_digest"]
-            != witness.get("/info").json()["weights_digest"]
-        )
+        refused: dict = {}
+
+        def failed() -> bool:
+            refused.update(httpx.get(f"http://127.0.0.1:{odd_port}/ready", timeout=5).json())
+            return refused["phase"] == "failed"
+
+        wait_for(failed, 180, "the odd replica's refusal")
+        assert "EDITSERVE_MEMORY_THRESHOLD" in refused["detail"], refused
+        assert "0.85 here" in refused["detail"] and not refused["ready"], refused
+        assert late.get("/info").json()["weights_digest"] == info["weights_digest"]
