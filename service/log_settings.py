@@ -19,6 +19,7 @@ from editing.calibrate import calibration_key
 from editing.hparams import EditHparams
 from editing.methods import METHODS
 from editing.models import LoadedModel
+from service.editlog.base import EditLog
 from service.settings import Settings, env_var
 
 # Editing parameters that are also server settings: a difference in one of these is named by
@@ -92,3 +93,9 @@ def check_settings(stored: dict[str, str] | None, ours: dict[str, str]) -> None:
     }
     if differences:
         raise SettingsMismatch(differences)
+
+
+def settle_settings(edit_log: EditLog, ours: dict[str, str]) -> None:
+    """Store ``ours`` in ``edit_log`` if it has no settings yet, else raise
+    :class:`SettingsMismatch` if it has others."""
+    check_settings(edit_log.adopt_settings(ours), ours)

@@ -5,6 +5,8 @@ probes score a change before its swap."""
 
 from __future__ import annotations
 
+import queue
+from concurrent.futures import Future
 from typing import Any
 
 import torch
@@ -14,6 +16,37 @@ from editing.models import LoadedModel
 from editing.tracing import Trace
 from service.pipeline import EditPipeline
 from service.scores import edit_scores, snapshot
+from service.threads import on_own_thread
+
+
+class PreviewQueue:
+    """Previews waiting for the worker's thread, the one thread that computes edits: a request
+    thread asks (:meth:`ask`) and blocks; the worker serves them between log operations."""
+
+    def __init__(self) -> None:
+        self._waiting: queue.Queue[tuple[tuple[Any, ...], Future[dict[str, Any]]]] = queue.Queue()
+
+    def ask(
+        self, facts: list[Fact], prompts: list[str], max_new_tokens: int, timeout: float
+    ) -> dict[str, Any]:
+        """The preview of ``facts``; raise TimeoutError past ``timeout``."""
+        future: Future[dict[str, Any]] = Future()
+        self._waiting.put(((facts, prompts, max_new_tokens), future))
+        return future.result(timeout)
+
+    def serve(self, pipeline: EditPipeline) -> None:
+        """Compute every preview waiting now (on the caller's thread: the worker's)."""
+        while True:
+            try:
+                args, future = self._waiting.get_nowait()
+            except queue.Empty:
+                return
+            if not future.set_running_or_notify_cancel():
+                continue
+            try:
+                future.set_result(on_own_thread(preview, pipeline, *args))
+            except Exception as exc:  # the caller's to report
+                future.set_exception(exc)
 
 
 def preview(

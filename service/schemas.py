@@ -355,12 +355,8 @@ class LogLost(BaseModel):
     log_end: int = Field(description="the seq the log now ends at (its rebuild's last)")
     model_version_before: int
     model_version: int = Field(description="the version rebuilt from what the log holds")
-    lost_applies: list[str] = Field(
-        description="edits this replica had applied that the log no longer holds: send again"
-    )
-    lost_reverts: list[str] = Field(
-        description="edits whose revert the log lost: they are active again"
-    )
+    lost_applies: list[str]
+    lost_reverts: list[str] = Field(description="edits whose revert was lost: active again")
 
 
 class MemoryInfo(BaseModel):
@@ -390,9 +386,7 @@ class Info(BaseModel):
         "computed the last record it checked (replicas on one log should be identical)",
     )
     log_lost: LogLost | None = Field(
-        default=None,
-        description="set once the log came back without operations this replica had handled "
-        "(a Redis restarted without its last writes): what it lost",
+        default=None, description="set once the log lost operations this replica had handled"
     )
     probes: dict[str, float | None] | None = Field(
         default=None,

@@ -22,11 +22,9 @@ from __future__ import annotations
 
 import logging
 import os
-import queue
 import socket
 import threading
 import time
-from concurrent.futures import Future
 from dataclasses import replace
 from typing import Any
 
@@ -39,10 +37,11 @@ from editing.models import LoadedModel, load_model, needs_conversion
 from service import __version__
 from service.editlog.base import EditLog, EditLogError, Operation
 from service.generation import Batcher
-from service.log_settings import check_settings, weight_settings
+from service.log_settings import settle_settings, weight_settings
+from service.log_watch import LogWatch, loss_report
 from service.metrics import Metrics
 from service.pipeline import EditPipeline
-from service.preview import preview
+from service.preview import PreviewQueue
 from service.probes import Prober, default_dtype, load_probes
 from service.rebuild import BadRecord, read_log
 from service.replicas import Replicas, Stopping
@@ -87,14 +86,11 @@ class ModelWorker:
         self.weights: ServedWeights | None = None
         self.pipeline: EditPipeline | None = None
         self.batcher: Batcher | None = None
-        # The last log operation handled, to notice a log that lost it (_log_still_holds).
-        self._last_op: Operation | None = None
-        # Set when the log failed mid-operation: rebuild from it before going on.
-        self._resync = False
+        self.watch = LogWatch(edit_log)
         self._thread = threading.Thread(target=self._main, name="applier", daemon=True)
         self._ready = threading.Event()
         # Previews wait here for the worker's thread, the one thread that computes edits.
-        self._previews: queue.Queue[tuple[tuple[Any, ...], Future[dict[str, Any]]]] = queue.Queue()
+        self._previews = PreviewQueue()
 
     # -- life cycle ------------------------------------------------------------------------
 
@@ -130,8 +126,9 @@ class ModelWorker:
         """Everything between start and ready: the model, the covariance and the probes (all
         three from the cache when there), then the rebuild from the log."""
         self._state.update(phase="loading")
-        self._serve(self._load())
-        self._check_settings()
+        editor = self._load()
+        settle_settings(self.log, weight_settings(self.settings, editor.lm, editor.hp))
+        self._serve(editor)
         self._start_generation()
         self._replay()
 
@@ -160,13 +157,6 @@ class ModelWorker:
         )
         self._c0 = None  # the method keeps what it needs
         return editor
-
-    def _check_settings(self) -> None:
-        """Store this process's weight settings in the log if it has none, else refuse to
-        serve it with others (``service.log_settings``)."""
-        assert self.editor is not None
-        ours = weight_settings(self.settings, self.editor.lm, self.editor.hp)
-        check_settings(self.log.adopt_settings(ours), ours)
 
     def _step(self, step: str, done: float | None = None) -> None:
         """Publish what the start-up does now (``/ready``'s detail) and log it."""
@@ -234,16 +224,13 @@ class ModelWorker:
         self.batcher.start()
 
     def _replay(self) -> None:
-        """Rebuild from every record already in the log, in one rebuild and with no z*.
-
-        Stops at the first ``apply`` that has no record yet: it and what follows are handled
-        by the normal loop.
-        """
+        """Rebuild from every record already in the log, in one rebuild and with no z*, up to
+        the first ``apply`` without a record yet (it and what follows are the normal loop's)."""
         assert self.weights is not None and self.pipeline is not None
         started = time.perf_counter()
         self._state.update(phase="replaying", replayed_to=self.log.last_seq())
         self._step("rebuilding the weights from the edit log")
-        self._rebuild_from_log()
+        self._rebuild_from_log(measure=False)
         state = self._state.update(replay_seconds=time.perf_counter() - started)
         self.pipeline.measure_live()
         log.info(
@@ -253,63 +240,28 @@ class ModelWorker:
             state.replay_seconds,
         )
 
-    def _rebuild_from_log(self) -> None:
-        """Serve what the log holds now, rebuilt from W0, and take it up from its end."""
+    def _rebuild_from_log(self, measure: bool = True) -> None:
+        """Serve what the log holds now, rebuilt from W0, and take it up from its end; then
+        measure the weights (probes, norms) unless told not to."""
         assert self.weights is not None and self.pipeline is not None
         found = read_log(self.log, check=self.weights.editor.check_record)
         self.weights.rebuild(found.records, found.version)
         self._state.update(processed=found.processed)
-        self._last_op = self._op_at(found.processed)
-
-    def _op_at(self, seq: int) -> Operation | None:
-        """The log's operation at ``seq`` (None for 0 or when the log has none there)."""
-        if seq <= 0:
-            return None
-        ops = self.log.read(seq - 1, limit=1)
-        return ops[0] if ops and ops[0].seq == seq else None
-
-    def _log_still_holds(self) -> bool:
-        """Whether the last operation handled is still in the log, where it was. A Redis
-        restarted without its last writes, or a failover to a copy that lagged, gives the
-        log fewer operations than this replica handled, and hands their seqs to new ones."""
-        last = self._last_op
-        return last is None or self._op_at(last.seq) == last
+        self.watch.last = self.watch.op_at(found.processed)
+        if measure:
+            self.pipeline.measure_live()
 
     def _recover_lost_operations(self) -> None:
-        """Rebuild from what the log still holds, and report what it lost: the weights follow
-        the log, not this replica's memory of it."""
+        """Rebuild from what the log still holds, and report what it lost."""
         assert self.editor is not None and self.pipeline is not None
-        before = self._state.get()
-        active = {record.id for record in self.editor.records}
+        before, active = self._state.get(), {record.id for record in self.editor.records}
         self._rebuild_from_log()
-        self.pipeline.measure_live()
         now_active = {record.id for record in self.editor.records}
-        lost = {"apply": sorted(active - now_active), "revert": sorted(now_active - active)}
-        after = self._state.get()
-        report = {
-            "at": time.time(),
-            "handled_to": before.processed,
-            "log_end": after.processed,
-            "model_version_before": before.model_version,
-            "model_version": after.model_version,
-            "lost_applies": lost["apply"],
-            "lost_reverts": lost["revert"],
-        }
+        report = loss_report(before, self._state.get(), active, now_active)
         self._state.update(log_lost=report)
         self.metrics.log_losses.inc()
-        for operation, ids in lost.items():
-            self.metrics.edits_lost.labels(operation).inc(len(ids))
-        log.error(
-            "the edit log lost the operations after seq %d that this replica had handled up to "
-            "seq %d; rebuilt from what it holds, at model version %d. Applied edits lost: %s; "
-            "reverts lost (the edits are active again): %s. Clients that sent them should send "
-            "them again (an Idempotency-Key is lost with them)",
-            after.processed,
-            before.processed,
-            after.model_version,
-            ", ".join(lost["apply"]) or "none",
-            ", ".join(lost["revert"]) or "none",
-        )
+        self.metrics.edits_lost.labels("apply").inc(len(report["lost_applies"]))
+        self.metrics.edits_lost.labels("revert").inc(len(report["lost_reverts"]))
 
     # -- following the log -----------------------------------------------------------------
 
@@ -318,41 +270,23 @@ class ModelWorker:
     ) -> dict[str, Any]:
         """Compute ``facts``' edit on this worker's thread, between log operations, and score
         it without applying it (``service.preview``); raise TimeoutError past ``timeout``."""
-        future: Future[dict[str, Any]] = Future()
-        self._previews.put(((facts, prompts, max_new_tokens), future))
-        return future.result(timeout)
-
-    def _serve_previews(self) -> None:
-        while True:
-            try:
-                args, future = self._previews.get_nowait()
-            except queue.Empty:
-                return
-            if not future.set_running_or_notify_cancel():
-                continue
-            try:
-                future.set_result(on_own_thread(preview, self.pipeline, *args))
-            except Exception as exc:  # the caller's to report
-                future.set_exception(exc)
+        return self._previews.ask(facts, prompts, max_new_tokens, timeout)
 
     def _follow(self) -> None:
         assert self.pipeline is not None
-        unreachable_since: float | None = None
         while not self._stopping.is_set():
-            self._serve_previews()
+            self._previews.serve(self.pipeline)
             processed = self._state.get().processed
             try:
-                if self._resync or not self._log_still_holds():
+                if self.watch.resync or not self.watch.still_holds():
                     on_own_thread(self._resync_with_log)
                     continue
                 ops = self.log.read(processed, limit=self._batch_limit, block=0.5)
             except EditLogError as exc:
-                unreachable_since = self._log_unreachable(unreachable_since, exc)
+                self.watch.unreachable(exc)
                 time.sleep(1.0)
                 continue
-            if unreachable_since is not None:
-                log.info("edit log reachable again after %.0f s", time.time() - unreachable_since)
-                unreachable_since = None
+            self.watch.reachable()
             while ops and not self._stopping.is_set():
                 try:
                     group = self.replicas.claim_run(ops, self._batch_limit)
@@ -375,38 +309,25 @@ class ModelWorker:
                     # edit's status was written: once it is back, rebuild from it as a restart
                     # would (which also writes the statuses left behind) and go on from there.
                     log.warning("edit log error after seq %d, will resync: %s", ops[0].seq, exc)
-                    self._resync = True
+                    self.watch.resync = True
                     time.sleep(1.0)
                     break
-                except Exception as exc:
+                except Exception as exc:  # not to die silently: /ready says it, with the error
                     log.exception("the applier stopped at seq %d", ops[0].seq)
                     self._state.update(phase="failed", error=f"{type(exc).__name__}: {exc}")
                     return
                 self._state.update(processed=group[-1].seq)
-                self._last_op = group[-1]
+                self.watch.last = group[-1]
                 ops = ops[len(group) :]
-
-    @staticmethod
-    def _log_unreachable(since: float | None, exc: EditLogError) -> float:
-        """Log an outage when it starts and every 30 s of it; when it started."""
-        now = time.time()
-        if since is None:
-            log.warning("edit log unreachable, retrying every second: %s", exc)
-            return now
-        if int(now - since) // 30 != int(now - since - 1.0) // 30:
-            log.warning("edit log unreachable for %.0f s: %s", now - since, exc)
-        return since
 
     def _resync_with_log(self) -> None:
         """Rebuild from the log after an operation it interrupted, or after it lost some."""
-        if self._resync and self._log_still_holds():
+        if self.watch.resync and self.watch.still_holds():
             self._rebuild_from_log()
-            assert self.pipeline is not None
-            self.pipeline.measure_live()
             log.info("resynced with the edit log at seq %d", self._state.get().processed)
         else:
             self._recover_lost_operations()
-        self._resync = False
+        self.watch.resync = False
 
     @property
     def _batch_limit(self) -> int:
@@ -458,11 +379,11 @@ class ModelWorker:
             "model_version": state.model_version,
             "active_edits": state.active_edits,
             "active_facts": state.active_facts,
-            "memory": {
-                "threshold": self.weights.editor.memory_threshold,
-                "entries": state.memory_entries,
-                "bytes": state.memory_bytes,
-            },
+            "memory": dict(
+                threshold=self.weights.editor.memory_threshold,
+                entries=state.memory_entries,
+                bytes=state.memory_bytes,
+            ),
             "weights_digest": state.weights_digest,
             "weights_mismatch": state.weights_mismatch,
             "log_lost": state.log_lost,

@@ -366,13 +366,12 @@ class EditLog(ABC):
 
     @abstractmethod
     def adopt_settings(self, settings: dict[str, str]) -> dict[str, str]:
-        """The settings that define this log's weights (``service.log_settings``): stored as
-        ``settings`` by the first process to call this, in one atomic write, and returned as
-        stored to every later one."""
+        """The settings that define this log's weights (``service.log_settings``): stored by
+        the first process to call this, atomically, and returned as stored to every one."""
 
     @abstractmethod
     def stored_settings(self) -> dict[str, str] | None:
-        """The settings :meth:`adopt_settings` stored; None before any process stored them."""
+        """What :meth:`adopt_settings` stored; None before that."""
 
     @abstractmethod
     def ping(self) -> None:
