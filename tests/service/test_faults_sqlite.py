@@ -1,6 +1,6 @@
 """Faults of the embedded log, against real SQLite files: records that cannot be used, a data
-directory on a full disk, and one that is read-only (a real tmpfs, mounted small or read-only:
-the tests run as root, as CI does)."""
+directory on a full disk, and one that is read-only (a real tmpfs, mounted small, then
+read-only)."""
 
 from __future__ import annotations
 
@@ -106,15 +106,22 @@ def test_a_record_that_does_not_fit_is_named_before_it_is_installed(quick_editor
             quick_editor.check_record(spoilt)
 
 
+# mount and umount need root: CI runs as root, elsewhere sudo without a password.
+AS_ROOT = [] if os.geteuid() == 0 else ["sudo", "-n"]
+
+
 @contextmanager
 def tmpfs(where: Path, size: str) -> Iterator[None]:
-    """A tmpfs of ``size`` mounted at ``where`` for the block."""
+    """A tmpfs of ``size``, owned by this user, mounted at ``where`` for the block."""
     where.mkdir(parents=True, exist_ok=True)
-    subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={size}", "tmpfs", str(where)], check=True)
+    options = f"size={size},uid={os.getuid()},gid={os.getgid()}"
+    subprocess.run(
+        [*AS_ROOT, "mount", "-t", "tmpfs", "-o", options, "tmpfs", str(where)], check=True
+    )
     try:
         yield
     finally:
-        subprocess.run(["umount", "-l", str(where)], check=False)
+        subprocess.run([*AS_ROOT, "umount", "-l", str(where)], check=False)
 
 
 def fill(path: Path) -> None:
@@ -173,7 +180,7 @@ def test_sqlite_on_a_full_disk_refuses_edits_then_resumes_and_a_read_only_one_is
         db.close()
 
         # The same directory read-only: a clear refusal at start, before the model is loaded.
-        subprocess.run(["mount", "-o", "remount,ro", str(data)], check=True)
+        subprocess.run([*AS_ROOT, "mount", "-o", "remount,ro", str(data)], check=True)
         done = subprocess.run(
             [sys.executable, "-m", "service.cli", "serve", "--port", "1"],
             env={**os.environ, **env},
