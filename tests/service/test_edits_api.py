@@ -101,7 +101,7 @@ def test_a_revert_answers_503_when_the_log_goes_down(
     assert r.headers["content-type"] == "application/problem+json"
     assert int(r.headers["retry-after"]) >= 1
     problem = r.json()
-    assert problem["status"] == 503 and "unreachable" in problem["detail"]
+    assert problem["status"] == 503 and "cannot be reached" in problem["detail"]
 
 
 def test_concurrent_posts_never_queue_more_than_max_queued_edits(
