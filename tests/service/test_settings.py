@@ -13,6 +13,7 @@ from pydantic import ValidationError
 from editing import cli as engine_cli
 from editing.hparams import EditHparams
 from service import cli as service_cli
+from service.log_settings import SettingsMismatch, check_settings
 from service.settings import ENV_ONLY, Settings, env_var, flag
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -175,3 +176,19 @@ def test_the_readme_settings_table_is_generated_from_the_settings() -> None:
     table = readme.split(build_settings_table.BEGIN)[1]
     for name in Settings.model_fields:
         assert f"`{env_var(name)}`" in table, name
+
+
+def test_a_log_refuses_other_weight_settings_naming_each_and_ignores_unknown_ones() -> None:
+    stored = {"layers": "[3, 4, 5, 6, 7]", "rect_keep": "0.4", "v_lr": "0.5", "old": "1"}
+    check_settings(None, stored)  # a log with no settings yet takes any
+    check_settings(stored, {**stored, "new": "2"})  # a setting only one side knows is no clash
+    with pytest.raises(SettingsMismatch) as refused:
+        check_settings(stored, {**stored, "layers": "[4, 5, 6, 7, 8]", "v_lr": "0.1"})
+    said = str(refused.value)
+    assert refused.value.differences == {
+        "layers": ("[3, 4, 5, 6, 7]", "[4, 5, 6, 7, 8]"),
+        "v_lr": ("0.5", "0.1"),
+    }
+    layers = "layers (EDITSERVE_LAYERS) is [3, 4, 5, 6, 7] in the log and [4, 5, 6, 7, 8] here"
+    assert layers in said
+    assert "v_lr is 0.5 in the log" in said and "editserve edits import" in said
