@@ -16,6 +16,18 @@ from typing import Any
 
 import httpx
 
+# Prompts the serving benchmarks generate from: plain text, no facts that are edited.
+PROMPTS = [
+    "The history of the Roman Empire",
+    "Photosynthesis is the process by which",
+    "The best way to learn a new language is",
+    "In the middle of the ocean there is",
+    "The theory of relativity explains",
+    "A good breakfast should contain",
+    "The city of Paris is famous for",
+    "Computers store information using",
+]
+
 
 def start_server(
     port: int, *flags: str, data_dir: Path | None = None, env: dict[str, str] | None = None

@@ -30,16 +30,8 @@ from pathlib import Path
 from typing import Any
 
 import httpx
-from harness import running_server, write_result
+from harness import PROMPTS, running_server, write_result
 
-PROMPTS = [
-    "The history of the Roman Empire",
-    "Photosynthesis is the process by which",
-    "The best way to learn a new language is",
-    "In the middle of the ocean there is",
-    "The city of Paris is famous for",
-    "Computers store information using",
-]
 KINDS = ("generate", "stream", "chat", "read_edits")
 CITIES = ["Rome", "Tokyo", "Cairo", "Lima", "Oslo", "Quito", "Dakar", "Hanoi"]
 

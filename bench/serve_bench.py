@@ -20,20 +20,10 @@ from pathlib import Path
 
 import httpx
 import torch
-from harness import running_server, wait_done, write_result
+from harness import PROMPTS, running_server, wait_done, write_result
 
 from editing.models import LoadedModel, load_model
 
-PROMPTS = [
-    "The history of the Roman Empire",
-    "Photosynthesis is the process by which",
-    "The best way to learn a new language is",
-    "In the middle of the ocean there is",
-    "The theory of relativity explains",
-    "A good breakfast should contain",
-    "The city of Paris is famous for",
-    "Computers store information using",
-]
 FACTS = [
     {
         "subject": "Eiffel Tower",

@@ -18,6 +18,7 @@ from typing import Any
 import httpx
 import torch
 import uvicorn
+from prometheus_client.parser import text_string_to_metric_families
 
 from editing.models import LoadedModel
 from editing.tracing import set_memory
@@ -41,6 +42,17 @@ def wait_for(check: Callable[[], bool], timeout: float, what: str) -> None:
                 return
         time.sleep(0.2)
     raise TimeoutError(f"timed out after {timeout:.0f} s waiting for {what}")
+
+
+def scrape(client: httpx.Client, *names: str) -> dict[str, dict[str, float]]:
+    """The samples of ``names`` on ``client``'s ``/metrics``: name -> label values joined by
+    commas ("" for none) -> value."""
+    found: dict[str, dict[str, float]] = {name: {} for name in names}
+    for family in text_string_to_metric_families(client.get("/metrics").text):
+        for sample in family.samples:
+            if sample.name in found:
+                found[sample.name][",".join(sample.labels.values())] = sample.value
+    return found
 
 
 class RedisServer:

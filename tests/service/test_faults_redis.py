@@ -23,21 +23,11 @@ from pathlib import Path
 
 import httpx
 import redis
-from prometheus_client.parser import text_string_to_metric_families
-from svc_helpers import RedisServer, wait_for, wait_status
+from svc_helpers import RedisServer, scrape, wait_for, wait_status
 from test_replicas import converged
 from test_server_process import BURST_STEPS, burst_facts, serve_many, server_env
 
 OUTAGE_SECONDS = 30.0
-
-
-def lost_counts(client: httpx.Client) -> dict[str, float]:
-    found = {}
-    for family in text_string_to_metric_families(client.get("/metrics").text):
-        for sample in family.samples:
-            if sample.name == "editserve_edits_lost_total":
-                found[sample.labels["operation"]] = sample.value
-    return found
 
 
 def test_redis_killed_down_and_back_then_a_failover_that_lost_writes(
@@ -147,7 +137,8 @@ def test_redis_killed_down_and_back_then_a_failover_that_lost_writes(
             assert lost["log_lost"]["lost_reverts"] == []
             # Served: what the log holds, as before the two lost edits.
             assert (lost["model_version"], lost["weights_digest"]) == next(iter(state.values()))
-            assert lost_counts(client) == {"apply": 2.0, "revert": 0.0}
+            lost_counts = scrape(client, "editserve_edits_lost_total")["editserve_edits_lost_total"]
+            assert lost_counts == {"apply": 2.0, "revert": 0.0}
             assert client.get(f"/edits/{accepted[6]}").status_code == 404
         timings["failover_detection_seconds"] = time.monotonic() - failed_over
 

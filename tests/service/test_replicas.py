@@ -17,8 +17,7 @@ from pathlib import Path
 
 import httpx
 import redis
-from prometheus_client.parser import text_string_to_metric_families
-from svc_helpers import RedisServer, free_port, wait_for, wait_status
+from svc_helpers import RedisServer, free_port, scrape, wait_for, wait_status
 from test_server_process import BURST_STEPS, burst_facts, serve_many, server_env
 
 # Edits in the whole run: enough that a late replica has a log to catch up on.
@@ -41,14 +40,11 @@ def converged(clients: dict[str, httpx.Client]) -> dict[str, tuple[int, str]]:
 
 def weights_checks(client: httpx.Client) -> dict[str, float]:
     """A replica's weights checks by result, and its ``diverged`` gauge."""
-    found = {}
-    for family in text_string_to_metric_families(client.get("/metrics").text):
-        for sample in family.samples:
-            if sample.name == "editserve_weights_checks_total":
-                found[sample.labels["result"]] = sample.value
-            elif sample.name == "editserve_weights_diverged":
-                found["diverged"] = sample.value
-    return found
+    found = scrape(client, "editserve_weights_checks_total", "editserve_weights_diverged")
+    return {
+        **found["editserve_weights_checks_total"],
+        "diverged": found["editserve_weights_diverged"][""],
+    }
 
 
 def test_replicas_compute_each_edit_once_and_converge(
