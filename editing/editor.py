@@ -276,22 +276,21 @@ class Editor:
             )
         n = len(record.facts)
         out_width, in_width = self.w0[self.hp.layers[0]].shape
-        expected = {f"keys.{layer}": (n, in_width) for layer in self.hp.layers}
-        expected["residual"] = (n, out_width)
-        found = {f"keys.{layer}": k for layer, k in record.keys.items()}
-        found["residual"] = record.residual
+        # Each tensor with the shape it must have; None: any size (row_keys' positions).
+        needed: list[tuple[str, torch.Tensor, tuple[int | None, ...]]] = [
+            (f"keys.{layer}", k, (n, in_width)) for layer, k in record.keys.items()
+        ]
+        needed.append(("residual", record.residual, (n, out_width)))
         if record.row_keys is not None:
-            found["row_keys"] = record.row_keys
-        for name, tensor in found.items():
-            want = expected.get(name)
-            if name == "row_keys":
-                ok = tensor.dim() == 3 and tensor.shape[0] == n and tensor.shape[2] == in_width
-            else:
-                ok = tuple(tensor.shape) == want
-            if not ok:
-                shape = "x".join(map(str, want)) if want else f"{n}xPx{in_width}"
+            needed.append(("row_keys", record.row_keys, (n, None, in_width)))
+        for name, tensor, shape in needed:
+            fits = tensor.dim() == len(shape) and all(
+                want is None or size == want for size, want in zip(tensor.shape, shape, strict=True)
+            )
+            if not fits:
+                needs = "x".join("P" if want is None else str(want) for want in shape)
                 raise ValueError(
-                    f"its {name} is {'x'.join(map(str, tensor.shape))}, the model needs {shape}"
+                    f"its {name} is {'x'.join(map(str, tensor.shape))}, the model needs {needs}"
                 )
             if not bool(torch.isfinite(tensor).all()):
                 raise ValueError(f"its {name} holds values that are not finite")
