@@ -12,7 +12,7 @@ from __future__ import annotations
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 
-from fastapi import FastAPI, Request
+from fastapi import Depends, FastAPI, Request
 from prometheus_client import CONTENT_TYPE_LATEST
 from starlette.exceptions import HTTPException
 from starlette.responses import Response
@@ -20,7 +20,7 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from service import __version__, errors
 from service.api import console, edits, export, generate, health, openai, preview
-from service.auth import holder_of
+from service.auth import metrics_access
 from service.runtime import Runtime, open_log
 from service.settings import Settings
 from service.worker import ModelWorker
@@ -61,12 +61,11 @@ def create_app(settings: Settings | None = None, runtime: Runtime | None = None)
     for module in (preview, edits, export, generate, openai, health, console):
         app.include_router(module.router)
 
-    @app.get("/metrics", tags=["health"], include_in_schema=False)
+    @app.get(
+        "/metrics", tags=["health"], include_in_schema=False, dependencies=[Depends(metrics_access)]
+    )
     def metrics(request: Request) -> Response:
         rt: Runtime = request.app.state.runtime
-        if rt.settings.metrics_require_key:
-            scheme, _, token = request.headers.get("authorization", "").partition(" ")
-            holder_of(rt.settings, token if scheme.lower() == "bearer" else None)
         return Response(rt.worker.metrics.render(), media_type=CONTENT_TYPE_LATEST)
 
     app.add_middleware(BodyLimit, max_bytes=settings.max_body_bytes)

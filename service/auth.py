@@ -66,6 +66,17 @@ def require(role: Role) -> Callable[..., Awaitable[ApiKey]]:
     return check
 
 
+async def metrics_access(
+    request: Request,
+    credentials: HTTPAuthorizationCredentials | None = Depends(_bearer),  # noqa: B008
+) -> None:
+    """``/metrics``' dependency: any key's holder when ``metrics_require_key`` is set, else
+    anyone (Prometheus scraping on the cluster network)."""
+    settings: Settings = request.app.state.settings
+    if settings.metrics_require_key:
+        holder_of(settings, credentials.credentials if credentials else None)
+
+
 def actor(holder: ApiKey, request: Request, reason: str | None) -> Actor:
     """The audit trail's record of who (``holder``), why and from where."""
     agent = request.headers.get("user-agent")

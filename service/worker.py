@@ -379,11 +379,11 @@ class ModelWorker:
             "model_version": state.model_version,
             "active_edits": state.active_edits,
             "active_facts": state.active_facts,
-            "memory": dict(
-                threshold=self.weights.editor.memory_threshold,
-                entries=state.memory_entries,
-                bytes=state.memory_bytes,
-            ),
+            "memory": {
+                "threshold": self.weights.editor.memory_threshold,
+                "entries": state.memory_entries,
+                "bytes": state.memory_bytes,
+            },
             "weights_digest": state.weights_digest,
             "weights_mismatch": state.weights_mismatch,
             "log_lost": state.log_lost,
