@@ -18,10 +18,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import os
-import platform
 import random
-import socket
 import statistics
 import sys
 import time
@@ -30,7 +27,8 @@ from pathlib import Path
 from typing import Any
 
 import httpx
-from harness import PROMPTS, running_server, write_result
+from harness import PROMPTS, free_port, running_server, write_result
+from speed import hardware
 
 KINDS = ("generate", "stream", "chat", "read_edits")
 CITIES = ["Rome", "Tokyo", "Cairo", "Lima", "Oslo", "Quito", "Dakar", "Hanoi"]
@@ -42,25 +40,6 @@ class Sample:
     status: int
     seconds: float
     first_token: float | None = None
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port: int = s.getsockname()[1]
-        return port
-
-
-def hardware() -> dict[str, Any]:
-    model = next(
-        (
-            line.split(":", 1)[1].strip()
-            for line in Path("/proc/cpuinfo").read_text().splitlines()
-            if line.startswith("model name")
-        ),
-        platform.processor(),
-    )
-    return {"cpu": model, "cores": os.cpu_count(), "gpu": None, "python": sys.version.split()[0]}
 
 
 async def request(client: httpx.AsyncClient, kind: str, n: int) -> Sample:

@@ -31,19 +31,13 @@ from pathlib import Path
 from typing import Any
 
 import httpx
-from harness import running_server, settled, write_result
+from harness import free_port, running_server, settled, write_result
 from serve_bench import percentile
 from speed import _records, counterfact_facts, fill_log, hardware, metric_sums
 
 from editing.editor import Editor
 from editing.models import default_cache_dir, load_model
 from service.editlog.redis import RedisEditLog
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 def main() -> int:

@@ -23,6 +23,7 @@ from prometheus_client.parser import text_string_to_metric_families
 from editing.models import LoadedModel
 from editing.tracing import set_memory
 from service.app import create_app
+from service.editlog.base import EditLog
 from service.runtime import Runtime, open_log
 from service.settings import Settings
 from service.worker import ModelWorker
@@ -105,6 +106,17 @@ class RedisServer:
             self.proc.kill()
             self.proc.wait(10)
             self.proc = None
+
+
+def start_worker(
+    settings: Settings, lm: LoadedModel, c0: dict, edit_log: EditLog | None = None
+) -> ModelWorker:
+    """A model worker on the shared model (and ``edit_log``, else the settings' own), once it
+    is ready or has failed to start."""
+    worker = ModelWorker(settings, edit_log or open_log(settings), lm=lm, c0=dict(c0))
+    worker.start()
+    wait_for(lambda: worker.ready or worker.state.phase == "failed", 120, "the worker")
+    return worker
 
 
 def server_settings(cache: Path, tokens: int, data_dir: Path, **changes: Any) -> Settings:

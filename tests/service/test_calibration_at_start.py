@@ -6,20 +6,11 @@ from __future__ import annotations
 import dataclasses
 from collections.abc import Callable
 
-from svc_helpers import wait_for
+from svc_helpers import start_worker
 
 from editing.calibrate import find_calibration
 from editing.models import LoadedModel
-from service.runtime import open_log
 from service.settings import Settings
-from service.worker import ModelWorker
-
-
-def _start(settings: Settings, lm: LoadedModel, c0: dict) -> ModelWorker:
-    worker = ModelWorker(settings, open_log(settings), lm=lm, c0=dict(c0))
-    worker.start()
-    wait_for(lambda: worker.ready or worker.state.phase == "failed", 120, "the worker")
-    return worker
 
 
 def test_an_uncalibrated_model_is_refused_unless_its_blocks_are_given(
@@ -27,14 +18,14 @@ def test_an_uncalibrated_model_is_refused_unless_its_blocks_are_given(
 ) -> None:
     # The default model's weights under another name: a model editserve has no calibration for.
     other = dataclasses.replace(lm, spec="/models/an-uncalibrated-copy")
-    refused = _start(make_settings(), other, c0)
+    refused = start_worker(make_settings(), other, c0)
     try:
         assert not refused.ready and refused.state.phase == "failed"
         assert "editserve calibrate --model" in (refused.state.error or "")
         assert "EDITSERVE_LAYERS" in (refused.state.error or "")
     finally:
         refused.stop()
-    given = _start(
+    given = start_worker(
         make_settings(layers="4-6", probes="off", memory_reference_tokens=512), other, c0
     )
     try:
@@ -47,7 +38,7 @@ def test_an_uncalibrated_model_is_refused_unless_its_blocks_are_given(
 def test_the_calibration_sets_what_the_settings_leave_unset(
     make_settings: Callable[..., Settings], lm: LoadedModel, c0: dict
 ) -> None:
-    worker = _start(make_settings(probes="off", v_steps=7), lm, c0)
+    worker = start_worker(make_settings(probes="off", v_steps=7), lm, c0)
     try:
         assert worker.ready, worker.state.error
         assert worker.editor is not None

@@ -17,7 +17,7 @@ from pathlib import Path
 import httpx
 import pytest
 import torch
-from svc_helpers import wait_for, wait_status
+from svc_helpers import start_worker, wait_status
 from test_server_process import BURST_STEPS, burst_facts, serve, server_env
 
 from editing.editor import Editor
@@ -27,19 +27,11 @@ from editing.records import DeltaRecord, fact_to_json
 from service.editlog.base import IN_FLIGHT, EditStatus
 from service.editlog.sqlite import SqliteEditLog
 from service.settings import Settings
-from service.worker import ModelWorker
 
 FACTS = [
     Fact("Eiffel Tower", "The Eiffel Tower is located in the city of", "Rome"),
     Fact("Danielle Darrieux", "The mother tongue of Danielle Darrieux is", "English"),
 ]
-
-
-def _start(settings: Settings, edit_log: SqliteEditLog, lm: LoadedModel, c0: dict) -> ModelWorker:
-    worker = ModelWorker(settings, edit_log, lm=lm, c0=dict(c0))
-    worker.start()
-    wait_for(lambda: worker.ready or worker.state.phase == "failed", 120, "the worker")
-    return worker
 
 
 def _other_blocks(record: DeltaRecord) -> bytes:
@@ -70,7 +62,7 @@ def test_a_bad_record_stops_the_start_naming_the_edit_until_it_is_reverted(
         fields = {"model_version": entry.seq, "applied_at": time.time()}
         edit_log.transition(entry.id, IN_FLIGHT, EditStatus.applied, **fields)
 
-    refused = _start(settings, edit_log, lm, c0)
+    refused = start_worker(settings, lm, c0, edit_log)
     try:
         assert refused.state.phase == "failed"
         error = refused.state.error or ""
@@ -81,7 +73,7 @@ def test_a_bad_record_stops_the_start_naming_the_edit_until_it_is_reverted(
 
     # Reverted (the revert only needs the log): the next start serves the other edit alone.
     edit_log.request_revert("e1")
-    worker = _start(settings, edit_log, lm, c0)
+    worker = start_worker(settings, lm, c0, edit_log)
     try:
         assert worker.ready, worker.state.error
         assert worker.editor is not None

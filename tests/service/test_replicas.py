@@ -7,18 +7,15 @@ another memory threshold is refused at start (``service.log_settings``)."""
 
 from __future__ import annotations
 
-import os
 import signal
-import subprocess
-import sys
 import time
 from contextlib import ExitStack
 from pathlib import Path
 
 import httpx
 import redis
-from svc_helpers import RedisServer, free_port, scrape, wait_for, wait_status
-from test_server_process import BURST_STEPS, burst_facts, serve_many, server_env
+from svc_helpers import RedisServer, scrape, wait_for, wait_status
+from test_server_process import BURST_STEPS, burst_facts, serve_many, server_env, spawn
 
 # Edits in the whole run: enough that a late replica has a log to catch up on.
 EDITS = 24
@@ -145,15 +142,7 @@ def test_replicas_compute_each_edit_once_and_converge(
         # The late replica and one with another memory threshold (a setting that defines the
         # served model) start together: the first is ready once caught up, and identical; the
         # other is refused, naming the setting.
-        odd_env = env("odd", EDITSERVE_MEMORY_THRESHOLD="0.85")
-        odd_port = free_port()
-        with open(tmp_path / "odd.log", "ab") as out:
-            odd = subprocess.Popen(
-                [sys.executable, "-m", "service.cli", "serve", "--port", str(odd_port)],
-                env={**os.environ, **odd_env},
-                stdout=out,
-                stderr=subprocess.STDOUT,
-            )
+        odd, odd_url = spawn(env("odd", EDITSERVE_MEMORY_THRESHOLD="0.85"), tmp_path / "odd.log")
         stack.callback(odd.kill)
         [(_, url)] = stack.enter_context(serve_many([(env("r4"), tmp_path / "r4.log")]))
         late = stack.enter_context(httpx.Client(base_url=url, timeout=60))
@@ -170,7 +159,7 @@ def test_replicas_compute_each_edit_once_and_converge(
         refused: dict = {}
 
         def failed() -> bool:
-            refused.update(httpx.get(f"http://127.0.0.1:{odd_port}/ready", timeout=5).json())
+            refused.update(httpx.get(f"{odd_url}/ready", timeout=5).json())
             return refused["phase"] == "failed"
 
         wait_for(failed, 180, "the odd replica's refusal")

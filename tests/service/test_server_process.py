@@ -48,15 +48,7 @@ def serve_many(
     started: list[tuple[subprocess.Popen, str, Path]] = []
     try:
         for env, log_path in servers:
-            port = free_port()
-            with open(log_path, "ab") as out:
-                proc = subprocess.Popen(
-                    [sys.executable, "-m", "service.cli", "serve", "--port", str(port)],
-                    env={**os.environ, **env},
-                    stdout=out,
-                    stderr=subprocess.STDOUT,
-                )
-            started.append((proc, f"http://127.0.0.1:{port}", log_path))
+            started.append((*spawn(env, log_path), log_path))
         for proc, url, log_path in started:
 
             def ready(url: str = url) -> bool:
@@ -77,6 +69,20 @@ def serve_many(
                 proc.wait(30)
             except subprocess.TimeoutExpired:
                 proc.kill()
+
+
+def spawn(env: dict[str, str], log_path: Path) -> tuple[subprocess.Popen, str]:
+    """``editserve serve`` started in its own process on a free port, its output appended to
+    ``log_path``; the process and its URL, at once (not waiting for it to be ready)."""
+    port = free_port()
+    with open(log_path, "ab") as out:
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "service.cli", "serve", "--port", str(port)],
+            env={**os.environ, **env},
+            stdout=out,
+            stderr=subprocess.STDOUT,
+        )
+    return proc, f"http://127.0.0.1:{port}"
 
 
 def server_env(server_cache: Path, tokens: int, data_dir: Path, **extra: str) -> dict[str, str]:
