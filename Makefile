@@ -60,6 +60,9 @@ demo: setup
 openapi: setup
 	$(VENV)/bin/editserve openapi
 
+settings-table: setup
+	$(PY) scripts/build_settings_table.py
+
 lint: setup
 	$(VENV)/bin/ruff check editing service tests bench scripts
 	$(VENV)/bin/ruff format --check editing service tests bench scripts

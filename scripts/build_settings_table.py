@@ -1,9 +1,9 @@
-"""Write the README's configuration table from ``service/settings.py``: every setting with its
+"""Write docs/configuration.md's table from ``service/settings.py``: every setting with its
 environment variable, its ``editserve serve`` flag, its default and its meaning (the field's
 description), between the lines ``<!-- settings-table:begin -->`` and
 ``<!-- settings-table:end -->``. ``tests/service/test_settings.py`` fails when the table is stale.
 
-    python scripts/build_settings_table.py [README.md]
+    python scripts/build_settings_table.py [docs/configuration.md]
 """
 
 from __future__ import annotations
@@ -13,7 +13,7 @@ from pathlib import Path
 
 from service.settings import Settings, env_var, flag, shown_default
 
-README = Path(__file__).resolve().parent.parent / "README.md"
+TARGET = Path(__file__).resolve().parent.parent / "docs" / "configuration.md"
 BEGIN = "<!-- settings-table:begin -->"
 END = "<!-- settings-table:end -->"
 
@@ -52,7 +52,7 @@ def _cell(text: str) -> str:
 
 
 def main(argv: list[str]) -> int:
-    path = Path(argv[0]) if argv else README
+    path = Path(argv[0]) if argv else TARGET
     try:
         path.write_text(rewrite(path.read_text()))
     except ValueError as exc:

@@ -52,8 +52,8 @@ _DTYPES = Literal["auto", "float32", "bfloat16", "float16"]
 
 
 class Settings(BaseSettings):
-    """Each field's description is its one account: ``editserve serve --help`` and the README's
-    table (``scripts/build_settings_table.py``) are made from it."""
+    """Each field's description is its one account: ``editserve serve --help`` and the
+    configuration table (docs/configuration.md) are made from it."""
 
     model_config = SettingsConfigDict(env_prefix="EDITSERVE_", extra="ignore")
 
