@@ -105,10 +105,13 @@ def reference_keys(
     be the first edited one, whose input no edit changes; cached beside C0 and in the process
     (every editor of a model needs them). ``progress`` and ``on_progress`` as for ``covariance``."""
     memo = (model_fingerprint(lm), layer, n_tokens, source)
-    if memo in _REFERENCE:
-        return _REFERENCE[memo]
     folder = cache_folder(lm, cache_dir, source) if cache_dir is not None else None
     path = folder / f"reference-layer{layer}-{n_tokens}.safetensors" if folder else None
+    if memo in _REFERENCE:
+        # Still left in the cache asked for: other processes on that cache would compute it.
+        if path is not None and not path.exists():
+            _store(path, _REFERENCE[memo])
+        return _REFERENCE[memo]
     if path is not None and path.exists():
         _REFERENCE[memo] = load_file(path)["keys"]
         return _REFERENCE[memo]
@@ -132,10 +135,14 @@ def reference_keys(
     bar.close()
     result = torch.cat(found)
     if path is not None:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        write_atomically(path, save({"keys": result.contiguous()}))
+        _store(path, result)
     _REFERENCE[memo] = result
     return result
+
+
+def _store(path: Path, keys: torch.Tensor) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    write_atomically(path, save({"keys": keys.contiguous()}))
 
 
 def _compute(

@@ -206,10 +206,13 @@ class Batcher:
                     self._on_batch(len(rows))
             assert batch is not None
             chosen, logprobs = choose(logits.float(), [row.sampler for row in rows])
+            # The step's one wait for the device: every row's token and log-probability in one
+            # copy (float64 holds any token id exactly).
+            read = torch.stack([chosen.double(), logprobs.double()]).cpu().tolist()
             keep = [
                 i
-                for i, row in enumerate(rows)
-                if self._advance(row, int(chosen[i]), float(logprobs[i]), version)
+                for i, (row, token, logprob) in enumerate(zip(rows, *read, strict=True))
+                if self._advance(row, int(token), logprob, version)
             ]
             if len(keep) < len(rows):
                 rows = [rows[i] for i in keep]

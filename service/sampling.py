@@ -87,26 +87,22 @@ class RowSampler:
             )
         if p.greedy:
             token = scores.argmax()
-            return token, F.log_softmax(scores, dim=-1)[token]
+            return token, F.log_softmax(scores, dim=-1).take(token)
         scores = scores / p.temperature
         logp = F.log_softmax(scores, dim=-1)
         token = sample(top_k_top_p(scores, p.top_k, p.top_p), self.generator)
-        return token, logp[token]
+        return token, logp.take(token)  # (indexing with a tensor would read it on the host)
 
 
 def choose(logits: torch.Tensor, rows: list[RowSampler]) -> tuple[torch.Tensor, torch.Tensor]:
-    """Next token and its log-probability for each row: ([B] long on the logits' device,
-    [B] float32 on the CPU), from ``logits`` ([B, V], float32)."""
-    chosen = torch.empty(len(rows), dtype=torch.long, device=logits.device)
-    logprobs = torch.empty(len(rows), dtype=torch.float32)
-    # Plain greedy rows (the common case) are chosen together, in one pass over the batch.
-    plain = [i for i, row in enumerate(rows) if row.plain]
-    if plain:
-        index = torch.tensor(plain, device=logits.device)
-        logp = F.log_softmax(logits[index], dim=-1)  # [P, V]
-        best = logp.argmax(dim=-1)
-        chosen[index] = best
-        logprobs[index.cpu()] = logp.gather(1, best[:, None])[:, 0].cpu()
+    """Next token and its log-probability for each row: ([B] long, [B] float32, both on the
+    logits' device), from ``logits`` ([B, V], float32). Nothing here waits for the device: the
+    caller reads both in one copy."""
+    # Plain greedy rows (the common case) are chosen together, in one pass over the batch; the
+    # others overwrite their own row.
+    logp = F.log_softmax(logits, dim=-1)
+    chosen = logp.argmax(dim=-1)
+    logprobs = logp.gather(1, chosen[:, None])[:, 0]
     for i, row in enumerate(rows):
         if not row.plain:
             chosen[i], logprobs[i] = row.choose(logits[i])
@@ -138,8 +134,10 @@ def top_k_top_p(scores: torch.Tensor, top_k: int, top_p: float) -> torch.Tensor:
         cumulative = F.softmax(sorted_scores, dim=-1).cumsum(-1)
         # Drop a token once the tokens before it already reach top_p (the first always stays).
         drop = (cumulative - F.softmax(sorted_scores, dim=-1)) >= top_p
-        scores = scores.clone()
-        scores[order[drop]] = float("-inf")
+        # Back to vocabulary order by a scatter: indexing with the mask would read its size on
+        # the host.
+        kept = sorted_scores.masked_fill(drop, float("-inf"))
+        scores = torch.empty_like(scores).scatter_(0, order, kept)
     return scores
 
 
@@ -147,6 +145,9 @@ def sample(scores: torch.Tensor, generator: torch.Generator | None) -> torch.Ten
     """A token drawn from softmax(``scores``) ([V]); the most likely one when the scores leave
     no distribution to draw from."""
     probs = F.softmax(scores, dim=-1)
-    if torch.isfinite(probs).all() and probs.sum() > 0:
-        return torch.multinomial(probs, 1, generator=generator)[0]
-    return scores.argmax()  # degenerate parameters
+    # Degenerate parameters leave no distribution: draw from the argmax's one-hot instead,
+    # decided on the device (a branch here would wait for it).
+    usable = torch.isfinite(probs).all() & (probs.sum() > 0)
+    fallback = torch.zeros_like(probs).scatter_(0, scores.argmax()[None], 1.0)
+    probs = torch.where(usable, probs.nan_to_num(0.0), fallback)
+    return torch.multinomial(probs, 1, generator=generator)[0]

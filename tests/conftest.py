@@ -14,7 +14,7 @@ import pytest
 from editing.editor import Editor
 from editing.facts import Fact, load_counterfact
 from editing.hparams import EditHparams
-from editing.models import LoadedModel, load_model
+from editing.models import LoadedModel, default_cache_dir, load_model
 
 DATA = Path(__file__).parent / "data"
 TEST_COVARIANCE_TOKENS = 6000
@@ -69,3 +69,13 @@ def editor(lm: LoadedModel, c0: dict) -> Iterator[Editor]:
     yield ed
     if ed.records:
         ed.replay([])
+
+
+@pytest.fixture(scope="session")
+def server_cache(cache_dir: Path, lm: LoadedModel, c0: dict) -> Path:
+    """``cache_dir`` with the converted model linked in and the test covariance computed: what
+    a process started by a test (a server, a command) is given as its cache."""
+    models = cache_dir / "models"
+    if not models.exists():
+        models.symlink_to(default_cache_dir() / "models")
+    return cache_dir

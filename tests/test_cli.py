@@ -13,19 +13,21 @@ DATA = Path(__file__).parent / "data"
 
 
 @pytest.mark.model  # the real model, in the command's own process
-def test_eval_prints_one_json_object() -> None:
+def test_eval_prints_one_json_object(server_cache: Path, covariance_tokens: int) -> None:
     cmd = [
         sys.executable,
         "-m",
         "editing.cli",
         "eval",
+        "--cache-dir",
+        str(server_cache),
         "--facts",
         str(DATA / "facts.json"),
         "--limit",
         "2",
         "--json",
         "--covariance-tokens",
-        "6000",
+        str(covariance_tokens),
         "--heldout-tokens",
         "512",
         "--fluency-prompts",

@@ -9,6 +9,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from safetensors.torch import load_file
 
 from editing import corpus, metrics
 from editing.editor import Editor
@@ -230,8 +231,16 @@ def test_reference_keys_are_ordinary_texts_first_layer_inputs(
     keys = reference_keys(lm, layer, 512, cache_dir=cache_dir)
     assert keys.shape == (512, lm.model.config.intermediate_size)
     assert torch.allclose(keys.float().norm(dim=1), torch.ones(512), atol=2e-3)
-    _REFERENCE.clear()  # the next call reads the file
+    forget = [memo for memo in _REFERENCE if memo[2] == 512]  # (the others serve later tests)
+    for memo in forget:
+        del _REFERENCE[memo]  # the next call reads the file
     assert torch.equal(reference_keys(lm, layer, 512, cache_dir=cache_dir), keys)
+    # Found in the process, the keys are still left in another cache asked for, where other
+    # processes (replicas started on that cache) would otherwise compute them again.
+    elsewhere = cache_dir / "elsewhere"
+    assert torch.equal(reference_keys(lm, layer, 512, cache_dir=elsewhere), keys)
+    stored = list(elsewhere.rglob(f"reference-layer{layer}-512.safetensors"))
+    assert len(stored) == 1 and torch.equal(load_file(stored[0])["keys"], keys)
 
 
 def test_ordinary_text_runs_unchanged_under_installed_entries(

@@ -16,7 +16,7 @@ from svc_helpers import RedisServer, server_settings
 
 from editing.editor import Editor
 from editing.hparams import EditHparams
-from editing.models import LoadedModel, default_cache_dir
+from editing.models import LoadedModel
 from service.settings import Settings
 
 
@@ -26,15 +26,6 @@ def redis_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RedisServ
     server.start()
     yield server
     server.stop()
-
-
-@pytest.fixture(scope="session")
-def server_cache(cache_dir: Path, lm: LoadedModel, c0: dict) -> Path:
-    """``cache_dir`` with the converted model linked in and the test covariance computed."""
-    models = cache_dir / "models"
-    if not models.exists():
-        models.symlink_to(default_cache_dir() / "models")
-    return cache_dir
 
 
 @pytest.fixture

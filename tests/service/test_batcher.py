@@ -12,6 +12,7 @@ from typing import Any
 import pytest
 import torch
 from svc_helpers import settled_threads, steady_threads
+from test_sampling import HostWaits
 
 from editing.models import LoadedModel
 from service.generation import Batcher, Event, Finished, Job, SamplingParams, Token
@@ -178,3 +179,36 @@ def test_each_token_costs_a_bounded_decode(
     assert len(request.ids) == 48  # no end of text comes this early on this prompt
     assert len(lengths) <= 2 * 48 and max(lengths) <= 8
     assert text == lm.tokenizer.decode(request.ids, skip_special_tokens=True)
+
+
+def test_rows_of_every_kind_add_no_wait_for_the_device(
+    lm: LoadedModel, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Greedy, sampled and penalised rows cost no wait for the device of their own: a batch of
+    six waits as often as a batch of three (on a GPU each wait stalls the step's kernels)."""
+    waits: list[list[str]] = []
+    decode = Batcher._decode
+
+    def counted(self: Batcher, *args: Any) -> None:
+        with HostWaits() as mode:
+            decode(self, *args)
+        waits.append(mode.seen)
+
+    monkeypatch.setattr(Batcher, "_decode", counted)
+    kinds: list[dict[str, Any]] = [
+        {},
+        {"do_sample": True, "top_k": 20, "top_p": 0.9, "seed": 3},
+        {"repetition_penalty": 1.3, "presence_penalty": 0.5},
+    ]
+    b = Batcher(lm, threading.RLock(), lambda: 7, window=0.5)
+    b.start()
+    try:
+        for copies in (1, 2):
+            requests = [Request(lm, PROMPTS[i % 3], 8, **kinds[i % 3]) for i in range(3 * copies)]
+            for request in requests:
+                b.submit(request.job)
+            texts = [request.text() for request in requests]
+            assert copies == 1 or texts[3:] == texts[:3]  # the copies decode alike
+    finally:
+        b.stop()
+    assert len(waits) == 2 and len(waits[1]) == len(waits[0]), waits
