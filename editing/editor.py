@@ -8,7 +8,6 @@ them: an error leaves the state, the weights and the memory as they were.
 
 from __future__ import annotations
 
-import hashlib
 import logging
 import time
 import uuid
@@ -25,6 +24,7 @@ from editing.active import ActiveRecords, supersede
 from editing.adapters import UnsupportedModelError, adapter_for
 from editing.covariance import DEFAULT_TOKENS, covariance, reference_keys
 from editing.facts import EditError, Fact, InvalidFactError, NonFiniteUpdateError, validate_fact
+from editing.fingerprint import fingerprint
 from editing.hparams import EditHparams
 from editing.keyed_memory import KeyedMemory, KnownEntries, plan_memory
 from editing.memory import retain_freed_memory
@@ -151,12 +151,10 @@ class Editor:
         return {layer: self.adapter.read(self.lm.model, layer) for layer in self.hp.layers}
 
     def digest(self) -> str:
-        """sha256 of the edited matrices' bytes, and of the keyed memory's where there is one:
-        equal digests mean an identical served model."""
-        h = hashlib.sha256()
-        for layer in self.hp.layers:
-            weight = self.adapter.parameter(self.lm.model, layer).detach()
-            h.update(weight.contiguous().cpu().view(torch.uint8).numpy().tobytes())
+        """A digest of the edited matrices, taken on their device (``editing.fingerprint``), and
+        of the keyed memory's entries where there is one: equal digests mean an identical served
+        model."""
+        h = fingerprint([self.adapter.parameter(self.lm.model, b).detach() for b in self.hp.layers])
         if self.memory is not None:
             h.update(self.memory.digest.encode())
         return h.hexdigest()

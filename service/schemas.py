@@ -377,8 +377,8 @@ class Info(BaseModel):
     active_facts: int
     memory: MemoryInfo
     weights_digest: str = Field(
-        description="sha256 of the edited matrices' bytes and of the keyed memory's: equal "
-        "digests mean an identical served model"
+        description="digest of the edited matrices' bits (taken on their device) and of the "
+        "keyed memory's entries: equal digests mean an identical served model"
     )
     weights_mismatch: WeightsMismatch | None = Field(
         default=None,

@@ -29,7 +29,7 @@ class WorkerState:
     replay_seconds: float = 0.0  # the start-up rebuild's time (reading the log, solve, swap)
     # The served weights: published together at every swap.
     model_version: int = 0  # seq of the last operation that changed the weights
-    weights_digest: str | None = None  # sha256 of the edited matrices (Editor.digest)
+    weights_digest: str | None = None  # of the edited matrices and memory (Editor.digest)
     active_edits: int = 0
     active_facts: int = 0
     memory_entries: int = 0  # entries of the keyed memory (editing.keyed_memory), 0 without one
