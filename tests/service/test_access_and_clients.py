@@ -229,15 +229,15 @@ def test_schemathesis_finds_no_failure(
     lm: LoadedModel, c0: dict, server_cache: Path, covariance_tokens: int, tmp_path: Path
 ) -> None:
     """Every operation, with generated valid and invalid input: no 5xx, every status and body
-    as documented, problem+json errors. The server answers at most a few tokens: its coverage
+    as documented, problem+json errors. The server answers at most two tokens: its coverage
     phase sends about a thousand requests, many of them valid generations at the limit."""
     with keyed_server(
-        lm, c0, server_cache, covariance_tokens, tmp_path / "data", max_new_tokens=8
+        lm, c0, server_cache, covariance_tokens, tmp_path / "data", max_new_tokens=2
     ) as live:
         # A completion that leaves max_tokens out gets the server's limit when it is under
         # OpenAI's default of 16, not a 422.
         r = live.client.post("/v1/completions", json={"prompt": "Hi"}, headers=auth(EDITOR))
-        assert r.status_code == 200 and r.json()["usage"]["completion_tokens"] <= 8, r.text
+        assert r.status_code == 200 and r.json()["usage"]["completion_tokens"] <= 2, r.text
         run = schemathesis(live.url)
     assert run.returncode == 0, run.stdout[-6000:] + run.stderr[-2000:]
 
