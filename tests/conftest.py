@@ -11,6 +11,7 @@ from pathlib import Path
 
 import pytest
 
+from editing.covariance import reference_keys
 from editing.editor import Editor
 from editing.facts import Fact, load_counterfact
 from editing.hparams import EditHparams
@@ -73,9 +74,14 @@ def editor(lm: LoadedModel, c0: dict) -> Iterator[Editor]:
 
 @pytest.fixture(scope="session")
 def server_cache(cache_dir: Path, lm: LoadedModel, c0: dict) -> Path:
-    """``cache_dir`` with the converted model linked in and the test covariance computed: what
-    a process started by a test (a server, a command) is given as its cache."""
+    """``cache_dir`` with the converted model linked in, the test covariance and the memory's
+    reference keys computed: what a process started by a test (a server, a command) is given as
+    its cache, so that none computes them again."""
     models = cache_dir / "models"
     if not models.exists():
         models.symlink_to(default_cache_dir() / "models")
+    hp = EditHparams()
+    reference_keys(
+        lm, hp.layers[0], hp.memory_reference_tokens, cache_dir=cache_dir, progress=False
+    )
     return cache_dir

@@ -50,6 +50,7 @@ def test_redis_killed_down_and_back_then_a_failover_that_lost_writes(
             EDITSERVE_REPLICA_ID=name,
             EDITSERVE_LEASE_SECONDS="3",
             EDITSERVE_PROBES="off",
+            OMP_NUM_THREADS="1",  # two replicas on two cores (as in test_replicas)
         )
 
     facts = burst_facts(8)
