@@ -10,10 +10,10 @@ import sys
 from pathlib import Path
 
 import pytest
-import torch
 from svc_helpers import live_server, server_settings, wait_status
 
 from editing.adapters import adapter_for
+from editing.fingerprint import fingerprint
 from editing.models import LoadedModel
 from service.export import MANIFEST, ExportError, apply_delta, export
 
@@ -126,11 +126,8 @@ def test_export_rebuilds_the_edited_model_for_transformers_and_as_a_delta(
 
 
 def _digest(lm: LoadedModel, layers: list[int]) -> str:
-    import hashlib
-
+    """The weights digest (``Editor.digest``) of ``lm`` as it is, with no keyed memory."""
     adapter = adapter_for(lm.model)
-    h = hashlib.sha256()
-    for layer in layers:
-        weight = adapter.parameter(lm.model, layer).detach()
-        h.update(weight.contiguous().cpu().view(torch.uint8).numpy().tobytes())
-    return h.hexdigest()
+    return fingerprint(
+        [adapter.parameter(lm.model, layer).detach() for layer in layers]
+    ).hexdigest()
