@@ -31,6 +31,7 @@ from editing.memory import retain_freed_memory
 from editing.methods import DEFAULT_METHOD, EditMethod, MethodState, make_method, needs_c0
 from editing.models import LoadedModel
 from editing.records import DeltaRecord
+from editing.state_device import resolve as resolve_state_device
 from editing.tracing import instrument, set_memory
 from editing.zstar import compute_row_keys, compute_zstar
 
@@ -99,7 +100,22 @@ class Editor:
                 progress=progress,
                 on_progress=_about(on_progress, "the covariance C0"),
             )
-        self.method: EditMethod[Any] = make_method(method, self.hp, c0 or {}, self.w0)
+        #: Where the method's state lives (``editing.state_device``); None: it keeps none.
+        self.state_device = (
+            resolve_state_device(
+                self.hp.state_device,
+                lm.device,
+                *reversed(self.adapter.shape(lm.model, self.hp.layers[0])),
+                len(self.hp.layers),
+            )
+            if needs_c0(method)
+            else None
+        )
+        w0 = self.w0
+        if self.state_device is not None:  # its updates come back to W0's device in _plan
+            c0 = {layer: m.to(self.state_device) for layer, m in (c0 or {}).items()}
+            w0 = {layer: w.to(self.state_device) for layer, w in w0.items()}
+        self.method: EditMethod[Any] = make_method(method, self.hp, c0 or {}, w0)
         if self.method.updates_weights and not self.adapter.output_is_added:
             raise UnsupportedModelError(
                 f"the {method} method solves for the MLP output as the block adds it; "

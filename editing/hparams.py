@@ -9,6 +9,8 @@ import hashlib
 import json
 from dataclasses import asdict, dataclass, replace
 
+import torch
+
 # Fixed context prefixes: the keys and z* are averaged over the bare prompt and these, so that an
 # edit holds in other contexts too. Fixed (not sampled from the model) to be reproducible.
 DEFAULT_PREFIXES = ("", "Here is a fact. ", "I read this today. ", "Notes: ")
@@ -78,6 +80,9 @@ class EditHparams:
         ``memory_threshold`` and its own highest cosine against the keys of that many positions
         of ordinary text, plus ``memory_margin`` (``editing.keyed_memory``, "Thresholds"); 0
         tokens gives every entry ``memory_threshold`` alone.
+    state_device: where a weight method keeps C0, its sums and factors: "auto" (beside the
+        model where it fits with room and runs float64 fast, else the CPU:
+        ``editing.state_device``) or a device. It moves where the work is done, not the result.
     """
 
     layers: tuple[int, ...] = (3, 4, 5, 6, 7)
@@ -96,6 +101,7 @@ class EditHparams:
     memory_threshold: float | None = None
     memory_margin: float = 0.02
     memory_reference_tokens: int = 16384
+    state_device: str = "auto"
     seed: int = 0
 
     def __post_init__(self) -> None:
@@ -116,6 +122,11 @@ class EditHparams:
             raise ValueError(
                 f"memory_reference_tokens must be 0 or more, got {self.memory_reference_tokens}"
             )
+        if self.state_device != "auto":
+            try:
+                torch.device(self.state_device)
+            except RuntimeError as exc:
+                raise ValueError(f"state_device must be auto or a device: {exc}") from exc
         if not self.context_prefixes or self.context_prefixes[0] != "":
             raise ValueError("context_prefixes must start with the bare prompt ''")
 

@@ -68,6 +68,7 @@ def weight_settings(settings: Settings, lm: LoadedModel, hp: EditHparams) -> dic
     value as JSON text: the model (with its fingerprint), the dtype edits are computed in, the
     method with its parameters as resolved, and the covariance sample."""
     hparams = asdict(hp)
+    del hparams["state_device"]  # where the solve runs: a setting of the machine, like device
     if hp.memory_threshold is None and settings.method in METHODS:  # the method's own
         hparams["memory_threshold"] = METHODS[settings.method].memory_threshold
     values = {

@@ -115,14 +115,18 @@ class Settings(BaseSettings):
     memory_reference_tokens: int = Field(
         default=_HPARAMS.memory_reference_tokens,
         ge=0,
-        description="How many positions of ordinary text (the covariance corpus) set each memory "
-        "entry's own threshold, just above the nearest of their keys; 0: the memory threshold "
-        "alone. Collected once at start and cached.",
+        description="Positions of ordinary text (the covariance corpus, collected once and "
+        "cached) whose nearest key sets each memory entry's own threshold; 0: the threshold alone.",
     )
     solve_dtype: Literal["float64", "float32"] = Field(
         default="float64",
         description="The dtype of d4s's full solve past 256 key rows: float32 is faster, at "
         "the precision of float32 weights.",
+    )
+    state_device: str = Field(
+        default="auto",
+        description="Where a weight method keeps C0 and its sums: auto (beside the model if they "
+        "fit and its float64 is fast, else the CPU), cpu, cuda or cuda:N; memory keeps none.",
     )
     v_steps: int | None = Field(
         default=None,
@@ -235,8 +239,7 @@ class Settings(BaseSettings):
         "cluster network.",
     )
     require_reason: bool = Field(
-        default=False,
-        description="Refuse an edit or a revert that gives no reason (422).",
+        default=False, description="Refuse an edit or a revert that gives no reason (422)."
     )
 
     # -- limits --
@@ -249,8 +252,7 @@ class Settings(BaseSettings):
         description="The longest prompt, and the longest fact text, accepted, in tokens.",
     )
     max_new_tokens: int = Field(
-        default=512,
-        description="The most tokens one generation request may ask for.",
+        default=512, description="The most tokens one generation request may ask for."
     )
     max_previews: int = Field(
         default=1,
@@ -310,6 +312,7 @@ class Settings(BaseSettings):
         changes: dict[str, object] = {
             "rect_keep": self.rect_keep,
             "solve_dtype": self.solve_dtype,
+            "state_device": self.state_device,
             "memory_threshold": self.memory_threshold,
             "memory_reference_tokens": self.memory_reference_tokens,
         }
