@@ -101,16 +101,13 @@ class Editor:
                 on_progress=_about(on_progress, "the covariance C0"),
             )
         #: Where the method's state lives (``editing.state_device``); None: it keeps none.
-        self.state_device = (
-            resolve_state_device(
-                self.hp.state_device,
-                lm.device,
-                *reversed(self.adapter.shape(lm.model, self.hp.layers[0])),
-                len(self.hp.layers),
+        self.state_device: torch.device | None = None
+        out_features, in_features = self.adapter.shape(lm.model, self.hp.layers[0])
+        if needs_c0(method):
+            setting, n = self.hp.state_device, len(self.hp.layers)
+            self.state_device = resolve_state_device(
+                setting, lm.device, in_features, out_features, n
             )
-            if needs_c0(method)
-            else None
-        )
         w0 = self.w0
         if self.state_device is not None:  # its updates come back to W0's device in _plan
             c0 = {layer: m.to(self.state_device) for layer, m in (c0 or {}).items()}
