@@ -102,8 +102,8 @@ class Editor:
             )
         #: Where the method's state lives (``editing.state_device``); None: it keeps none.
         self.state_device: torch.device | None = None
-        out_features, in_features = self.adapter.shape(lm.model, self.hp.layers[0])
         if needs_c0(method):
+            out_features, in_features = self.w0[self.hp.layers[0]].shape
             setting, n = self.hp.state_device, len(self.hp.layers)
             self.state_device = resolve_state_device(
                 setting, lm.device, in_features, out_features, n
